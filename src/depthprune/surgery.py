@@ -1,0 +1,86 @@
+"""Removing layers from a loaded model so it stays an ordinary Hugging Face model, and saving it."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from torch import nn
+
+from .errors import DepthpruneError
+from .models import count_parameters, decoder_layout, num_layers
+from .outputs import atomic_output_dir
+
+RECORD_FILE = "depthprune.json"
+
+
+def _per_layer_config_keys(config, count: int) -> list[str]:
+    # Per-layer settings are lists with one entry per layer (e.g. Gemma3/Qwen `layer_types`, SmolLM3
+    # `no_rope_layers`); whatever their name, they must lose the removed layers' entries.
+    return [key for key, value in vars(config).items() if isinstance(value, (list, tuple)) and len(value) == count]
+
+
+def remove_layers(model: nn.Module, layers: Iterable[int]) -> nn.Module:
+    """Remove the decoder ``layers`` (0-based) from ``model`` in place and return it.
+
+    The remaining blocks are renumbered 0 … L'-1: the ModuleList, ``config.num_hidden_layers``, every
+    per-layer config list, and each attention module's ``layer_idx`` (the KV cache is indexed by it).
+    """
+    layout = decoder_layout(model)
+    total = len(layout.layers)
+    drop = sorted(set(layers))
+    if drop and (drop[0] < 0 or drop[-1] >= total):
+        raise DepthpruneError(f"cannot remove layers {drop}: the model has layers 0..{total - 1}")
+    if len(drop) >= total:
+        raise DepthpruneError(f"cannot remove all {total} layers: keep at least one")
+    if not drop:
+        return model
+    keep = [i for i in range(total) if i not in set(drop)]
+    parent_path, _, attr = layout.layers_path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, attr, nn.ModuleList([layout.layers[i] for i in keep]))
+    for new_index, layer in enumerate(getattr(parent, attr)):
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new_index
+    config = model.config
+    for key in _per_layer_config_keys(config, total):
+        value = getattr(config, key)
+        setattr(config, key, type(value)(value[i] for i in keep))
+    config.num_hidden_layers = len(keep)
+    if num_layers(model) != len(keep):
+        raise DepthpruneError(f"{type(model).__name__}: could not update the config's layer count")
+    return model
+
+
+def read_record(model_dir: str | Path) -> dict | None:
+    """The ``depthprune.json`` of a pruned checkpoint, or None for an ordinary one."""
+    path = Path(model_dir) / RECORD_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def save_pruned(model, tokenizer, out: str | Path, record: dict, force: bool = False) -> Path:
+    """Save the model, tokenizer and ``depthprune.json`` to ``out`` atomically (nothing left on failure)."""
+    record = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **record}
+    with atomic_output_dir(out, force) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return Path(out)
+
+
+def pruning_record(source: str, layers_before: int, params_before: int, model, selection) -> dict:
+    """What ``depthprune.json`` says about a cut: source, removed layers and why, sizes before and after."""
+    return {
+        "source_model": source,
+        "removed_layers": list(selection.layers),
+        "removed_layers_note": "0-based indices into the source model's layers, inclusive",
+        "criterion": selection.strategy,
+        "angular_distance": selection.distance,
+        "layers_before": layers_before,
+        "layers_after": num_layers(model),
+        "parameters_before": params_before,
+        "parameters_after": count_parameters(model),
+    }
