@@ -113,12 +113,23 @@ def load_texts(
     return texts
 
 
-def tokenize(texts: Sequence[str], tokenizer, max_length: int) -> list[list[int]]:
-    """Token ids of each text, with the tokenizer's special tokens (e.g. BOS), truncated to ``max_length``."""
-    if max_length < 2:
+def tokenize(texts: Sequence[str], tokenizer, max_length: int | None) -> list[list[int]]:
+    """Token ids of each text, with the tokenizer's special tokens (e.g. BOS), truncated to ``max_length``
+    (None: whole documents, e.g. for :func:`pack`)."""
+    if max_length is not None and max_length < 2:
         raise DepthpruneError(f"sequence length must be at least 2 tokens, got {max_length}")
-    encoded = tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+    truncate = {"truncation": True, "max_length": max_length} if max_length is not None else {}
+    encoded = tokenizer(list(texts), add_special_tokens=True, **truncate)["input_ids"]
     return [ids for ids in encoded if ids]
+
+
+def pack(sequences: Sequence[Sequence[int]], seq_len: int) -> list[list[int]]:
+    """Concatenate tokenized documents (each keeps its own BOS/EOS) and cut into ``seq_len``-token pieces.
+
+    The incomplete tail is dropped, so every piece is exactly ``seq_len`` tokens and no padding is needed.
+    """
+    stream = [token for seq in sequences for token in seq]
+    return [stream[i : i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]
 
 
 def pad_id(tokenizer) -> int:

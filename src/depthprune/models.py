@@ -139,6 +139,11 @@ def convert_gguf(gguf: str | Path) -> Path:
         clean.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
+    except OSError:
+        # Another process converted the same file meanwhile: its checkpoint is as good as ours.
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,0 +1,106 @@
+"""C4 validation loss: mean next-token cross-entropy on a fixed, seeded set of packed sequences.
+
+Documents are sampled by seed, tokenized whole (with the tokenizer's BOS), concatenated and cut into
+sequences of exactly ``seq_len`` tokens ("packed"), so every scored position has a full left context
+within its sequence and no padding is needed. The paper plots the loss divided by log(vocabulary size).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..data import load_texts, pack, tokenize
+from ..errors import DepthpruneError
+
+
+def _device(model) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+@torch.no_grad()
+def sequence_losses(model, sequences: Sequence[Sequence[int]], batch_size: int = 4,
+                    progress: bool = True) -> tuple[float, int]:
+    """Sum of next-token negative log-likelihoods (nats) over equal-length ``sequences``, and the token count.
+
+    Each sequence of T tokens scores T-1 predictions. Sums are kept in float64 so thousands of
+    sequences add up without rounding drift.
+    """
+    if not sequences:
+        raise DepthpruneError("no sequences to score")
+    device = _device(model)
+    total, count = 0.0, 0
+    bar = tqdm(total=len(sequences), unit="seq", desc="loss", disable=not progress)
+    for start in range(0, len(sequences), batch_size):
+        ids = torch.tensor(sequences[start : start + batch_size], dtype=torch.long, device=device)
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        targets = ids[:, 1:].to(logits.device)
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
+        count += targets.numel()
+        bar.update(len(ids))
+    bar.close()
+    return total, count
+
+
+def c4_loss(
+    model,
+    tokenizer,
+    source: str,
+    *,
+    num_sequences: int = 64,
+    seq_len: int = 512,
+    seed: int = 0,
+    batch_size: int = 4,
+    text_field: str = "text",
+    config: str | None = None,
+    split: str = "validation",
+    progress: bool = True,
+) -> dict:
+    """Mean next-token loss on ``num_sequences`` packed sequences of ``seq_len`` tokens from ``source``.
+
+    Documents are drawn by ``seed`` until enough tokens are packed, so the scored set is the same for
+    every model that shares the tokenizer. Returns nats/token, perplexity and loss / log(vocab size).
+    """
+    if num_sequences < 1:
+        raise DepthpruneError(f"number of C4 sequences must be at least 1, got {num_sequences}")
+    texts = load_texts(source, None if _is_local(source) else num_sequences * 8, seed, text_field, config, split)
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
+    # Tokenize documents in seeded order, a chunk at a time, until there are enough tokens to pack.
+    documents: list[list[int]] = []
+    for start in range(0, len(order), 64):
+        documents += tokenize([texts[i] for i in order[start : start + 64]], tokenizer, None)
+        if sum(map(len, documents)) >= num_sequences * seq_len:
+            break
+    sequences = pack(documents, seq_len)
+    if len(sequences) < num_sequences:
+        raise DepthpruneError(
+            f"'{source}' holds only {len(sequences)} packed sequences of {seq_len} tokens; "
+            f"ask for fewer sequences or shorter ones"
+        )
+    sequences = sequences[:num_sequences]
+    total, count = sequence_losses(model, sequences, batch_size, progress)
+    loss = total / count
+    vocab = model.config.vocab_size
+    return {
+        "task": "c4",
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "loss_over_log_vocab": loss / math.log(vocab),
+        "vocab_size": vocab,
+        "num_sequences": num_sequences,
+        "num_tokens_scored": count,
+        "seq_len": seq_len,
+        "packing": "documents concatenated with their BOS and cut into seq_len-token sequences",
+        "data": source,
+        "seed": seed,
+    }
+
+
+def _is_local(source: str) -> bool:
+    from pathlib import Path
+
+    return Path(source).expanduser().exists()
