@@ -36,10 +36,15 @@ def _loaded(model, tokenizer, device: str, dtype: str, trust_remote_code: bool):
     return model, tokenizer
 
 
-def measure(model, tokenizer, data: DataOptions, batch_size: int = 8, tokens: str = "last",
-            progress: bool = True) -> AngularDistances:
-    """Load the calibration texts and measure the angular distances of a loaded model."""
-    texts = load_texts(data.source, data.samples, data.seed, data.text_field, data.config, data.split)
+def load_calibration(data: DataOptions) -> list[str]:
+    """The calibration documents ``data`` names (checked before any model is loaded)."""
+    return load_texts(data.source, data.samples, data.seed, data.text_field, data.config, data.split)
+
+
+def measure(model, tokenizer, data: DataOptions, texts: list[str] | None = None, batch_size: int = 8,
+            tokens: str = "last", progress: bool = True) -> AngularDistances:
+    """Measure the angular distances of a loaded model on the calibration texts of ``data``."""
+    texts = load_calibration(data) if texts is None else texts
     result = compute_distances(model, tokenizer, texts, seq_len=data.seq_len, batch_size=batch_size,
                                tokens=tokens, progress=progress)
     result.meta.update(data=data.source, seed=data.seed)
@@ -66,8 +71,9 @@ def analyze(
     """
     if out is not None:
         check_output_dir(out, force)  # fail before the slow part
+    texts = load_calibration(data)
     model, tokenizer = _loaded(model, tokenizer, device, dtype, trust_remote_code)
-    result = measure(model, tokenizer, data, batch_size, tokens, progress)
+    result = measure(model, tokenizer, data, texts, batch_size, tokens, progress)
     if out is not None:
         with atomic_output_dir(out, force) as tmp:
             result.save(tmp)
@@ -102,16 +108,21 @@ def prune(
     """
     if sum(x is not None for x in (n, fraction, layers)) != 1:
         raise DepthpruneError("give exactly one of --n, --fraction or --layers")
+    if n is not None and n < 1 or fraction is not None and not 0 < fraction < 1:
+        block_size(2**31, n=n, fraction=fraction)  # raises the range error before the model loads
     check_output_dir(out, force)
     if isinstance(distances, (str, Path)):
         distances = load_distances(distances)
-    source = model if isinstance(model, str) else str(model.config.name_or_path)
-    model, tokenizer = _loaded(model, tokenizer, device, dtype, trust_remote_code)
-    total = num_layers(model)
+    texts = None
     if distances is None and strategy == "similarity" and layers is None:
         if data is None:
             raise DepthpruneError("strategy 'similarity' needs --distances DIR (from `depthprune analyze`) or --data SRC")
-        distances = measure(model, tokenizer, data, batch_size, tokens, progress)
+        texts = load_calibration(data)
+    source = model if isinstance(model, str) else str(model.config.name_or_path)
+    model, tokenizer = _loaded(model, tokenizer, device, dtype, trust_remote_code)
+    total = num_layers(model)
+    if texts is not None:
+        distances = measure(model, tokenizer, data, texts, batch_size, tokens, progress)
     if layers is not None:
         selection: Selection = explicit_selection(layers, total, distances)
     else:

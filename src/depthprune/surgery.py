@@ -37,6 +37,9 @@ def remove_layers(model: nn.Module, layers: Iterable[int]) -> nn.Module:
         raise DepthpruneError(f"cannot remove all {total} layers: keep at least one")
     if not drop:
         return model
+    if getattr(model.config, "scale_attn_by_inverse_layer_idx", False):
+        # GPT-2 then scales attention by 1/(layer_idx+1) at init: a reloaded cut model would rescale.
+        raise DepthpruneError("models with scale_attn_by_inverse_layer_idx=True cannot be cut without changing them")
     keep = [i for i in range(total) if i not in set(drop)]
     parent_path, _, attr = layout.layers_path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
