@@ -88,3 +88,22 @@ def test_per_layer_config_lists_follow_the_cut():
 def test_bad_layers(layers):
     with pytest.raises(DepthpruneError):
         remove_layers(tiny_model("llama"), layers)
+
+
+@torch.no_grad()
+def test_temporary_cut_restores_the_model():
+    from depthprune.surgery import layers_removed
+
+    model = tiny_model("gemma3")
+    before = model(_input(), use_cache=False).logits
+    types = list(model.config.layer_types)
+    expected = _logits_skipping(model, REMOVED)
+    with layers_removed(model, REMOVED) as cut:
+        assert num_layers(cut) == 4
+        torch.testing.assert_close(cut(_input(), use_cache=False).logits, expected, atol=1e-5, rtol=1e-5)
+    assert num_layers(model) == 6 and model.config.layer_types == types
+    assert [layer.self_attn.layer_idx for layer in decoder_layout(model).layers] == list(range(6))
+    torch.testing.assert_close(model(_input(), use_cache=False).logits, before, atol=0, rtol=0)
+    prompt = _input(6)
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, min_new_tokens=8)
+    assert torch.equal(model.generate(prompt, use_cache=True, **kwargs), model.generate(prompt, use_cache=False, **kwargs))

@@ -80,6 +80,49 @@ def _run_prune(args) -> None:
     print(f"saved the pruned model to {args.out}")
 
 
+def _run_sweep(args) -> None:
+    from .report import write_report
+    from .sweep import resolve_config, run_sweep
+
+    overrides = {k: getattr(args, k) for k in ("model", "out", "data", "fractions", "n", "strategies", "heal", "tasks",
+                                                 "lm_eval", "mmlu", "boolq", "c4", "subjects", "limit", "heal_data",
+                                                 "heal_val_data", "heal_preset", "samples", "device", "dtype")}
+    config = resolve_config(args.config, **overrides)
+    out = run_sweep(config)
+    print(f"report: {write_report(out)}")
+
+
+def _run_results(args) -> None:
+    from .outputs import atomic_write_text
+    from .store import load_points, table, to_csv
+
+    points = load_points(args.directory)
+    header, rows = table(points)
+    shown = [h for h in header if not h.endswith("_chance")]
+    cells = [[_cell(v) for h, v in zip(header, row, strict=True) if h in shown] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(shown)]
+    print("  ".join(h.rjust(w) for h, w in zip(shown, widths, strict=True)))
+    for r in cells:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
+    if args.csv == "-":
+        print(to_csv(points), end="")
+    elif args.csv:
+        atomic_write_text(args.csv, to_csv(points))
+        print(f"wrote {args.csv}")
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def _run_report(args) -> None:
+    from .report import write_report
+
+    print(f"wrote {write_report(args.directory, args.tolerance)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="depthprune",
@@ -108,6 +151,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory for the pruned checkpoint")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.set_defaults(run=_run_prune)
+
+    p = commands.add_parser("sweep", help="the paper's experiment: evaluate cuts of growing size, healed or not")
+    p.add_argument("model", nargs="?", help=MODEL_HELP + " (or `model:` in --config)")
+    p.add_argument("--config", help="YAML file of sweep settings (keys as the options below, with underscores)")
+    p.add_argument("--out", help="output directory; rerun the same command to resume")
+    p.add_argument("--data", help="calibration text for the angular distances")
+    p.add_argument("--fractions", help="fractions of layers to drop: start:stop:step (stop included) or a list")
+    p.add_argument("--n", help="numbers of layers to drop instead of fractions, e.g. 0,2,4,8")
+    p.add_argument("--strategies", help="similarity,deepest (default both)")
+    p.add_argument("--heal", help="healing per point: none,qlora,lora,full (default none)")
+    p.add_argument("--tasks", help="native tasks: mmlu,boolq,c4 (default all three)")
+    p.add_argument("--lm-eval", help="lm-evaluation-harness tasks to run as well, e.g. arc_easy_local,hellaswag")
+    p.add_argument("--mmlu", help="MMLU directory (dev/, test/) or Hugging Face id")
+    p.add_argument("--boolq", help="BoolQ .jsonl or Hugging Face id")
+    p.add_argument("--c4", help="C4 validation text for the loss")
+    p.add_argument("--subjects", help="MMLU subjects, comma-separated (default all)")
+    p.add_argument("--limit", type=int, help="at most this many questions per MMLU subject / BoolQ / lm-eval task")
+    p.add_argument("--heal-data", help="training text for healing")
+    p.add_argument("--heal-val-data", help="validation text scored during healing")
+    p.add_argument("--heal-preset", help="healing preset (paper, cpu-small)")
+    p.add_argument("--samples", type=int, help="calibration documents (default 128)")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(run=_run_sweep)
+
+    p = commands.add_parser("results", help="print the results table of a sweep directory")
+    p.add_argument("directory")
+    p.add_argument("--csv", metavar="FILE", help="also export the table as CSV ('-' for standard output)")
+    p.set_defaults(run=_run_results)
+
+    p = commands.add_parser("report", help="draw the figures of a sweep and write one self-contained HTML file")
+    p.add_argument("directory")
+    p.add_argument("--tolerance", type=float, default=0.02,
+                   help="accuracy drop that counts as collapse, absolute (default 0.02)")
+    p.set_defaults(run=_run_report)
     return parser
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from torch import nn
@@ -56,6 +57,30 @@ def remove_layers(model: nn.Module, layers: Iterable[int]) -> nn.Module:
     if num_layers(model) != len(keep):
         raise DepthpruneError(f"{type(model).__name__}: could not update the config's layer count")
     return model
+
+
+@contextmanager
+def layers_removed(model: nn.Module, layers: Iterable[int]) -> Iterator[nn.Module]:
+    """Cut ``layers`` for the duration of a ``with`` block, then put the model back exactly as it was.
+
+    No weights are copied: a sweep evaluates many cuts of one loaded model this way.
+    """
+    layout = decoder_layout(model)
+    parent_path, _, attr = layout.layers_path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    config = model.config
+    saved_config = {key: getattr(config, key) for key in _per_layer_config_keys(config, len(layout.layers))}
+    saved_config["num_hidden_layers"] = config.num_hidden_layers
+    saved_indices = [(m, m.layer_idx) for m in layout.layers.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+    remove_layers(model, layers)
+    try:
+        yield model
+    finally:
+        setattr(parent, attr, layout.layers)
+        for key, value in saved_config.items():
+            setattr(config, key, value)
+        for module, index in saved_indices:
+            module.layer_idx = index
 
 
 def read_record(model_dir: str | Path) -> dict | None:

@@ -1,0 +1,153 @@
+"""What a model costs to run, measured: parameters, weight memory, peak memory, prefill and decode speed.
+
+Measured the same way for the full and every pruned model, so savings are shown, not assumed. The
+per-layer time comes from hooks around each decoder layer during the same prefill pass, which is what
+the ideal "fixed part + per-layer part" line is checked against.
+"""
+
+from __future__ import annotations
+
+import inspect
+import resource
+import threading
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from .models import count_parameters, decoder_layout
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of all parameters and buffers, tied weights counted once."""
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+@contextmanager
+def _peak_memory(device: torch.device):
+    """Yield a dict that holds, afterwards, how far memory rose above where it was when entering."""
+    result = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        yield result
+        torch.cuda.synchronize(device)
+        result["bytes"] = torch.cuda.max_memory_allocated(device) - base
+        return
+    # On CPU, sample the resident set: the process's lifetime peak would include loading the model.
+    base, peak, done = _rss_bytes(), [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield result
+    finally:
+        done.set()
+        watcher.join()
+        result["bytes"] = max(0, max(peak[0], _rss_bytes()) - base)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def measure_cost(model, prefill_len: int = 256, decode_tokens: int = 32, batch_size: int = 1,
+                 repeats: int = 3, seed: int = 0) -> dict:
+    """Prefill and decode throughput (best of ``repeats``), per-layer prefill time, and memory.
+
+    Prefill runs ``batch_size`` random sequences of ``prefill_len`` tokens; decode then generates
+    ``decode_tokens`` tokens one at a time with the KV cache. Peak memory is the weights plus the rise
+    in memory during these passes (CUDA allocator on GPU, resident set on CPU).
+    """
+    device = model.get_input_embeddings().weight.device
+    layers = decoder_layout(model).layers
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (batch_size, prefill_len), generator=generator).to(device)
+    layer_seconds: list[float] = []
+    starts: dict[int, float] = {}
+
+    def before(index):
+        def hook(module, args):
+            _sync(device)
+            starts[index] = time.perf_counter()
+        return hook
+
+    def after(index):
+        def hook(module, args, output):
+            _sync(device)
+            layer_seconds.append(time.perf_counter() - starts[index])
+        return hook
+
+    # transformers 5.24 renamed `past_key_values` to `cache` (argument and output); accept both.
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    prefill, decode, per_layer = [], [], []
+    with _peak_memory(device) as memory:
+        model(input_ids=ids[:, :8], use_cache=False)  # warm-up
+        for _ in range(repeats):
+            _sync(device)
+            start = time.perf_counter()
+            out = model(input_ids=ids, use_cache=True)
+            _sync(device)
+            prefill.append(time.perf_counter() - start)
+            cache, token = out[cache_name], out.logits[:, -1:].argmax(-1)
+            start = time.perf_counter()
+            for _ in range(decode_tokens):
+                out = model(input_ids=token, use_cache=True, **{cache_name: cache})
+                cache, token = out[cache_name], out.logits[:, -1:].argmax(-1)
+            _sync(device)
+            decode.append(time.perf_counter() - start)
+        # A separate pass for per-layer times, so the synchronising hooks do not slow the timings above.
+        handles = [h for i, layer in enumerate(layers) for h in (layer.register_forward_pre_hook(before(i)),
+                                                                   layer.register_forward_hook(after(i)))]
+        try:
+            for _ in range(repeats):
+                layer_seconds.clear()
+                model(input_ids=ids, use_cache=False)
+                per_layer.append(float(np.mean(layer_seconds)))
+        finally:
+            for h in handles:
+                h.remove()
+    weights = weight_bytes(model)
+    return {
+        "num_layers": len(layers),
+        "parameters": count_parameters(model),
+        "weight_bytes": weights,
+        "peak_memory_bytes": weights + memory["bytes"],
+        "prefill_tokens_per_s": batch_size * prefill_len / min(prefill),
+        "decode_tokens_per_s": batch_size * decode_tokens / min(decode),
+        "prefill_ms_per_token": 1e3 * min(prefill) / (batch_size * prefill_len),
+        "decode_ms_per_token": 1e3 * min(decode) / (batch_size * decode_tokens),
+        "layer_prefill_ms_per_token": 1e3 * min(per_layer) / (batch_size * prefill_len),
+        "layer_weight_bytes": weight_bytes(layers) / len(layers),
+        "settings": {"prefill_len": prefill_len, "decode_tokens": decode_tokens, "batch_size": batch_size,
+                     "repeats": repeats, "device": str(device), "dtype": str(model.dtype).removeprefix("torch.")},
+    }
+
+
+def linear_fit(x, y) -> dict:
+    """Least-squares y = fixed + per_unit·x, with R²: the 'fixed part + equal part per layer' model."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    slope, intercept = np.polyfit(x, y, 1)
+    residual = y - (intercept + slope * x)
+    spread = ((y - y.mean()) ** 2).sum()
+    r2 = 1.0 - (residual**2).sum() / spread if spread > 0 else 1.0
+    return {"fixed": float(intercept), "per_unit": float(slope), "r2": float(r2)}
