@@ -3,6 +3,11 @@ Ineffectiveness of the Deeper Layers"), then heal and evaluate the smaller model
 
 from .api import DataOptions, analyze, measure, prune
 from .errors import DepthpruneError
+
+# `depthprune.evaluate` is the function, not the subpackage of the same name: this import loads the
+# subpackage (binding the name to it), then rebinds the name to the function, so `from depthprune import
+# evaluate` gives the function while `from depthprune.evaluate.mmlu import ...` still finds the modules.
+from .evaluate.suite import evaluate
 from .models import EMBEDDED_MODELS, count_parameters, decoder_layout, load_model, num_layers
 from .select import Selection, choose_block, explicit_selection, parse_layers
 from .similarity import AngularDistances, compute_distances, load_distances, measure_distances
@@ -20,6 +25,7 @@ __all__ = [
     "choose_block",
     "compute_distances",
     "count_parameters",
+    "evaluate",
     "decoder_layout",
     "explicit_selection",
     "load_distances",

@@ -122,6 +122,26 @@ def _run_report(args) -> None:
 
     print(f"wrote {write_report(args.directory, args.tolerance)}")
 
+def _run_eval(args) -> None:
+    from .evaluate.suite import evaluate, summary_rows
+
+    subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
+    result = evaluate(args.model, args.tasks, mmlu=args.mmlu, boolq=args.boolq, c4=args.c4, shots=args.shots,
+                      subjects=subjects, limit=args.limit, batch_size=args.batch_size, max_length=args.max_length,
+                      c4_sequences=args.c4_sequences, c4_seq_len=args.c4_seq_len, c4_config=args.c4_config,
+                      seed=args.seed, lm_eval=args.lm_eval, lm_eval_include=args.lm_eval_include,
+                      lm_eval_data=args.lm_eval_data, lm_eval_fewshot=args.lm_eval_fewshot, details=args.details,
+                      out=args.out, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    removed = result.get("removed_layers")
+    print(f"\n{result['model']}: {result['num_layers']} layers"
+          + (f" ({len(removed)} removed from {result['layers_before']})" if removed else ""))
+    print(f"{'task':<24} {'metric':<32} {'value':>8} {'baseline':>9} {'n':>8}")
+    for task, metric, value, baseline, count in summary_rows(result):
+        base = f"{baseline:9.4f}" if baseline is not None else f"{'':>9}"
+        print(f"{task:<24} {metric:<32} {value:8.4f} {base} {count if count is not None else '':>8}")
+    if args.out:
+        print(f"\nwrote {args.out}")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -186,6 +206,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=0.02,
                    help="accuracy drop that counts as collapse, absolute (default 0.02)")
     p.set_defaults(run=_run_report)
+
+    p = commands.add_parser("eval", help="evaluate a model: MMLU (k-shot), BoolQ (0-shot), C4 loss, lm-eval tasks")
+    _add_model_options(p)
+    p.add_argument("--tasks", help="comma-separated: mmlu,boolq,c4 (default: the tasks given a data option)")
+    p.add_argument("--mmlu", help="MMLU: directory with dev/ and test/ CSVs, or a Hugging Face id (cais/mmlu)")
+    p.add_argument("--boolq", help="BoolQ: .jsonl file, or a Hugging Face id (google/boolq, super_glue/boolq)")
+    p.add_argument("--c4", help="C4: .jsonl file or directory of documents, or a Hugging Face id (allenai/c4)")
+    p.add_argument("--shots", type=int, default=5, help="MMLU examples in the prompt (default: 5)")
+    p.add_argument("--subjects", help="comma-separated MMLU subjects (default: all)")
+    p.add_argument("--limit", type=int, help="first N questions per MMLU subject, BoolQ examples, lm-eval examples")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, help="context limit in tokens (default: the model's)")
+    p.add_argument("--c4-sequences", type=int, default=64, help="C4: packed sequences to score (default: 64)")
+    p.add_argument("--c4-seq-len", type=int, default=512, help="C4: tokens per sequence (default: 512)")
+    p.add_argument("--c4-config", help="C4: Hugging Face dataset config (default: 'en' for allenai/c4)")
+    p.add_argument("--seed", type=int, default=0, help="C4: seed of the document sample (default: 0)")
+    p.add_argument("--lm-eval", help="comma-separated lm-evaluation-harness tasks to run too (e.g. hellaswag,arc_easy;"
+                                     " arc_easy_local reads a local copy)")
+    p.add_argument("--lm-eval-include", help="directory of your own lm-eval task YAMLs")
+    p.add_argument("--lm-eval-data", help="data directory for the bundled local lm-eval tasks "
+                                          "(default: $DEPTHPRUNE_DATA)")
+    p.add_argument("--lm-eval-fewshot", type=int, help="override the lm-eval tasks' number of shots")
+    p.add_argument("--details", action="store_true", help="also record each question's scores in --out")
+    p.add_argument("--out", help="write the results as JSON to this file")
+    p.set_defaults(run=_run_eval)
     return parser
 
 

@@ -1,0 +1,64 @@
+"""Any lm-evaluation-harness task (hellaswag, arc_easy, ...) on an in-memory model, pruned or healed.
+
+lm-eval's ``HFLM`` wraps the loaded model and tokenizer as they are, so nothing is saved or reloaded.
+Tasks fetch their data as lm-eval defines it; ``lm_eval_tasks/`` next to this module adds tasks that
+read local copies instead (``arc_easy_local``, ``arc_challenge_local``: ``data_dir`` / DEPTHPRUNE_DATA),
+and ``include`` adds a directory of the user's own task YAMLs. Needs ``pip install 'depthprune[lm-eval]'``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from ..errors import DepthpruneError
+
+BUNDLED_TASKS = Path(__file__).parent / "lm_eval_tasks"
+
+
+def task_manager(include: str | Path | None = None, data_dir: str | Path | None = None):
+    """lm-eval's TaskManager with the bundled local tasks, ``include`` and ``data_dir`` for the local loaders."""
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise DepthpruneError("--lm-eval needs lm-evaluation-harness: pip install 'depthprune[lm-eval]'") from None
+    paths = [str(BUNDLED_TASKS)]
+    if include is not None:
+        if not Path(include).is_dir():
+            raise DepthpruneError(f"--lm-eval-include '{include}' is not a directory of task YAML files")
+        paths.append(str(include))
+    metadata = {"data_dir": str(Path(data_dir).expanduser())} if data_dir is not None else {}
+    return TaskManager(include_path=paths, metadata=metadata)
+
+
+def run_lm_eval(model, tokenizer, tasks: list[str], *, include: str | Path | None = None,
+                data_dir: str | Path | None = None, limit: int | None = None, num_fewshot: int | None = None,
+                batch_size: int = 8, max_length: int | None = None, log_samples: bool = False) -> dict:
+    """lm-eval's own ``simple_evaluate`` output for ``tasks`` on the loaded ``model`` (samples if ``log_samples``)."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    manager = task_manager(include, data_dir)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise DepthpruneError(f"unknown lm-eval task(s) {', '.join(unknown)}: see `lm-eval ls tasks`, or add "
+                              "--lm-eval-include DIR with your own task YAMLs")
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
+                                   num_fewshot=num_fewshot, log_samples=log_samples)
+
+
+def lm_eval_summary(output: dict) -> dict:
+    """The metrics of each task (and group) from ``run_lm_eval``'s output, as plain JSON numbers."""
+    summary = {}
+    for task, metrics in output["results"].items():
+        row = {}
+        for key, value in metrics.items():
+            if key == "alias" or not isinstance(value, (int, float)):
+                continue
+            metric, _, filt = key.partition(",")
+            name = metric if filt in ("", "none") else f"{metric},{filt}"
+            row[name] = None if isinstance(value, float) and math.isnan(value) else value
+        row["num_examples"] = output.get("n-samples", {}).get(task, {}).get("effective")
+        summary[task] = row
+    return summary

@@ -1,0 +1,161 @@
+"""The paper's evaluation in one call: MMLU, BoolQ, C4 loss (and any lm-eval task) on one model, as a plain dict.
+
+Results record the model, its layers (and which were removed, for a checkpoint written by
+``depthprune prune``), every task setting, data source and count, so runs can be compared later.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..errors import DepthpruneError
+from ..models import count_parameters, load_model, num_layers
+from ..outputs import atomic_write_text
+from ..surgery import read_record
+
+TASKS = ("mmlu", "boolq", "c4")
+DATA_HINTS = {
+    "mmlu": "--mmlu DIR_OR_ID (a directory with dev/ and test/ CSVs, or cais/mmlu)",
+    "boolq": "--boolq FILE_OR_ID (a .jsonl file, or google/boolq / super_glue/boolq)",
+    "c4": "--c4 FILE_OR_ID (a .jsonl file of documents, or allenai/c4)",
+}
+
+
+def parse_tasks(tasks: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    if tasks is None:
+        return []
+    names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
+    names = [t for t in names if t]
+    unknown = [t for t in names if t not in TASKS]
+    if unknown:
+        raise DepthpruneError(f"unknown task(s) {', '.join(unknown)}: choose from {', '.join(TASKS)} "
+                              "(use --lm-eval for lm-evaluation-harness tasks)")
+    return list(dict.fromkeys(names))
+
+
+def _model_info(spec, model) -> dict:
+    info = {"model": spec if isinstance(spec, str) else str(model.config.name_or_path),
+            "num_layers": num_layers(model), "parameters": count_parameters(model)}
+    if isinstance(spec, str) and Path(spec).expanduser().is_dir():
+        record = read_record(Path(spec).expanduser())
+        if record is not None:
+            info.update(source_model=record.get("source_model"), removed_layers=record.get("removed_layers"),
+                        layers_before=record.get("layers_before"), criterion=record.get("criterion"))
+    return info
+
+
+def evaluate(
+    model,
+    tasks: str | list[str] | None = None,
+    *,
+    tokenizer=None,
+    mmlu: str | None = None,
+    boolq: str | None = None,
+    c4: str | None = None,
+    shots: int = 5,
+    subjects: list[str] | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    c4_sequences: int = 64,
+    c4_seq_len: int = 512,
+    c4_config: str | None = None,
+    c4_split: str = "validation",
+    seed: int = 0,
+    lm_eval: str | list[str] | None = None,
+    lm_eval_include: str | None = None,
+    lm_eval_data: str | None = None,
+    lm_eval_fewshot: int | None = None,
+    details: bool = False,
+    out: str | Path | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Evaluate ``model`` on ``tasks`` ('mmlu', 'boolq', 'c4'; default: those given a data source) and return a dict.
+
+    ``model`` is anything :func:`depthprune.load_model` takes, or a loaded model (then pass ``tokenizer``).
+    Each task reads its data from its own option (``mmlu``, ``boolq``, ``c4``): a local path or a Hugging
+    Face id. ``limit`` caps MMLU questions per subject and BoolQ examples (and lm-eval examples per task).
+    ``lm_eval`` names lm-evaluation-harness tasks to run as well. With ``out`` the dict is also written
+    there as JSON (atomically).
+    """
+    sources = {"mmlu": mmlu, "boolq": boolq, "c4": c4}
+    chosen = parse_tasks(tasks) if tasks is not None else [t for t in TASKS if sources[t] is not None]
+    extra = parse_lm_eval(lm_eval)
+    if not chosen and not extra:
+        raise DepthpruneError("nothing to evaluate: give --tasks with their data options, e.g. --tasks mmlu --mmlu DIR")
+    for task in chosen:
+        if sources[task] is None:
+            raise DepthpruneError(f"task '{task}' needs its data: pass {DATA_HINTS[task]}")
+    if limit is not None and limit < 1:
+        raise DepthpruneError(f"--limit must be at least 1, got {limit}")
+    spec = model
+    if isinstance(model, str):
+        model, tokenizer = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    elif tokenizer is None:
+        raise DepthpruneError("pass the tokenizer together with an already loaded model")
+
+    from .boolq import evaluate_boolq
+    from .c4 import c4_loss
+    from .mmlu import evaluate_mmlu
+
+    result = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **_model_info(spec, model),
+              "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "tasks": {}}
+    for task in chosen:
+        start = time.perf_counter()
+        if task == "mmlu":
+            r = evaluate_mmlu(model, tokenizer, mmlu, shots=shots, subjects=subjects, limit=limit,
+                              batch_size=batch_size, max_length=max_length, details=details, progress=progress)
+        elif task == "boolq":
+            r = evaluate_boolq(model, tokenizer, boolq, limit=limit, batch_size=batch_size, max_length=max_length,
+                               details=details, progress=progress)
+        else:
+            config = c4_config if c4_config is not None else ("en" if c4 == "allenai/c4" else None)
+            r = c4_loss(model, tokenizer, c4, num_sequences=c4_sequences, seq_len=c4_seq_len, seed=seed,
+                        batch_size=batch_size, config=config, split=c4_split, progress=progress)
+        r["seconds"] = round(time.perf_counter() - start, 2)
+        result["tasks"][task] = r
+    if extra:
+        from .lm_eval_bridge import lm_eval_summary, run_lm_eval
+
+        start = time.perf_counter()
+        output = run_lm_eval(model, tokenizer, extra, include=lm_eval_include, data_dir=lm_eval_data, limit=limit,
+                             num_fewshot=lm_eval_fewshot, batch_size=batch_size, max_length=max_length)
+        result["lm_eval"] = {"tasks": lm_eval_summary(output), "num_fewshot": lm_eval_fewshot, "limit": limit,
+                             "seconds": round(time.perf_counter() - start, 2)}
+    if out is not None:
+        atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def parse_lm_eval(tasks: str | list[str] | None) -> list[str]:
+    if tasks is None:
+        return []
+    names = tasks.split(",") if isinstance(tasks, str) else tasks
+    return [t.strip() for t in names if t.strip()]
+
+
+def summary_rows(result: dict) -> list[tuple[str, str, float, float | None, int | None]]:
+    """(task, metric, value, baseline, count) rows for a printed table."""
+    rows = []
+    tasks = result.get("tasks", {})
+    if "mmlu" in tasks:
+        m = tasks["mmlu"]
+        rows.append(("mmlu", f"acc, mean over {m['num_subjects']} subjects", m["accuracy"], m["chance"], m["num_questions"]))
+        rows.append(("mmlu", "acc, mean over questions", m["accuracy_over_questions"], m["chance"], m["num_questions"]))
+    if "boolq" in tasks:
+        b = tasks["boolq"]
+        rows.append(("boolq", "acc", b["accuracy"], b["majority_baseline"], b["num_examples"]))
+    if "c4" in tasks:
+        c = tasks["c4"]
+        rows.append(("c4", "loss (nats/token)", c["loss"], None, c["num_tokens_scored"]))
+        rows.append(("c4", "loss / log(vocab)", c["loss_over_log_vocab"], 1.0, c["num_tokens_scored"]))
+    for task, metrics in result.get("lm_eval", {}).get("tasks", {}).items():
+        for metric, value in metrics.items():
+            if metric != "num_examples" and "stderr" not in metric and value is not None:
+                rows.append((f"lm-eval:{task}", metric, value, None, metrics.get("num_examples")))
+    return rows
