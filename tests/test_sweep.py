@@ -1,0 +1,65 @@
+"""A sweep on a tiny model: rows, figures, and kill-and-resume giving the same results."""
+
+from __future__ import annotations
+
+import pytest
+
+from depthprune import sweep as sweep_module
+from depthprune.cli import main
+from depthprune.errors import DepthpruneError
+from depthprune.store import load_points
+from depthprune.sweep import resolve_config, run_sweep
+
+
+def _config(tiny_checkpoint, tiny_corpus, shared_data, out, **changes):
+    settings = dict(
+        model=str(tiny_checkpoint), out=str(out), data=str(tiny_corpus), samples=8, seq_len=16, n="0,2,4",
+        tasks="mmlu,boolq,c4", mmlu=str(shared_data / "mmlu"), subjects="astronomy", limit=3, shots=1,
+        boolq=str(shared_data / "boolq" / "dev.jsonl"), c4=str(tiny_corpus), c4_sequences=2, c4_seq_len=16,
+        cost_prefill_len=8, cost_decode_tokens=2, cost_repeats=1)
+    return resolve_config(**{**settings, **changes})
+
+
+def _quality(points):
+    return {(p["n"], p["strategy"], p["heal"]): {k: v for k, v in p["metrics"].items() if k.startswith(("mmlu", "boolq", "c4"))}
+            for p in points}
+
+
+def test_sweep_rows_report_and_resume(tiny_checkpoint, tiny_corpus, shared_data, tmp_path, monkeypatch, capsys):
+    whole = run_sweep(_config(tiny_checkpoint, tiny_corpus, shared_data, tmp_path / "whole"), log=lambda _: None)
+    points = load_points(whole)
+    assert [(p["n"], p["strategy"]) for p in points] == [(0, "full"), (2, "deepest"), (2, "similarity"),
+                                                          (4, "deepest"), (4, "similarity")]
+    for p in points:
+        assert {"mmlu_acc", "boolq_acc", "c4_loss", "c4_loss_norm", "prefill_ms_per_token", "weight_bytes"} <= set(p["metrics"])
+        assert len(p["removed_layers"]) == p["n"]
+    assert points[1]["removed_layers"] == [3, 4]  # deepest 2 of 6: keeps the final layer
+
+    # Kill the same sweep during its third point, then rerun: finished points are not redone.
+    calls = {"n": 0}
+    real = sweep_module._evaluate
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "_evaluate", dying)
+    config = _config(tiny_checkpoint, tiny_corpus, shared_data, tmp_path / "resumed")
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(config, log=lambda _: None)
+    assert len(load_points(tmp_path / "resumed")) == 2
+    calls["n"] = 10  # no more deaths; count what the rerun evaluates
+    run_sweep(config, log=lambda _: None)
+    assert calls["n"] == 10 + 3
+    assert _quality(load_points(tmp_path / "resumed")) == _quality(points)
+
+    # The CLI reports on it, and a rerun with other settings is refused.
+    assert main(["results", str(whole), "--csv", str(tmp_path / "t.csv")]) == 0
+    assert (tmp_path / "t.csv").read_text().count("\n") == 6
+    assert main(["report", str(whole)]) == 0
+    for name in ("accuracy.png", "c4_loss.png", "heatmap.png", "best_block.png", "cost.png", "report.html"):
+        assert (whole / "report" / name).is_file()
+    with pytest.raises(DepthpruneError, match="other settings"):
+        run_sweep(_config(tiny_checkpoint, tiny_corpus, shared_data, tmp_path / "whole", limit=2), log=lambda _: None)
