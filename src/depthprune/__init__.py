@@ -3,6 +3,7 @@ Ineffectiveness of the Deeper Layers"), then heal and evaluate the smaller model
 
 from .api import DataOptions, analyze, measure, prune
 from .errors import DepthpruneError
+from .heal import HealOptions, heal
 from .models import EMBEDDED_MODELS, count_parameters, decoder_layout, load_model, num_layers
 from .select import Selection, choose_block, explicit_selection, parse_layers
 from .similarity import AngularDistances, compute_distances, load_distances, measure_distances
@@ -15,6 +16,7 @@ __all__ = [
     "DataOptions",
     "DepthpruneError",
     "EMBEDDED_MODELS",
+    "HealOptions",
     "Selection",
     "analyze",
     "choose_block",
@@ -22,6 +24,7 @@ __all__ = [
     "count_parameters",
     "decoder_layout",
     "explicit_selection",
+    "heal",
     "load_distances",
     "load_model",
     "measure",
