@@ -282,3 +282,19 @@ def test_real_pruned_model_heals(tmp_path, shared_data):
     assert record["val_loss_after"] < record["val_loss_before"] - 0.05
     saved = json.loads((tmp_path / "healed" / "depthprune.json").read_text())
     assert saved["removed_layers"] and saved["healing"]["method"] == "lora"
+
+
+def test_options_presets_and_tokens():
+    from depthprune.heal import resolve_options, total_steps
+
+    paper = resolve_options()
+    assert (paper.method, paper.steps, paper.batch_size, paper.seq_len, paper.rank, paper.dropout, paper.lr,
+            paper.warmup, paper.schedule) == ("qlora", 5000, 16, 2048, 64, 0.05, 3e-4, 100, "cosine")
+    small = resolve_options("cpu-small", rank=2)
+    assert small.steps == 20 and small.rank == 2
+    by_tokens = resolve_options("cpu-small", tokens=5000)
+    assert by_tokens.steps is None and total_steps(by_tokens) == 10  # ceil(5000 / (4 * 128))
+    with pytest.raises(DepthpruneError, match="not both"):
+        resolve_options(steps=3, tokens=5000)
+    with pytest.raises(DepthpruneError, match="unknown method"):
+        resolve_options(method="dora")
