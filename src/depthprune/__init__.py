@@ -8,6 +8,7 @@ from .errors import DepthpruneError
 # subpackage (binding the name to it), then rebinds the name to the function, so `from depthprune import
 # evaluate` gives the function while `from depthprune.evaluate.mmlu import ...` still finds the modules.
 from .evaluate.suite import evaluate
+from .heal import HealOptions, heal
 from .models import EMBEDDED_MODELS, count_parameters, decoder_layout, load_model, num_layers
 from .select import Selection, choose_block, explicit_selection, parse_layers
 from .similarity import AngularDistances, compute_distances, load_distances, measure_distances
@@ -20,6 +21,7 @@ __all__ = [
     "DataOptions",
     "DepthpruneError",
     "EMBEDDED_MODELS",
+    "HealOptions",
     "Selection",
     "analyze",
     "choose_block",
@@ -28,6 +30,7 @@ __all__ = [
     "evaluate",
     "decoder_layout",
     "explicit_selection",
+    "heal",
     "load_distances",
     "load_model",
     "measure",
