@@ -63,3 +63,33 @@ def test_sweep_rows_report_and_resume(tiny_checkpoint, tiny_corpus, shared_data,
         assert (whole / "report" / name).is_file()
     with pytest.raises(DepthpruneError, match="other settings"):
         run_sweep(_config(tiny_checkpoint, tiny_corpus, shared_data, tmp_path / "whole", limit=2), log=lambda _: None)
+
+
+def test_sweep_with_healing_resumes_an_interrupted_heal(tiny_checkpoint, tiny_corpus, shared_data, tmp_path,
+                                                        monkeypatch):
+    import importlib
+
+    heal_module = importlib.import_module("depthprune.heal")  # the attribute depthprune.heal is the function
+
+    heal_options = dict(steps=4, batch_size=2, seq_len=16, rank=2, warmup=1, eval_every=2, save_every=1,
+                        val_sequences=2)
+    config = _config(tiny_checkpoint, tiny_corpus, shared_data, tmp_path / "s", n="0,2", strategies="deepest",
+                     heal="none,lora", tasks="c4", heal_data=str(tiny_corpus), heal_val_data=str(tiny_corpus),
+                     heal_options=heal_options, cost=False)
+    real_heal = heal_module.heal
+
+    def killed_heal(*args, **kwargs):  # the first healing dies after 2 of its 4 steps
+        real_heal(*args, stop_after=2, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(heal_module, "heal", killed_heal)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(config, log=lambda _: None)
+    assert (tmp_path / "s" / "points" / "n002-deepest-lora" / "healed" / "checkpoint").is_dir()
+    monkeypatch.setattr(heal_module, "heal", real_heal)
+    run_sweep(config, log=lambda _: None)
+    points = {(p["n"], p["heal"]): p for p in load_points(tmp_path / "s")}
+    assert set(points) == {(0, "none"), (2, "none"), (2, "lora")}
+    healing = points[(2, "lora")]["details"]["healing"]
+    assert healing["steps"] == 4 and points[(2, "lora")]["metrics"]["heal_val_loss"] is not None
+    assert not (tmp_path / "s" / "points" / "n002-deepest-lora").exists()  # models are not kept by default

@@ -24,7 +24,7 @@ from .outputs import atomic_write_text
 from .select import STRATEGIES, choose_block
 from .similarity import load_distances
 from .store import connect, finished_keys, point_key, save_point
-from .surgery import layers_removed, pruning_record, save_pruned
+from .surgery import layers_removed, pruning_record, read_record, save_pruned
 
 HEAL_METHODS = ("none", "qlora", "lora", "full")
 NATIVE_TASKS = ("mmlu", "boolq", "c4")
@@ -180,7 +180,8 @@ def flatten_metrics(evaluation: dict, cost: dict | None, healing: dict | None) -
                                        "decode_tokens_per_s", "prefill_ms_per_token", "decode_ms_per_token",
                                        "layer_prefill_ms_per_token", "layer_weight_bytes")})
     if healing:
-        m.update(heal_train_loss=healing.get("final_train_loss"), heal_val_loss=healing.get("final_val_loss"))
+        m.update(heal_train_loss=healing.get("final_train_loss"), heal_val_loss_before=healing.get("val_loss_before"),
+                 heal_val_loss=healing.get("val_loss_after"))
     return m
 
 
@@ -286,9 +287,12 @@ def _heal_point(model, tokenizer, c: SweepConfig, out: Path, n: int, strategy: s
         with layers_removed(model, selection.layers) as cut:
             record = pruning_record(c.model, total, params_before, cut, selection)
             save_pruned(cut, tokenizer, pruned, record, force=True)
-    options = dict(c.heal_options)
-    options["method"] = method
-    healing = heal(str(pruned), c.heal_data, str(healed), val_data=c.heal_val_data, preset=c.heal_preset,
-                   device=c.device, progress=False, **options)
+    record = read_record(healed) if healed.is_dir() else None
+    if record is not None and "healing" in record:
+        healing = record["healing"]  # healed before the sweep was stopped, not yet evaluated
+    else:
+        options = {**c.heal_options, "method": method}
+        healing = heal(str(pruned), c.heal_data, str(healed), val_data=c.heal_val_data, preset=c.heal_preset,
+                       device=c.device, progress=False, **options)
     healed_model, _ = load_model(str(healed), device=c.device, dtype=c.dtype)
     return healed_model, healing
