@@ -277,9 +277,10 @@ def test_real_pruned_model_heals(tmp_path, shared_data):
     pruned = tmp_path / "p30"
     prune("smollm2-135m", pruned, fraction=0.3, strategy="deepest", progress=False)
     record = heal(str(pruned), str(shared_data / "c4" / "train_sample.jsonl"), tmp_path / "healed", method="lora",
-                  val_data=str(shared_data / "c4" / "validation.jsonl"), steps=6, batch_size=2, seq_len=128,
-                  rank=8, lr=1e-3, warmup=1, eval_every=6, save_every=6, val_sequences=8, progress=False)
-    assert record["val_loss_after"] < record["val_loss_before"] - 0.05
+                  val_data=str(shared_data / "c4" / "validation.jsonl"), steps=3, batch_size=2, seq_len=64,
+                  rank=8, lr=2e-3, warmup=0, eval_every=3, save_every=3, val_sequences=4, progress=False)
+    # The cut leaves SmolLM2 at ~23 nats/token on C4; three LoRA steps already recover a good part.
+    assert record["val_loss_after"] < record["val_loss_before"] - 0.5
     saved = json.loads((tmp_path / "healed" / "depthprune.json").read_text())
     assert saved["removed_layers"] and saved["healing"]["method"] == "lora"
 
