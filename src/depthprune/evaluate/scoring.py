@@ -205,10 +205,13 @@ def choice_loglikelihoods(model, tokenizer, requests: Sequence[ChoiceRequest], *
     groups: dict[Hashable, list[_Row]] = defaultdict(list)
     for row in rows:
         groups[row.group].append(row)
+    # Rows alone in their group have nothing to share: they run together with the ungrouped ones.
+    for key in [k for k, members in groups.items() if k is not None and len(members) == 1]:
+        groups[None] += groups.pop(key)
     bar = tqdm(total=len(rows), unit="seq", desc=desc, disable=not progress)
     for key, members in groups.items():
         offset, cache = 0, None
-        if key is not None and len(members) > 1:
+        if key is not None:
             offset = _common_prefix(members)
             if offset > 0:
                 cache = scorer.prefix_cache(members[0].tokens[:offset])
