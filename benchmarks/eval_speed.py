@@ -33,6 +33,18 @@ LM_EVAL_TASKS = Path(lm_eval.__file__).parent / "tasks"
 DEFAULT_DATA = Path(os.environ.get("DEPTHPRUNE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
+class Timer:
+    """Wall-clock and CPU seconds of this process (all threads). On a machine shared with other jobs the
+    CPU seconds are the steadier measure of the work done."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
 def mmlu_tasks(root: Path, test: dict, dev: dict) -> list[str]:
     """lm-eval task YAMLs, one per subject, that include lm-eval's own MMLU template and read local JSONL."""
     names = []
@@ -77,10 +89,10 @@ def boolq_task(root: Path, examples: list) -> str:
 def lm_eval_run(model, tokenizer, root: Path, tasks: list[str], limit: int | None, shots: int | None, batch_size: int):
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     manager = TaskManager(include_path=str(root))
-    start = time.perf_counter()
-    out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=shots,
-                                  log_samples=True, bootstrap_iters=0)
-    return out, time.perf_counter() - start
+    with Timer() as timer:
+        out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=shots,
+                                      log_samples=True, bootstrap_iters=0)
+    return out, timer
 
 
 def predictions(samples: list[dict]) -> dict[int, tuple[int, list[float], str]]:
@@ -92,7 +104,7 @@ def predictions(samples: list[dict]) -> dict[int, tuple[int, list[float], str]]:
     return out
 
 
-def compare(label: str, ours: list[tuple], theirs: list[tuple], ours_s: float, theirs_s: float) -> None:
+def compare(label: str, ours: list[tuple], theirs: list[tuple], ours_t: Timer, theirs_t: Timer) -> None:
     """ours/theirs: (prediction, loglikelihoods, gold) per question, in the same order."""
     n = len(ours)
     agree = sum(a[0] == b[0] for a, b in zip(ours, theirs, strict=True))
@@ -101,9 +113,11 @@ def compare(label: str, ours: list[tuple], theirs: list[tuple], ours_s: float, t
     diff = max(abs(x - y) for a, b in zip(ours, theirs, strict=True) for x, y in zip(a[1], b[1], strict=True))
     print(f"\n{label}: {n} questions")
     print(f"  {'':<22}{'depthprune':>12}{'lm-eval':>12}")
-    print(f"  {'seconds':<22}{ours_s:>12.1f}{theirs_s:>12.1f}")
+    print(f"  {'wall seconds':<22}{ours_t.wall:>12.1f}{theirs_t.wall:>12.1f}")
+    print(f"  {'CPU seconds':<22}{ours_t.cpu:>12.1f}{theirs_t.cpu:>12.1f}")
     print(f"  {'accuracy':<22}{acc_ours:>12.4f}{acc_theirs:>12.4f}")
-    print(f"  speed-up: {theirs_s / ours_s:.2f}x   same prediction: {agree}/{n} ({100 * agree / n:.2f}%)   "
+    print(f"  speed-up: {theirs_t.wall / ours_t.wall:.2f}x wall, {theirs_t.cpu / ours_t.cpu:.2f}x CPU   "
+          f"same prediction: {agree}/{n} ({100 * agree / n:.2f}%)   "
           f"accuracy gap: {100 * abs(acc_ours - acc_theirs):.2f} points   max |loglik diff|: {diff:.2e}")
 
 
@@ -128,12 +142,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        start = time.perf_counter()
-        ours = evaluate_mmlu(model, tokenizer, str(Path(args.data) / "mmlu"), shots=args.shots, subjects=list(test),
-                             limit=limit, batch_size=args.batch_size, details=True)
-        ours_s = time.perf_counter() - start
+        with Timer() as ours_t:
+            ours = evaluate_mmlu(model, tokenizer, str(Path(args.data) / "mmlu"), shots=args.shots,
+                                 subjects=list(test), limit=limit, batch_size=args.batch_size, details=True)
         names = mmlu_tasks(root, test, dev)
-        out, theirs_s = lm_eval_run(model, tokenizer, root, names, limit, args.shots, args.batch_size)
+        out, theirs_t = lm_eval_run(model, tokenizer, root, names, limit, args.shots, args.batch_size)
         ours_rows, theirs_rows, same_prompt = [], [], 0
         records = iter(ours["questions"])
         for subject, name in zip(test, names, strict=True):
@@ -144,7 +157,7 @@ def main() -> None:
                 pred, logliks, prompt = theirs[i]
                 theirs_rows.append((pred, logliks, q.answer))
                 same_prompt += prompt == build_prompt(subject, dev[subject][: r["shots"]], q)
-        compare(f"MMLU {args.shots}-shot", ours_rows, theirs_rows, ours_s, theirs_s)
+        compare(f"MMLU {args.shots}-shot", ours_rows, theirs_rows, ours_t, theirs_t)
         print(f"  identical prompt text: {same_prompt}/{len(ours_rows)}   "
               f"mean over subjects (ours): {ours['accuracy']:.4f}   lm-eval's {len(names)}-subject mean over questions: "
               f"{sum(out['results'][n]['acc,none'] * len(out['samples'][n]) for n in names) / len(ours_rows):.4f}")
@@ -152,17 +165,16 @@ def main() -> None:
         if args.boolq_limit >= 0:
             source = str(Path(args.data) / "boolq" / "dev.jsonl")
             blimit = args.boolq_limit or None
-            start = time.perf_counter()
-            ours = evaluate_boolq(model, tokenizer, source, limit=blimit, batch_size=args.batch_size, details=True)
-            ours_s = time.perf_counter() - start
+            with Timer() as ours_t:
+                ours = evaluate_boolq(model, tokenizer, source, limit=blimit, batch_size=args.batch_size, details=True)
             examples = load_boolq(source)
             task = boolq_task(root, examples)
-            out, theirs_s = lm_eval_run(model, tokenizer, root, [task], blimit, 0, args.batch_size)
+            out, theirs_t = lm_eval_run(model, tokenizer, root, [task], blimit, 0, args.batch_size)
             theirs = predictions(out["samples"][task])
             ours_rows = [(int(r["prediction"] == "yes"), r["loglikelihoods"], y)
                          for r, (*_, y) in zip(ours["examples"], examples, strict=False)]
             theirs_rows = [(theirs[i][0], theirs[i][1], y) for i, (*_, y) in enumerate(examples[: len(ours_rows)])]
-            compare("BoolQ 0-shot", ours_rows, theirs_rows, ours_s, theirs_s)
+            compare("BoolQ 0-shot", ours_rows, theirs_rows, ours_t, theirs_t)
 
 
 if __name__ == "__main__":

@@ -45,12 +45,14 @@ def naive_loglikelihoods(model, tokenizer, prompt: str, choices: list[str]) -> l
     stripped = prompt.rstrip()
     spaces = prompt[len(stripped):]
     context = tokenizer(stripped)["input_ids"]
-    out = []
+    out, seen = [], {}
     for choice in choices:
         whole = tokenizer(stripped + spaces + choice)["input_ids"]
         cont = whole[len(context):]
-        ids = torch.tensor([(context + cont)[:-1]])
-        logprobs = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+        ids = (context + cont)[:-1]
+        if tuple(ids) not in seen:  # one-token choices share their input: run it once
+            seen[tuple(ids)] = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+        logprobs = seen[tuple(ids)]
         out.append(sum(logprobs[len(context) - 1 + j, t].item() for j, t in enumerate(cont)))
     return out
 
@@ -125,8 +127,7 @@ def test_boolq_prompt_is_exact():
     )
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
-@pytest.mark.parametrize("batch_size", [1, 3])
+@pytest.mark.parametrize(("arch", "batch_size"), [("llama", 1), ("llama", 3), ("gemma3", 3)])
 def test_mmlu_fast_path_equals_naive(tokenizer, mmlu_dir, arch, batch_size):
     model = _llama(tokenizer) if arch == "llama" else _gemma3(tokenizer)
     result = mmlu.evaluate_mmlu(model, tokenizer, str(mmlu_dir), shots=5, batch_size=batch_size, details=True,
@@ -346,11 +347,24 @@ def test_lm_eval_bridge_runs_a_local_task_like_our_scorer(tokenizer, shared_data
     assert summary["acc"] == pytest.approx(correct / 6)
 
 
-def test_lm_eval_bridge_errors(tokenizer, tmp_path):
+def test_lm_eval_bridge_errors(tokenizer, tmp_path, shared_data):
     pytest.importorskip("lm_eval")
     from depthprune.evaluate.lm_eval_bridge import run_lm_eval
 
     with pytest.raises(DepthpruneError, match="unknown lm-eval task"):
-        run_lm_eval(_llama(tokenizer), tokenizer, ["no_such_task_xyz"])
+        run_lm_eval(_llama(tokenizer), tokenizer, ["no_such_task_xyz"], data_dir=shared_data)
     with pytest.raises(DepthpruneError, match="not a directory"):
         run_lm_eval(_llama(tokenizer), tokenizer, ["arc_easy_local"], include=tmp_path / "missing")
+    import importlib.util
+
+    from depthprune.evaluate.lm_eval_bridge import BUNDLED_TASKS
+
+    spec = importlib.util.spec_from_file_location("arc_local", BUNDLED_TASKS / "arc_local.py")
+    arc_local = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(arc_local)
+    with pytest.raises(DepthpruneError, match="arc/ARC-Easy-Test.jsonl"):
+        arc_local.load_arc(data_dir=str(tmp_path))
+    (tmp_path / "arc").mkdir()
+    (tmp_path / "arc" / "ARC-Easy-Test.jsonl").write_text('{"id": "x", "question": {"stem": "q"}}\n')
+    with pytest.raises(DepthpruneError, match=r"ARC-Easy-Test.jsonl:1: not an ARC record"):
+        arc_local.load_arc(data_dir=str(tmp_path))

@@ -54,7 +54,8 @@ class _Row:
     group: Hashable | None
 
 
-def encode_choices(tokenizer, contexts: Sequence[str], choices: Sequence[Sequence[str]]) -> list[tuple[list[int], list[list[int]]]]:
+def encode_choices(tokenizer, contexts: Sequence[str],
+                   choices: Sequence[Sequence[str]]) -> list[tuple[list[int], list[list[int]]]]:
     """Token ids of each context and of its choices, exactly as lm-eval's ``_encode_pair`` makes them."""
     moved = []
     for context, options in zip(contexts, choices, strict=True):
@@ -194,7 +195,8 @@ class _Scorer:
 
 
 def choice_loglikelihoods(model, tokenizer, requests: Sequence[ChoiceRequest], *, batch_size: int = 8,
-                          max_length: int | None = None, progress: bool = True, desc: str = "scoring") -> list[list[float]]:
+                          max_length: int | None = None, progress: bool = True,
+                          desc: str = "scoring") -> list[list[float]]:
     """Summed log-probability (nats) of each request's choices given its context; same order as ``requests``."""
     if batch_size < 1:
         raise DepthpruneError(f"batch size must be at least 1, got {batch_size}")
