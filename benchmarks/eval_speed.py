@@ -131,7 +131,10 @@ def main() -> None:
     parser.add_argument("--boolq-limit", type=int, default=64, help="BoolQ examples (0: all; -1: skip BoolQ)")
     parser.add_argument("--shots", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads for both sides (default 1: steady timings on a shared machine)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, tokenizer = load_model(args.model)
     subjects = None if args.subjects == "all" else args.subjects.split(",")

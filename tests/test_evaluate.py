@@ -368,3 +368,20 @@ def test_lm_eval_bridge_errors(tokenizer, tmp_path, shared_data):
     (tmp_path / "arc" / "ARC-Easy-Test.jsonl").write_text('{"id": "x", "question": {"stem": "q"}}\n')
     with pytest.raises(DepthpruneError, match=r"ARC-Easy-Test.jsonl:1: not an ARC record"):
         arc_local.load_arc(data_dir=str(tmp_path))
+
+
+@pytest.mark.slow
+def test_real_model_mmlu_fast_path_equals_naive(shared_data):
+    """SmolLM2-135M with real 5-shot MMLU prompts (hundreds of tokens of shared prefix)."""
+    from depthprune import load_model
+
+    model, tok = load_model("smollm2-135m")
+    source = str(shared_data / "mmlu")
+    result = mmlu.evaluate_mmlu(model, tok, source, subjects=["astronomy", "marketing"], limit=2, batch_size=2,
+                                details=True, progress=False)
+    test, dev = mmlu.load_mmlu(source, ["astronomy", "marketing"])
+    questions = [(s, q) for s in test for q in test[s][:2]]
+    for record, (subject, q) in zip(result["questions"], questions, strict=True):
+        expected = naive_loglikelihoods(model, tok, mmlu.build_prompt(subject, dev[subject][:5], q),
+                                        [" A", " B", " C", " D"])
+        assert record["loglikelihoods"] == pytest.approx(expected, abs=1e-4)
