@@ -60,7 +60,7 @@ def lm_eval_summary(output: dict) -> dict:
     for task, metrics in output["results"].items():
         row = {}
         for key, value in metrics.items():
-            if key == "alias" or not isinstance(value, (int, float)):
+            if key in ("alias", "sample_len") or not isinstance(value, (int, float)):
                 continue
             metric, _, filt = key.partition(",")
             name = metric if filt in ("", "none") else f"{metric},{filt}"
