@@ -220,10 +220,13 @@ def choice_loglikelihoods(model, tokenizer, requests: Sequence[ChoiceRequest], *
         members = sorted(members, key=lambda row: -len(row.tokens))
         for start in range(0, len(members), batch_size):
             batch = members[start : start + batch_size]
-            where = [(b, p - offset) for b, row in enumerate(batch) for _, _, p, _ in row.targets]
+            pairs = [(b, p - offset) for b, row in enumerate(batch) for _, _, p, _ in row.targets]
+            where = list(dict.fromkeys(pairs))  # one-token choices share their position: one head row for all
+            slot = {pair: i for i, pair in enumerate(where)}
             logprobs = scorer.log_probs([row.tokens[offset:] for row in batch], where, cache, offset)
             entries = [entry for row in batch for entry in row.targets]
-            picked = logprobs[torch.arange(len(entries)), torch.tensor([t for *_, t in entries])].double().tolist()
+            picked = logprobs[torch.tensor([slot[pair] for pair in pairs]),
+                              torch.tensor([t for *_, t in entries])].double().tolist()
             for (r, i, _, _), value in zip(entries, picked, strict=True):
                 scores[r][i] += value
             bar.update(len(batch))
