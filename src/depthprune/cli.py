@@ -128,11 +128,12 @@ def _run_eval(args) -> None:
 
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
     result = evaluate(args.model, args.tasks, mmlu=args.mmlu, boolq=args.boolq, c4=args.c4, shots=args.shots,
-                      subjects=subjects, limit=args.limit, batch_size=args.batch_size, max_length=args.max_length,
-                      c4_sequences=args.c4_sequences, c4_seq_len=args.c4_seq_len, c4_config=args.c4_config,
-                      seed=args.seed, lm_eval=args.lm_eval, lm_eval_include=args.lm_eval_include,
-                      lm_eval_data=args.lm_eval_data, lm_eval_fewshot=args.lm_eval_fewshot, details=args.details,
-                      out=args.out, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+                      subjects=subjects, limit=args.limit, boolq_limit=args.boolq_limit, batch_size=args.batch_size,
+                      max_length=args.max_length, c4_sequences=args.c4_sequences, c4_seq_len=args.c4_seq_len,
+                      c4_config=args.c4_config, seed=args.seed, lm_eval=args.lm_eval,
+                      lm_eval_include=args.lm_eval_include, lm_eval_data=args.lm_eval_data,
+                      lm_eval_fewshot=args.lm_eval_fewshot, details=args.details, out=args.out, device=args.device,
+                      dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     removed = result.get("removed_layers")
     print(f"\n{result['model']}: {result['num_layers']} layers"
           + (f" ({len(removed)} removed from {result['layers_before']})" if removed else ""))
@@ -294,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", type=int, default=5, help="MMLU examples in the prompt (default: 5)")
     p.add_argument("--subjects", help="comma-separated MMLU subjects (default: all)")
     p.add_argument("--limit", type=int, help="first N questions per MMLU subject, BoolQ examples, lm-eval examples")
+    p.add_argument("--boolq-limit", type=int, help="first N BoolQ examples (default: --limit, else all)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, help="context limit in tokens (default: the model's)")
     p.add_argument("--c4-sequences", type=int, default=64, help="C4: packed sequences to score (default: 64)")

@@ -100,7 +100,9 @@ def evaluate_boolq(
     examples = load_boolq(source)[:limit]
     prompts = [build_prompt(passage, question) for passage, question, _ in examples]
     encoded = encode_choices(tokenizer, prompts, [CHOICES] * len(prompts))
-    requests = [ChoiceRequest(ctx, conts) for ctx, conts in encoded]
+    # Some passages come with several questions: their prompts share the passage, which then runs once.
+    requests = [ChoiceRequest(ctx, conts, passage)
+                for (ctx, conts), (passage, _, _) in zip(encoded, examples, strict=True)]
     scores = choice_loglikelihoods(model, tokenizer, requests, batch_size=batch_size, max_length=max_length,
                                    progress=progress, desc="boolq")
     predictions = [int(s[1] > s[0]) for s in scores]

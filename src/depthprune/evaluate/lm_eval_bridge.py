@@ -8,6 +8,7 @@ and ``include`` adds a directory of the user's own task YAMLs. Needs ``pip insta
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -18,17 +19,22 @@ BUNDLED_TASKS = Path(__file__).parent / "lm_eval_tasks"
 
 def task_manager(include: str | Path | None = None, data_dir: str | Path | None = None):
     """lm-eval's TaskManager with the bundled local tasks, ``include`` and ``data_dir`` for the local loaders."""
+    if include is not None and not Path(include).is_dir():
+        raise DepthpruneError(f"--lm-eval-include '{include}' is not a directory of task YAML files")
+    return _task_manager(None if include is None else str(include),
+                         None if data_dir is None else str(Path(data_dir).expanduser()))
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(include: str | None, data_dir: str | None):
+    # Indexing lm-eval's thousands of task YAMLs takes seconds: do it once per process (a sweep
+    # evaluates many models in one process).
     try:
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise DepthpruneError("--lm-eval needs lm-evaluation-harness: pip install 'depthprune[lm-eval]'") from None
-    paths = [str(BUNDLED_TASKS)]
-    if include is not None:
-        if not Path(include).is_dir():
-            raise DepthpruneError(f"--lm-eval-include '{include}' is not a directory of task YAML files")
-        paths.append(str(include))
-    metadata = {"data_dir": str(Path(data_dir).expanduser())} if data_dir is not None else {}
-    return TaskManager(include_path=paths, metadata=metadata)
+    paths = [str(BUNDLED_TASKS)] + ([include] if include is not None else [])
+    return TaskManager(include_path=paths, metadata={"data_dir": data_dir} if data_dir is not None else {})
 
 
 def run_lm_eval(model, tokenizer, tasks: list[str], *, include: str | Path | None = None,
@@ -54,7 +60,7 @@ def lm_eval_summary(output: dict) -> dict:
     for task, metrics in output["results"].items():
         row = {}
         for key, value in metrics.items():
-            if key == "alias" or not isinstance(value, (int, float)):
+            if key in ("alias", "sample_len") or not isinstance(value, (int, float)):
                 continue
             metric, _, filt = key.partition(",")
             name = metric if filt in ("", "none") else f"{metric},{filt}"

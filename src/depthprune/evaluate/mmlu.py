@@ -33,13 +33,16 @@ class Question:
     answer: int  # 0..3
 
 
+Splits = tuple[dict[str, list[Question]], dict[str, list[Question]]]  # (test, dev) questions per subject
+
+
 def format_subject(subject: str) -> str:
     return subject.replace("_", " ")
 
 
 def format_example(q: Question, with_answer: bool) -> str:
-    text = q.question.strip() + "".join(f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, q.choices, strict=True))
-    text += "\nAnswer:"
+    options = "".join(f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, q.choices, strict=True))
+    text = q.question.strip() + options + "\nAnswer:"
     return text + f" {LETTERS[q.answer]}\n\n" if with_answer else text
 
 
@@ -70,7 +73,7 @@ def _read_csv(path: Path, subject: str) -> list[Question]:
     return questions
 
 
-def _local_mmlu(root: Path, subjects: list[str] | None) -> tuple[dict[str, list[Question]], dict[str, list[Question]]]:
+def _local_mmlu(root: Path, subjects: list[str] | None) -> Splits:
     test_dir, dev_dir = root / "test", root / "dev"
     for folder in (test_dir, dev_dir):
         if not folder.is_dir():
@@ -98,7 +101,7 @@ def _choose(available: list[str], subjects: list[str] | None, where: str) -> lis
     return list(dict.fromkeys(subjects))
 
 
-def _hub_mmlu(dataset_id: str, subjects: list[str] | None) -> tuple[dict[str, list[Question]], dict[str, list[Question]]]:
+def _hub_mmlu(dataset_id: str, subjects: list[str] | None) -> Splits:
     import datasets
 
     def split(name: str) -> dict[str, list[Question]]:
@@ -122,7 +125,7 @@ def _hub_mmlu(dataset_id: str, subjects: list[str] | None) -> tuple[dict[str, li
     return {s: test[s] for s in chosen}, {s: dev[s] for s in chosen}
 
 
-def load_mmlu(source: str, subjects: list[str] | None = None) -> tuple[dict[str, list[Question]], dict[str, list[Question]]]:
+def load_mmlu(source: str, subjects: list[str] | None = None) -> Splits:
     """``(test, dev)`` questions per subject from a CSV directory or a Hugging Face dataset id (cais/mmlu)."""
     path = Path(source).expanduser()
     if path.exists():
@@ -187,7 +190,8 @@ def evaluate_mmlu(
         used.append(k)
     encoded = encode_choices(tokenizer, prompts, [[f" {letter}" for letter in LETTERS]] * len(prompts))
     # Questions of one subject with the same number of shots share the prompt prefix: run it once.
-    requests = [ChoiceRequest(ctx, conts, (subject, k)) for (ctx, conts), (subject, _), k in zip(encoded, items, used, strict=True)]
+    requests = [ChoiceRequest(ctx, conts, (subject, k))
+                for (ctx, conts), (subject, _), k in zip(encoded, items, used, strict=True)]
     scores = choice_loglikelihoods(model, tokenizer, requests, batch_size=batch_size, max_length=max_length,
                                    progress=progress, desc="mmlu")
     per_subject: dict[str, list[bool]] = defaultdict(list)
@@ -211,7 +215,8 @@ def evaluate_mmlu(
         "limit_per_subject": limit,
         "max_length": max_length,
         "data": source,
-        "accuracy_note": "'accuracy' is the mean over subjects (the paper's); lm-eval's 'mmlu' reports the mean over questions",
+        "accuracy_note": "'accuracy' is the mean over subjects (the paper's); "
+                         "lm-eval's 'mmlu' reports the mean over questions",
     }
     if details:
         result["questions"] = records

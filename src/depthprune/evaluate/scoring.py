@@ -54,7 +54,8 @@ class _Row:
     group: Hashable | None
 
 
-def encode_choices(tokenizer, contexts: Sequence[str], choices: Sequence[Sequence[str]]) -> list[tuple[list[int], list[list[int]]]]:
+def encode_choices(tokenizer, contexts: Sequence[str],
+                   choices: Sequence[Sequence[str]]) -> list[tuple[list[int], list[list[int]]]]:
     """Token ids of each context and of its choices, exactly as lm-eval's ``_encode_pair`` makes them."""
     moved = []
     for context, options in zip(contexts, choices, strict=True):
@@ -194,7 +195,8 @@ class _Scorer:
 
 
 def choice_loglikelihoods(model, tokenizer, requests: Sequence[ChoiceRequest], *, batch_size: int = 8,
-                          max_length: int | None = None, progress: bool = True, desc: str = "scoring") -> list[list[float]]:
+                          max_length: int | None = None, progress: bool = True,
+                          desc: str = "scoring") -> list[list[float]]:
     """Summed log-probability (nats) of each request's choices given its context; same order as ``requests``."""
     if batch_size < 1:
         raise DepthpruneError(f"batch size must be at least 1, got {batch_size}")
@@ -205,20 +207,26 @@ def choice_loglikelihoods(model, tokenizer, requests: Sequence[ChoiceRequest], *
     groups: dict[Hashable, list[_Row]] = defaultdict(list)
     for row in rows:
         groups[row.group].append(row)
+    # Rows alone in their group have nothing to share: they run together with the ungrouped ones.
+    for key in [k for k, members in groups.items() if k is not None and len(members) == 1]:
+        groups[None] += groups.pop(key)
     bar = tqdm(total=len(rows), unit="seq", desc=desc, disable=not progress)
     for key, members in groups.items():
         offset, cache = 0, None
-        if key is not None and len(members) > 1:
+        if key is not None:
             offset = _common_prefix(members)
             if offset > 0:
                 cache = scorer.prefix_cache(members[0].tokens[:offset])
         members = sorted(members, key=lambda row: -len(row.tokens))
         for start in range(0, len(members), batch_size):
             batch = members[start : start + batch_size]
-            where = [(b, p - offset) for b, row in enumerate(batch) for _, _, p, _ in row.targets]
+            pairs = [(b, p - offset) for b, row in enumerate(batch) for _, _, p, _ in row.targets]
+            where = list(dict.fromkeys(pairs))  # one-token choices share their position: one head row for all
+            slot = {pair: i for i, pair in enumerate(where)}
             logprobs = scorer.log_probs([row.tokens[offset:] for row in batch], where, cache, offset)
             entries = [entry for row in batch for entry in row.targets]
-            picked = logprobs[torch.arange(len(entries)), torch.tensor([t for *_, t in entries])].double().tolist()
+            picked = logprobs[torch.tensor([slot[pair] for pair in pairs]),
+                              torch.tensor([t for *_, t in entries])].double().tolist()
             for (r, i, _, _), value in zip(entries, picked, strict=True):
                 scores[r][i] += value
             bar.update(len(batch))

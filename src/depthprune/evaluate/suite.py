@@ -57,6 +57,7 @@ def evaluate(
     shots: int = 5,
     subjects: list[str] | None = None,
     limit: int | None = None,
+    boolq_limit: int | None = None,
     batch_size: int = 8,
     max_length: int | None = None,
     c4_sequences: int = 64,
@@ -79,7 +80,8 @@ def evaluate(
 
     ``model`` is anything :func:`depthprune.load_model` takes, or a loaded model (then pass ``tokenizer``).
     Each task reads its data from its own option (``mmlu``, ``boolq``, ``c4``): a local path or a Hugging
-    Face id. ``limit`` caps MMLU questions per subject and BoolQ examples (and lm-eval examples per task).
+    Face id. ``limit`` caps MMLU questions per subject, BoolQ examples (unless ``boolq_limit``) and lm-eval
+    examples per task.
     ``lm_eval`` names lm-evaluation-harness tasks to run as well. With ``out`` the dict is also written
     there as JSON (atomically).
     """
@@ -91,8 +93,9 @@ def evaluate(
     for task in chosen:
         if sources[task] is None:
             raise DepthpruneError(f"task '{task}' needs its data: pass {DATA_HINTS[task]}")
-    if limit is not None and limit < 1:
-        raise DepthpruneError(f"--limit must be at least 1, got {limit}")
+    for name, value in (("--limit", limit), ("--boolq-limit", boolq_limit)):
+        if value is not None and value < 1:
+            raise DepthpruneError(f"{name} must be at least 1, got {value}")
     spec = model
     if isinstance(model, str):
         model, tokenizer = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -111,8 +114,8 @@ def evaluate(
             r = evaluate_mmlu(model, tokenizer, mmlu, shots=shots, subjects=subjects, limit=limit,
                               batch_size=batch_size, max_length=max_length, details=details, progress=progress)
         elif task == "boolq":
-            r = evaluate_boolq(model, tokenizer, boolq, limit=limit, batch_size=batch_size, max_length=max_length,
-                               details=details, progress=progress)
+            r = evaluate_boolq(model, tokenizer, boolq, limit=boolq_limit or limit, batch_size=batch_size,
+                               max_length=max_length, details=details, progress=progress)
         else:
             config = c4_config if c4_config is not None else ("en" if c4 == "allenai/c4" else None)
             r = c4_loss(model, tokenizer, c4, num_sequences=c4_sequences, seq_len=c4_seq_len, seed=seed,
