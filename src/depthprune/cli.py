@@ -86,7 +86,7 @@ def _run_sweep(args) -> None:
     from .sweep import resolve_config, run_sweep
 
     overrides = {k: getattr(args, k) for k in ("model", "out", "data", "fractions", "n", "strategies", "heal", "tasks",
-                                                 "lm_eval", "mmlu", "boolq", "c4", "subjects", "limit", "heal_data",
+                                                 "lm_eval", "mmlu", "boolq", "c4", "arc_easy", "hellaswag", "subjects", "limit", "heal_data",
                                                  "heal_val_data", "heal_preset", "samples", "device", "dtype")}
     config = resolve_config(args.config, **overrides)
     out = run_sweep(config)
@@ -127,7 +127,8 @@ def _run_eval(args) -> None:
     from .evaluate.suite import evaluate, summary_rows
 
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
-    result = evaluate(args.model, args.tasks, mmlu=args.mmlu, boolq=args.boolq, c4=args.c4, shots=args.shots,
+    result = evaluate(args.model, args.tasks, mmlu=args.mmlu, boolq=args.boolq, c4=args.c4, arc_easy=args.arc_easy,
+                      hellaswag=args.hellaswag, shots=args.shots,
                       subjects=subjects, limit=args.limit, boolq_limit=args.boolq_limit, batch_size=args.batch_size,
                       max_length=args.max_length, c4_sequences=args.c4_sequences, c4_seq_len=args.c4_seq_len,
                       c4_config=args.c4_config, seed=args.seed, lm_eval=args.lm_eval,
@@ -260,11 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", help="numbers of layers to drop instead of fractions, e.g. 0,2,4,8")
     p.add_argument("--strategies", help="similarity,deepest (default both)")
     p.add_argument("--heal", help="healing per point: none,qlora,lora,full (default none)")
-    p.add_argument("--tasks", help="native tasks: mmlu,boolq,c4 (default all three)")
+    p.add_argument("--tasks", help="native tasks: mmlu,boolq,c4,arc_easy,hellaswag (default mmlu,boolq,c4)")
     p.add_argument("--lm-eval", help="lm-evaluation-harness tasks to run as well, e.g. arc_easy_local,hellaswag")
     p.add_argument("--mmlu", help="MMLU directory (dev/, test/) or Hugging Face id")
     p.add_argument("--boolq", help="BoolQ .jsonl or Hugging Face id")
     p.add_argument("--c4", help="C4 validation text for the loss")
+    p.add_argument("--arc-easy", help="ARC-Easy .jsonl or Hugging Face id")
+    p.add_argument("--hellaswag", help="HellaSwag .jsonl or Hugging Face id")
     p.add_argument("--subjects", help="MMLU subjects, comma-separated (default all)")
     p.add_argument("--limit", type=int, help="at most this many questions per MMLU subject / BoolQ / lm-eval task")
     p.add_argument("--heal-data", help="training text for healing")
@@ -288,10 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("eval", help="evaluate a model: MMLU (k-shot), BoolQ (0-shot), C4 loss, lm-eval tasks")
     _add_model_options(p)
-    p.add_argument("--tasks", help="comma-separated: mmlu,boolq,c4 (default: the tasks given a data option)")
+    p.add_argument("--tasks", help="comma-separated: mmlu,boolq,c4,arc_easy,hellaswag (default: the tasks given a "
+                                   "data option)")
     p.add_argument("--mmlu", help="MMLU: directory with dev/ and test/ CSVs, or a Hugging Face id (cais/mmlu)")
     p.add_argument("--boolq", help="BoolQ: .jsonl file, or a Hugging Face id (google/boolq, super_glue/boolq)")
     p.add_argument("--c4", help="C4: .jsonl file or directory of documents, or a Hugging Face id (allenai/c4)")
+    p.add_argument("--arc-easy", help="ARC-Easy (0-shot): original .jsonl file, or a Hugging Face id (allenai/ai2_arc)")
+    p.add_argument("--hellaswag", help="HellaSwag (0-shot): original .jsonl file, or a Hugging Face id (Rowan/hellaswag)")
     p.add_argument("--shots", type=int, default=5, help="MMLU examples in the prompt (default: 5)")
     p.add_argument("--subjects", help="comma-separated MMLU subjects (default: all)")
     p.add_argument("--limit", type=int, help="first N questions per MMLU subject, BoolQ examples, lm-eval examples")

@@ -27,7 +27,7 @@ from .store import connect, finished_keys, point_key, save_point
 from .surgery import layers_removed, pruning_record, read_record, save_pruned
 
 HEAL_METHODS = ("none", "qlora", "lora", "full")
-NATIVE_TASKS = ("mmlu", "boolq", "c4")
+NATIVE_TASKS = ("mmlu", "boolq", "c4", "arc_easy", "hellaswag")
 
 
 @dataclass
@@ -52,7 +52,7 @@ class SweepConfig:
     n: list[int] | None = None
     strategies: list[str] = field(default_factory=lambda: ["similarity", "deepest"])
     heal: list[str] = field(default_factory=lambda: ["none"])
-    # evaluation: native tasks (mmlu, boolq, c4) and lm-evaluation-harness tasks
+    # evaluation: native tasks (mmlu, boolq, c4, arc_easy, hellaswag) and lm-evaluation-harness tasks
     tasks: list[str] = field(default_factory=lambda: ["mmlu", "boolq", "c4"])
     lm_eval: list[str] = field(default_factory=list)
     lm_eval_include: str | None = None
@@ -60,9 +60,12 @@ class SweepConfig:
     mmlu: str | None = None
     boolq: str | None = None
     c4: str | None = None
+    arc_easy: str | None = None
+    hellaswag: str | None = None
     shots: int = 5
     subjects: list[str] | None = None
     limit: int | None = None
+    boolq_limit: int | None = None
     c4_sequences: int = 64
     c4_seq_len: int = 512
     batch_size: int = 8
@@ -192,8 +195,9 @@ CHANCE = {"arc_easy": 0.25, "arc_challenge": 0.25, "hellaswag": 0.25}
 def _evaluate(model, tokenizer, c: SweepConfig) -> dict:
     from .evaluate import evaluate
 
-    return evaluate(model, c.tasks or None, tokenizer=tokenizer, mmlu=c.mmlu, boolq=c.boolq, c4=c.c4, shots=c.shots,
-                    subjects=c.subjects, limit=c.limit, batch_size=c.batch_size, c4_sequences=c.c4_sequences,
+    return evaluate(model, c.tasks or None, tokenizer=tokenizer, mmlu=c.mmlu, boolq=c.boolq, c4=c.c4, arc_easy=c.arc_easy,
+                    hellaswag=c.hellaswag, shots=c.shots,
+                    subjects=c.subjects, limit=c.limit, boolq_limit=c.boolq_limit, batch_size=c.batch_size, c4_sequences=c.c4_sequences,
                     c4_seq_len=c.c4_seq_len, seed=c.seed, lm_eval=c.lm_eval or None,
                     lm_eval_include=c.lm_eval_include, lm_eval_data=c.lm_eval_data, progress=False)
 

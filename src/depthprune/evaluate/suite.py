@@ -15,10 +15,12 @@ from ..models import count_parameters, load_model, num_layers
 from ..outputs import atomic_write_text
 from ..surgery import read_record
 
-TASKS = ("mmlu", "boolq", "c4")
+TASKS = ("mmlu", "boolq", "c4", "arc_easy", "hellaswag")
 DATA_HINTS = {
     "mmlu": "--mmlu DIR_OR_ID (a directory with dev/ and test/ CSVs, or cais/mmlu)",
     "boolq": "--boolq FILE_OR_ID (a .jsonl file, or google/boolq / super_glue/boolq)",
+    "arc_easy": "--arc-easy FILE_OR_ID (ARC-Easy-Test.jsonl of the original release, or allenai/ai2_arc)",
+    "hellaswag": "--hellaswag FILE_OR_ID (a .jsonl file of the original schema, or Rowan/hellaswag)",
     "c4": "--c4 FILE_OR_ID (a .jsonl file of documents, or allenai/c4)",
 }
 
@@ -54,6 +56,8 @@ def evaluate(
     mmlu: str | None = None,
     boolq: str | None = None,
     c4: str | None = None,
+    arc_easy: str | None = None,
+    hellaswag: str | None = None,
     shots: int = 5,
     subjects: list[str] | None = None,
     limit: int | None = None,
@@ -85,7 +89,7 @@ def evaluate(
     ``lm_eval`` names lm-evaluation-harness tasks to run as well. With ``out`` the dict is also written
     there as JSON (atomically).
     """
-    sources = {"mmlu": mmlu, "boolq": boolq, "c4": c4}
+    sources = {"mmlu": mmlu, "boolq": boolq, "c4": c4, "arc_easy": arc_easy, "hellaswag": hellaswag}
     chosen = parse_tasks(tasks) if tasks is not None else [t for t in TASKS if sources[t] is not None]
     extra = parse_lm_eval(lm_eval)
     if not chosen and not extra:
@@ -102,8 +106,10 @@ def evaluate(
     elif tokenizer is None:
         raise DepthpruneError("pass the tokenizer together with an already loaded model")
 
+    from .arc import evaluate_arc
     from .boolq import evaluate_boolq
     from .c4 import c4_loss
+    from .hellaswag import evaluate_hellaswag
     from .mmlu import evaluate_mmlu
 
     result = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **_model_info(spec, model),
@@ -116,6 +122,12 @@ def evaluate(
         elif task == "boolq":
             r = evaluate_boolq(model, tokenizer, boolq, limit=boolq_limit or limit, batch_size=batch_size,
                                max_length=max_length, details=details, progress=progress)
+        elif task == "arc_easy":
+            r = evaluate_arc(model, tokenizer, arc_easy, limit=limit, batch_size=batch_size, max_length=max_length,
+                             progress=progress)
+        elif task == "hellaswag":
+            r = evaluate_hellaswag(model, tokenizer, hellaswag, limit=limit, batch_size=batch_size,
+                                   max_length=max_length, progress=progress)
         else:
             config = c4_config if c4_config is not None else ("en" if c4 == "allenai/c4" else None)
             r = c4_loss(model, tokenizer, c4, num_sequences=c4_sequences, seq_len=c4_seq_len, seed=seed,
@@ -153,6 +165,14 @@ def summary_rows(result: dict) -> list[tuple[str, str, float, float | None, int 
     if "boolq" in tasks:
         b = tasks["boolq"]
         rows.append(("boolq", "acc", b["accuracy"], b["majority_baseline"], b["num_examples"]))
+    if "arc_easy" in tasks:
+        a = tasks["arc_easy"]
+        rows.append(("arc_easy", "acc", a["accuracy"], a["chance"], a["num_examples"]))
+        rows.append(("arc_easy", "acc_norm", a["accuracy_norm"], a["chance"], a["num_examples"]))
+    if "hellaswag" in tasks:
+        h = tasks["hellaswag"]
+        rows.append(("hellaswag", "acc_norm", h["accuracy"], h["chance"], h["num_examples"]))
+        rows.append(("hellaswag", "acc", h["accuracy_unnormalized"], h["chance"], h["num_examples"]))
     if "c4" in tasks:
         c = tasks["c4"]
         rows.append(("c4", "loss (nats/token)", c["loss"], None, c["num_tokens_scored"]))

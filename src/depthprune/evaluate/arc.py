@@ -1,0 +1,72 @@
+"""ARC (AI2 Reasoning Challenge), 0-shot, in lm-eval's ``arc_easy`` / ``arc_challenge`` format.
+
+Prompt "Question: {question}\\nAnswer:", each choice's text scored after it. Data: the original
+ARC-V1-Feb2018 JSONL (``{"question": {"stem", "choices": [{"text", "label"}]}, "answerKey"}``, as in
+``../shared/data/arc``) or the Hugging Face ``allenai/ai2_arc`` dataset (config ARC-Easy/ARC-Challenge).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import DepthpruneError
+from .multiple_choice import multiple_choice_accuracy
+
+Example = tuple[str, list[str], int]  # question, choices, index of the answer
+
+
+def build_prompt(question: str) -> str:
+    return f"Question: {question}\nAnswer:"
+
+
+def _example(question: str, texts: list[str], labels: list[str], answer: str, where: str) -> Example:
+    if answer not in labels:
+        raise DepthpruneError(f"{where}: answer {answer!r} is not one of the choice labels {labels}")
+    if len(texts) < 2:
+        raise DepthpruneError(f"{where}: fewer than 2 choices")
+    return question, texts, labels.index(answer)
+
+
+def load_arc(source: str, config: str = "ARC-Easy", split: str = "test") -> list[Example]:
+    """ARC questions from a local JSONL file or a Hugging Face id (``config``/``split`` apply to hub ids)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        examples = []
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    choices = record["question"]["choices"]
+                    examples.append(_example(record["question"]["stem"], [c["text"] for c in choices],
+                                             [c["label"] for c in choices], record["answerKey"], f"{path}:{number}"))
+                except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                    raise DepthpruneError(f"{path}:{number}: not an ARC record ({type(exc).__name__}: {exc})") from None
+    elif source.startswith((".", "/", "~")) or path.suffix:
+        raise DepthpruneError(f"ARC file '{source}' not found")
+    else:
+        import datasets
+
+        try:
+            rows = datasets.load_dataset(source, config, split=split)
+        except Exception as exc:
+            raise DepthpruneError(f"could not load ARC from '{source}' ({config}, {split}): {exc}") from None
+        examples = [_example(r["question"], list(r["choices"]["text"]), list(r["choices"]["label"]), r["answerKey"],
+                             f"{source} row {n}") for n, r in enumerate(rows)]
+    if not examples:
+        raise DepthpruneError(f"ARC source '{source}' holds no questions")
+    return examples
+
+
+def evaluate_arc(model, tokenizer, source: str, *, limit: int | None = None, batch_size: int = 8,
+                 max_length: int | None = None, progress: bool = True) -> dict:
+    """0-shot ARC accuracy on the first ``limit`` questions: ``accuracy`` is lm-eval's ``acc``."""
+    examples = load_arc(source)[:limit]
+    r = multiple_choice_accuracy(model, tokenizer, [build_prompt(q) for q, _, _ in examples],
+                                 [c for _, c, _ in examples], [y for *_, y in examples], batch_size=batch_size,
+                                 max_length=max_length, progress=progress, desc="arc")
+    return {"task": "arc", "accuracy": r["acc"], "accuracy_norm": r["acc_norm"], "chance": r["chance"],
+            "num_examples": r["num_examples"], "limit": limit, "shots": 0, "data": source,
+            "accuracy_note": "'accuracy' is lm-eval's acc, 'accuracy_norm' its acc_norm (per-character)"}
