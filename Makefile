@@ -23,14 +23,11 @@ $(BIN)/depthprune: pyproject.toml
 
 install: $(BIN)/depthprune
 
-# Main job: measure angular distances on SmolLM2-135M with C4 text, then cut the most redundant
-# block of 25% of its layers and save the smaller model.
+# Main job: the paper's sweep on SmolLM2-135M with the offline data in ../shared/data (the paths are in
+# the config): distances, cuts of 0-50 % of the layers by both strategies, LoRA healing of two of them,
+# MMLU/BoolQ/C4/ARC-Easy/HellaSwag and measured cost per point, then the HTML report. Resumable.
 demo: install
-	$(BIN)/depthprune analyze smollm2-135m --data $(DATA)/c4/validation.jsonl --samples 128 --seq-len 256 \
-		--out $(RUNS)/demo/analysis --force
-	$(BIN)/depthprune prune smollm2-135m --fraction 0.25 --distances $(RUNS)/demo/analysis \
-		--out $(RUNS)/demo/pruned --force
-	@echo "outputs: $(RUNS)/demo/analysis (distances.json, distances.csv, heatmap.png), $(RUNS)/demo/pruned (model)"
+	$(BIN)/depthprune sweep --config configs/smollm2-135m.yaml
 
 test: install
 	$(BIN)/ruff check src tests benchmarks

@@ -73,8 +73,8 @@ def test_sweep_with_healing_resumes_an_interrupted_heal(tiny_checkpoint, tiny_co
 
     heal_options = dict(steps=4, batch_size=2, seq_len=16, rank=2, warmup=1, eval_every=2, save_every=1,
                         val_sequences=2)
-    config = _config(tiny_checkpoint, tiny_corpus, shared_data, tmp_path / "s", n="0,2", strategies="deepest",
-                     heal="none,lora", tasks="c4", heal_data=str(tiny_corpus), heal_val_data=str(tiny_corpus),
+    config = _config(tiny_checkpoint, tiny_corpus, shared_data, tmp_path / "s", n="0,2,4", strategies="deepest",
+                     heal="none,lora", heal_fractions=[0.3], tasks="c4", heal_data=str(tiny_corpus), heal_val_data=str(tiny_corpus),
                      heal_options=heal_options, cost=False)
     real_heal = heal_module.heal
 
@@ -89,7 +89,7 @@ def test_sweep_with_healing_resumes_an_interrupted_heal(tiny_checkpoint, tiny_co
     monkeypatch.setattr(heal_module, "heal", real_heal)
     run_sweep(config, log=lambda _: None)
     points = {(p["n"], p["heal"]): p for p in load_points(tmp_path / "s")}
-    assert set(points) == {(0, "none"), (2, "none"), (2, "lora")}
+    assert set(points) == {(0, "none"), (2, "none"), (2, "lora"), (4, "none")}  # only n = round(0.3 * 6) healed
     healing = points[(2, "lora")]["details"]["healing"]
     assert healing["steps"] == 4 and points[(2, "lora")]["metrics"]["heal_val_loss"] is not None
     assert not (tmp_path / "s" / "points" / "n002-deepest-lora").exists()  # models are not kept by default

@@ -21,6 +21,7 @@ def test_yaml_then_flags(tmp_path):
 @pytest.mark.parametrize("settings,message", [
     ({"data": "x", "fractions": "0,1.2"}, "out of range"),
     ({"data": "x", "fractions": "0:0.5"}, "start:stop:step"),
+    ({"data": "x", "heal_fractions": "-0.1"}, "out of range"),
     ({"data": "x", "strategies": "similarity,random"}, "unknown strategy 'random'"),
     ({"data": "x", "heal": "qlora"}, "needs training text"),
     ({"data": "x", "tasks": "mmlu,squad"}, "unknown task 'squad'"),

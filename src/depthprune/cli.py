@@ -85,9 +85,10 @@ def _run_sweep(args) -> None:
     from .report import write_report
     from .sweep import resolve_config, run_sweep
 
-    overrides = {k: getattr(args, k) for k in ("model", "out", "data", "fractions", "n", "strategies", "heal", "tasks",
-                                                 "lm_eval", "mmlu", "boolq", "c4", "arc_easy", "hellaswag", "subjects", "limit", "heal_data",
-                                                 "heal_val_data", "heal_preset", "samples", "device", "dtype")}
+    names = ("model", "out", "data", "fractions", "n", "strategies", "heal", "heal_fractions", "tasks", "lm_eval",
+             "mmlu", "boolq", "c4", "arc_easy", "hellaswag", "subjects", "limit", "heal_data", "heal_val_data",
+             "heal_preset", "samples", "device", "dtype")
+    overrides = {name: getattr(args, name) for name in names}
     config = resolve_config(args.config, **overrides)
     out = run_sweep(config)
     print(f"report: {write_report(out)}")
@@ -273,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heal-data", help="training text for healing")
     p.add_argument("--heal-val-data", help="validation text scored during healing")
     p.add_argument("--heal-preset", help="healing preset (paper, cpu-small)")
+    p.add_argument("--heal-fractions", help="heal only the cuts of these fractions (default: every cut)")
     p.add_argument("--samples", type=int, help="calibration documents (default 128)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"])
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])

@@ -69,74 +69,83 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _prefill_and_decode(model, ids: torch.Tensor, decode_tokens: int, cache_name: str, clock) -> None:
+    """Prefill ``ids``, then decode greedily token by token with the KV cache; ``clock(phase)`` marks phases."""
+    clock("prefill")
+    out = model(input_ids=ids, use_cache=True)
+    cache, token = out[cache_name], out.logits[:, -1:].argmax(-1)
+    clock("decode")
+    for _ in range(decode_tokens):
+        out = model(input_ids=token, use_cache=True, **{cache_name: cache})
+        cache, token = out[cache_name], out.logits[:, -1:].argmax(-1)
+    clock("end")
+
+
 @torch.no_grad()
 def measure_cost(model, prefill_len: int = 256, decode_tokens: int = 32, batch_size: int = 1,
                  repeats: int = 3, seed: int = 0) -> dict:
-    """Prefill and decode throughput (best of ``repeats``), per-layer prefill time, and memory.
+    """Prefill and decode time per token (best of ``repeats``), one layer's share of each, and memory.
 
     Prefill runs ``batch_size`` random sequences of ``prefill_len`` tokens; decode then generates
-    ``decode_tokens`` tokens one at a time with the KV cache. Peak memory is the weights plus the rise
-    in memory during these passes (CUDA allocator on GPU, resident set on CPU).
+    ``decode_tokens`` tokens one at a time with the KV cache. A second series of the same passes times
+    every decoder layer with hooks (kept apart so the hooks do not slow the totals): one layer's cost is
+    the mean over layers. Peak memory is the weights plus the rise in memory during the passes (CUDA
+    allocator on GPU, resident set on CPU).
     """
     device = model.get_input_embeddings().weight.device
     layers = decoder_layout(model).layers
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (batch_size, prefill_len), generator=generator).to(device)
-    layer_seconds: list[float] = []
-    starts: dict[int, float] = {}
-
-    def before(index):
-        def hook(module, args):
-            _sync(device)
-            starts[index] = time.perf_counter()
-        return hook
-
-    def after(index):
-        def hook(module, args, output):
-            _sync(device)
-            layer_seconds.append(time.perf_counter() - starts[index])
-        return hook
-
     # transformers 5.24 renamed `past_key_values` to `cache` (argument and output); accept both.
     cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    prefill, decode, per_layer = [], [], []
+    state = {"phase": None, "start": 0.0, "layer_start": 0.0}
+    totals: dict[str, float] = {}  # seconds per phase, of the whole model or of its layers
+
+    def clock(phase: str) -> None:
+        _sync(device)
+        now = time.perf_counter()
+        if state["phase"] is not None:
+            totals[state["phase"]] = totals.get(state["phase"], 0.0) + now - state["start"]
+        state.update(phase=phase, start=now)
+
+    def before(module, args):
+        _sync(device)
+        state["layer_start"] = time.perf_counter()
+
+    def after(module, args, output):
+        _sync(device)
+        key = "layers_" + state["phase"]
+        totals[key] = totals.get(key, 0.0) + time.perf_counter() - state["layer_start"]
+
+    def run_once() -> dict[str, float]:
+        totals.clear()
+        state["phase"] = None
+        _prefill_and_decode(model, ids, decode_tokens, cache_name, clock)
+        return dict(totals)
+
     with _peak_memory(device) as memory:
         model(input_ids=ids[:, :8], use_cache=False)  # warm-up
-        for _ in range(repeats):
-            _sync(device)
-            start = time.perf_counter()
-            out = model(input_ids=ids, use_cache=True)
-            _sync(device)
-            prefill.append(time.perf_counter() - start)
-            cache, token = out[cache_name], out.logits[:, -1:].argmax(-1)
-            start = time.perf_counter()
-            for _ in range(decode_tokens):
-                out = model(input_ids=token, use_cache=True, **{cache_name: cache})
-                cache, token = out[cache_name], out.logits[:, -1:].argmax(-1)
-            _sync(device)
-            decode.append(time.perf_counter() - start)
-        # A separate pass for per-layer times, so the synchronising hooks do not slow the timings above.
-        handles = [h for i, layer in enumerate(layers) for h in (layer.register_forward_pre_hook(before(i)),
-                                                                   layer.register_forward_hook(after(i)))]
+        timed = [run_once() for _ in range(repeats)]
+        handles = [h for layer in layers for h in (layer.register_forward_pre_hook(before),
+                                                   layer.register_forward_hook(after))]
         try:
-            for _ in range(repeats):
-                layer_seconds.clear()
-                model(input_ids=ids, use_cache=False)
-                per_layer.append(float(np.mean(layer_seconds)))
+            hooked = [run_once() for _ in range(repeats)]
         finally:
             for h in handles:
                 h.remove()
+    prefill_tokens, decoded = batch_size * prefill_len, batch_size * decode_tokens
     weights = weight_bytes(model)
     return {
         "num_layers": len(layers),
         "parameters": count_parameters(model),
         "weight_bytes": weights,
         "peak_memory_bytes": weights + memory["bytes"],
-        "prefill_tokens_per_s": batch_size * prefill_len / min(prefill),
-        "decode_tokens_per_s": batch_size * decode_tokens / min(decode),
-        "prefill_ms_per_token": 1e3 * min(prefill) / (batch_size * prefill_len),
-        "decode_ms_per_token": 1e3 * min(decode) / (batch_size * decode_tokens),
-        "layer_prefill_ms_per_token": 1e3 * min(per_layer) / (batch_size * prefill_len),
+        "prefill_tokens_per_s": prefill_tokens / min(t["prefill"] for t in timed),
+        "decode_tokens_per_s": decoded / min(t["decode"] for t in timed),
+        "prefill_ms_per_token": 1e3 * min(t["prefill"] for t in timed) / prefill_tokens,
+        "decode_ms_per_token": 1e3 * min(t["decode"] for t in timed) / decoded,
+        "layer_prefill_ms_per_token": 1e3 * min(t["layers_prefill"] for t in hooked) / len(layers) / prefill_tokens,
+        "layer_decode_ms_per_token": 1e3 * min(t["layers_decode"] for t in hooked) / len(layers) / decoded,
         "layer_weight_bytes": weight_bytes(layers) / len(layers),
         "settings": {"prefill_len": prefill_len, "decode_tokens": decode_tokens, "batch_size": batch_size,
                      "repeats": repeats, "device": str(device), "dtype": str(model.dtype).removeprefix("torch.")},

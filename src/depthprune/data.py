@@ -19,6 +19,17 @@ from .errors import DepthpruneError
 TEXT_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
 
 
+def read_jsonl(path: Path) -> Iterator[tuple[int, object]]:
+    """``(line number, record)`` for each non-empty line; a line that is not JSON is an error naming it."""
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield number, json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DepthpruneError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+
+
 def _read_file(path: Path, field: str) -> list[str]:
     suffix = path.suffix.lower()
     if suffix == ".txt":
@@ -36,14 +47,7 @@ def _read_file(path: Path, field: str) -> list[str]:
         if not isinstance(rows, list):
             raise DepthpruneError(f"{path}: expected a JSON list of records")
     else:
-        rows = []
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise DepthpruneError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        rows = [row for _, row in read_jsonl(path)]
     texts = []
     for number, row in enumerate(rows, 1):
         if not isinstance(row, dict) or field not in row:

@@ -129,7 +129,8 @@ def plot_accuracy(points: list[dict], path: str | Path) -> Path | None:
         _draw_curves(ax, points, f"{task}_acc")
         chance = next((p["metrics"].get(f"{task}_chance") for p in points if p["metrics"].get(f"{task}_chance")), None)
         if chance is not None:
-            ax.axhline(chance, color="black", linestyle=":", linewidth=1, label=f"chance ({chance:.2f})")
+            name = "majority class" if task == "boolq" else "chance"
+            ax.axhline(chance, color="black", linestyle=":", linewidth=1, label=f"{name} ({chance:.2f})")
         ax.set_ylabel("accuracy")
         ax.set_title(TASK_TITLES.get(task, task), fontsize=10)
         ax.legend(fontsize=7)
@@ -154,7 +155,7 @@ def plot_c4_loss(points: list[dict], path: str | Path) -> Path | None:
 
 
 COST_PANELS = [("prefill_ms_per_token", "prefill time per token (ms)", "layer_prefill_ms_per_token"),
-               ("decode_ms_per_token", "decode time per token (ms)", None),
+               ("decode_ms_per_token", "decode time per token (ms)", "layer_decode_ms_per_token"),
                ("weight_bytes", "weight memory (MiB)", "layer_weight_bytes"),
                ("peak_memory_bytes", "peak memory (MiB)", None)]
 
@@ -171,9 +172,10 @@ def cost_fits(points: list[dict]) -> dict:
     for metric, _, layer_metric in COST_PANELS:
         kept = [p["details"]["cost"]["num_layers"] for p in measured]
         fit = linear_fit(kept, [p["metrics"][metric] for p in measured])
-        if layer_metric and full:
-            fit["one_layer_measured"] = full["metrics"][layer_metric]
-            fit["slope_over_measured"] = fit["per_unit"] / full["metrics"][layer_metric]
+        one_layer = full["metrics"].get(layer_metric) if layer_metric and full else None
+        if one_layer:
+            fit["one_layer_measured"] = one_layer
+            fit["slope_over_measured"] = fit["per_unit"] / one_layer
         fit["num_layers_full"] = total
         fits[metric] = fit
     return fits
@@ -253,7 +255,7 @@ def write_report(directory: str | Path, tolerance: float = 0.02) -> Path:
     folder.mkdir(exist_ok=True)
     distances = load_distances(directory / "analysis") if (directory / "analysis" / "distances.json").is_file() else None
     figures = [
-        (plot_accuracy(points, folder / "accuracy.png"), "Accuracy vs fraction of layers dropped (dotted: chance)"),
+        (plot_accuracy(points, folder / "accuracy.png"), "Accuracy vs fraction of layers dropped (dotted: chance, or the majority class for BoolQ)"),
         (plot_c4_loss(points, folder / "c4_loss.png"), "C4 validation loss, normalised by ln(vocabulary size)"),
         (plot_heatmap(distances, folder / "heatmap.png") if distances else None,
          "Angular distance d(x^(l), x^(l+n)) for every block; dots: the optimal first layer l*(n)"),

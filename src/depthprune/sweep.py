@@ -52,6 +52,7 @@ class SweepConfig:
     n: list[int] | None = None
     strategies: list[str] = field(default_factory=lambda: ["similarity", "deepest"])
     heal: list[str] = field(default_factory=lambda: ["none"])
+    heal_fractions: list[float] | None = None  # heal only the cuts of these fractions (None: every cut)
     # evaluation: native tasks (mmlu, boolq, c4, arc_easy, hellaswag) and lm-evaluation-harness tasks
     tasks: list[str] = field(default_factory=lambda: ["mmlu", "boolq", "c4"])
     lm_eval: list[str] = field(default_factory=list)
@@ -123,8 +124,9 @@ def resolve_config(config_file: str | Path | None = None, **overrides) -> SweepC
     unknown = sorted(set(settings) - known)
     if unknown:
         raise DepthpruneError(f"unknown sweep setting(s) {', '.join(unknown)}: valid keys are {', '.join(sorted(known))}")
-    if "fractions" in settings:
-        settings["fractions"] = _parse_fractions(settings["fractions"])
+    for key in ("fractions", "heal_fractions"):
+        if settings.get(key) is not None:
+            settings[key] = _parse_fractions(settings[key])
     if settings.get("n") is not None:
         settings["n"] = _as_list(settings["n"], int)
     for key in ("strategies", "heal", "tasks", "lm_eval"):
@@ -140,7 +142,7 @@ def resolve_config(config_file: str | Path | None = None, **overrides) -> SweepC
 def _check(c: SweepConfig) -> None:
     if not c.data:
         raise DepthpruneError("the sweep needs calibration data: pass --data SRC (or `data:` in the config)")
-    bad = [f for f in c.fractions if not 0 <= f < 1]
+    bad = [f for f in c.fractions + (c.heal_fractions or []) if not 0 <= f < 1]
     if bad:
         raise DepthpruneError(f"fraction {bad[0]} out of range: fractions must be in [0, 1)")
     if c.n is not None and any(n < 0 for n in c.n):
@@ -181,7 +183,7 @@ def flatten_metrics(evaluation: dict, cost: dict | None, healing: dict | None) -
     if cost:
         m.update({k: cost[k] for k in ("parameters", "weight_bytes", "peak_memory_bytes", "prefill_tokens_per_s",
                                        "decode_tokens_per_s", "prefill_ms_per_token", "decode_ms_per_token",
-                                       "layer_prefill_ms_per_token", "layer_weight_bytes")})
+                                       "layer_prefill_ms_per_token", "layer_decode_ms_per_token", "layer_weight_bytes")})
     if healing:
         m.update(heal_train_loss=healing.get("final_train_loss"), heal_val_loss_before=healing.get("val_loss_before"),
                  heal_val_loss=healing.get("val_loss_after"))
@@ -244,8 +246,10 @@ def run_sweep(c: SweepConfig, log=print) -> Path:
         distances.save(analysis)
         plot_heatmap(distances, analysis / "heatmap.png")
 
+    healed_sizes = set(sizes) if c.heal_fractions is None else {round(f * total) for f in c.heal_fractions}
     points = [(0, "full", "none")] if 0 in sizes else []
-    points += [(n, s, h) for n in sizes if n > 0 for s in c.strategies for h in c.heal]
+    points += [(n, s, h) for n in sizes if n > 0 for s in c.strategies for h in c.heal
+               if h == "none" or n in healed_sizes]
     todo = [p for p in points if point_key(*p) not in done]
     log(f"{len(points)} points, {len(points) - len(todo)} already finished")
     for index, (n, strategy, heal_method) in enumerate(todo, 1):

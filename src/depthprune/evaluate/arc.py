@@ -7,9 +7,9 @@ ARC-V1-Feb2018 JSONL (``{"question": {"stem", "choices": [{"text", "label"}]}, "
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from ..data import read_jsonl
 from ..errors import DepthpruneError
 from .multiple_choice import multiple_choice_accuracy
 
@@ -28,33 +28,37 @@ def _example(question: str, texts: list[str], labels: list[str], answer: str, wh
     return question, texts, labels.index(answer)
 
 
+def read_arc_jsonl(path: Path) -> list[dict]:
+    """The original ARC JSONL, as rows of the Hugging Face ``allenai/ai2_arc`` schema."""
+    rows = []
+    for number, record in read_jsonl(path):
+        try:
+            choices = record["question"]["choices"]
+            rows.append({"id": record["id"], "question": record["question"]["stem"],
+                         "choices": {"text": [c["text"] for c in choices], "label": [c["label"] for c in choices]},
+                         "answerKey": record["answerKey"], "where": f"{path}:{number}"})
+        except (KeyError, TypeError) as exc:
+            raise DepthpruneError(f"{path}:{number}: not an ARC record ({type(exc).__name__}: {exc})") from None
+    return rows
+
+
 def load_arc(source: str, config: str = "ARC-Easy", split: str = "test") -> list[Example]:
     """ARC questions from a local JSONL file or a Hugging Face id (``config``/``split`` apply to hub ids)."""
     path = Path(source).expanduser()
     if path.is_file():
-        examples = []
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    choices = record["question"]["choices"]
-                    examples.append(_example(record["question"]["stem"], [c["text"] for c in choices],
-                                             [c["label"] for c in choices], record["answerKey"], f"{path}:{number}"))
-                except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                    raise DepthpruneError(f"{path}:{number}: not an ARC record ({type(exc).__name__}: {exc})") from None
+        rows = read_arc_jsonl(path)
     elif source.startswith((".", "/", "~")) or path.suffix:
         raise DepthpruneError(f"ARC file '{source}' not found")
     else:
         import datasets
 
         try:
-            rows = datasets.load_dataset(source, config, split=split)
+            rows = [{**r, "where": f"{source} row {n}"}
+                    for n, r in enumerate(datasets.load_dataset(source, config, split=split))]
         except Exception as exc:
             raise DepthpruneError(f"could not load ARC from '{source}' ({config}, {split}): {exc}") from None
-        examples = [_example(r["question"], list(r["choices"]["text"]), list(r["choices"]["label"]), r["answerKey"],
-                             f"{source} row {n}") for n, r in enumerate(rows)]
+    examples = [_example(r["question"], list(r["choices"]["text"]), list(r["choices"]["label"]), r["answerKey"],
+                         r["where"]) for r in rows]
     if not examples:
         raise DepthpruneError(f"ARC source '{source}' holds no questions")
     return examples

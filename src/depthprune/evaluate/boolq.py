@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..data import read_jsonl
 from ..errors import DepthpruneError
 from .scoring import ChoiceRequest, choice_loglikelihoods, encode_choices
 
@@ -53,16 +54,7 @@ def load_boolq(source: str) -> list[tuple[str, str, int]]:
                 raise DepthpruneError(f"{path}: expected a JSON list of examples")
             examples = [_example(row, f"{path}: example {n}") for n, row in enumerate(rows, 1)]
         else:
-            examples = []
-            with path.open(encoding="utf-8") as f:
-                for number, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise DepthpruneError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-                    examples.append(_example(row, f"{path}:{number}"))
+            examples = [_example(row, f"{path}:{number}") for number, row in read_jsonl(path)]
     elif path.exists() or source.startswith((".", "/", "~")):
         raise DepthpruneError(f"BoolQ source '{source}' is not a file: pass a .jsonl file or a Hugging Face dataset id")
     else:

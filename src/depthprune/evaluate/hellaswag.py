@@ -7,10 +7,10 @@ The context is "{activity_label}: {ctx_a} {Ctx_b}" and the endings are cleaned a
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
+from ..data import read_jsonl
 from ..errors import DepthpruneError
 from .multiple_choice import multiple_choice_accuracy
 
@@ -38,15 +38,7 @@ def load_hellaswag(source: str, split: str = "validation") -> list[tuple[str, li
     """Examples from a local JSONL file (the original schema) or a Hugging Face id (``Rowan/hellaswag``)."""
     path = Path(source).expanduser()
     if path.is_file():
-        examples = []
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise DepthpruneError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-                    examples.append(build_example(row, f"{path}:{number}"))
+        examples = [build_example(row, f"{path}:{number}") for number, row in read_jsonl(path)]
     elif source.startswith((".", "/", "~")) or path.suffix:
         raise DepthpruneError(f"HellaSwag file '{source}' not found")
     else:
