@@ -125,3 +125,16 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
                              "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and result.stderr.startswith("depthprune: error:")
+
+
+def test_outputs_are_readable_by_others(tiny_checkpoint, tiny_corpus, tmp_path, capsys):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        assert _run(capsys, "analyze", tiny_checkpoint, "--data", tiny_corpus, "--samples", 4, "--seq-len", 8,
+                    "--out", tmp_path / "a")[0] == 0
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "a").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "a" / "distances.json").stat().st_mode & 0o777 == 0o644

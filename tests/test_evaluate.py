@@ -317,7 +317,8 @@ def test_cli_eval_writes_results(tiny_checkpoint, mmlu_dir, tmp_path, capsys):
     [
         (["--tasks", "mmlu"], "task 'mmlu' needs its data: pass --mmlu"),
         (["--tasks", "boolq,c4", "--boolq", "x.jsonl"], "task 'c4' needs its data: pass --c4"),
-        (["--tasks", "hellaswag"], "unknown task(s) hellaswag"),
+        (["--tasks", "squad"], "unknown task(s) squad"),
+        (["--tasks", "hellaswag"], "task 'hellaswag' needs its data: pass --hellaswag"),
         ([], "nothing to evaluate"),
     ],
 )

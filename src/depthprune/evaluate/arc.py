@@ -34,7 +34,7 @@ def read_arc_jsonl(path: Path) -> list[dict]:
     for number, record in read_jsonl(path):
         try:
             choices = record["question"]["choices"]
-            rows.append({"id": record["id"], "question": record["question"]["stem"],
+            rows.append({"id": record.get("id", str(number)), "question": record["question"]["stem"],
                          "choices": {"text": [c["text"] for c in choices], "label": [c["label"] for c in choices]},
                          "answerKey": record["answerKey"], "where": f"{path}:{number}"})
         except (KeyError, TypeError) as exc:
