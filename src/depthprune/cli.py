@@ -81,49 +81,6 @@ def _run_prune(args) -> None:
     print(f"saved the pruned model to {args.out}")
 
 
-def _run_sweep(args) -> None:
-    from .report import write_report
-    from .sweep import resolve_config, run_sweep
-
-    names = ("model", "out", "data", "fractions", "n", "strategies", "heal", "heal_fractions", "tasks", "lm_eval",
-             "mmlu", "boolq", "c4", "arc_easy", "hellaswag", "subjects", "limit", "heal_data", "heal_val_data",
-             "heal_preset", "samples", "device", "dtype")
-    overrides = {name: getattr(args, name) for name in names}
-    config = resolve_config(args.config, **overrides)
-    out = run_sweep(config)
-    print(f"report: {write_report(out)}")
-
-
-def _run_results(args) -> None:
-    from .outputs import atomic_write_text
-    from .store import load_points, table, to_csv
-
-    points = load_points(args.directory)
-    header, rows = table(points)
-    shown = [h for h in header if not h.endswith("_chance")]
-    cells = [[_cell(v) for h, v in zip(header, row, strict=True) if h in shown] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(shown)]
-    print("  ".join(h.rjust(w) for h, w in zip(shown, widths, strict=True)))
-    for r in cells:
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
-    if args.csv == "-":
-        print(to_csv(points), end="")
-    elif args.csv:
-        atomic_write_text(args.csv, to_csv(points))
-        print(f"wrote {args.csv}")
-
-
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "" if value is None else str(value)
-
-
-def _run_report(args) -> None:
-    from .report import write_report
-
-    print(f"wrote {write_report(args.directory, args.tolerance)}")
-
 def _run_eval(args) -> None:
     from .evaluate.suite import evaluate, summary_rows
 
@@ -224,6 +181,49 @@ def _add_heal_parser(commands) -> None:
     p.set_defaults(run=_run_heal)
 
 
+def _run_sweep(args) -> None:
+    from .report import write_report
+    from .sweep import resolve_config, run_sweep
+
+    names = ("model", "out", "data", "fractions", "n", "strategies", "heal", "heal_fractions", "tasks", "lm_eval",
+             "mmlu", "boolq", "c4", "arc_easy", "hellaswag", "subjects", "limit", "heal_data", "heal_val_data",
+             "heal_preset", "samples", "device", "dtype")
+    overrides = {name: getattr(args, name) for name in names}
+    config = resolve_config(args.config, **overrides)
+    out = run_sweep(config)
+    print(f"report: {write_report(out)}")
+
+
+def _run_results(args) -> None:
+    from .outputs import atomic_write_text
+    from .store import load_points, table, to_csv
+
+    points = load_points(args.directory)
+    header, rows = table(points)
+    shown = [h for h in header if not h.endswith("_chance")]
+    cells = [[_cell(v) for h, v in zip(header, row, strict=True) if h in shown] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(shown)]
+    print("  ".join(h.rjust(w) for h, w in zip(shown, widths, strict=True)))
+    for r in cells:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
+    if args.csv == "-":
+        print(to_csv(points), end="")
+    elif args.csv:
+        atomic_write_text(args.csv, to_csv(points))
+        print(f"wrote {args.csv}")
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def _run_report(args) -> None:
+    from .report import write_report
+
+    print(f"wrote {write_report(args.directory, args.tolerance)}")
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="depthprune",
@@ -252,6 +252,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory for the pruned checkpoint")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.set_defaults(run=_run_prune)
+
+    _add_heal_parser(commands)
+
+    p = commands.add_parser("eval", help="evaluate a model: MMLU (k-shot), BoolQ (0-shot), C4 loss, lm-eval tasks")
+    _add_model_options(p)
+    p.add_argument("--tasks", help="comma-separated: mmlu,boolq,c4,arc_easy,hellaswag (default: the tasks given a "
+                                   "data option)")
+    p.add_argument("--mmlu", help="MMLU: directory with dev/ and test/ CSVs, or a Hugging Face id (cais/mmlu)")
+    p.add_argument("--boolq", help="BoolQ: .jsonl file, or a Hugging Face id (google/boolq, super_glue/boolq)")
+    p.add_argument("--c4", help="C4: .jsonl file or directory of documents, or a Hugging Face id (allenai/c4)")
+    p.add_argument("--arc-easy", help="ARC-Easy (0-shot): original .jsonl file, or a Hugging Face id (allenai/ai2_arc)")
+    p.add_argument("--hellaswag", help="HellaSwag (0-shot): original .jsonl file, or a Hugging Face id (Rowan/hellaswag)")
+    p.add_argument("--shots", type=int, default=5, help="MMLU examples in the prompt (default: 5)")
+    p.add_argument("--subjects", help="comma-separated MMLU subjects (default: all)")
+    p.add_argument("--limit", type=int, help="first N questions per MMLU subject, BoolQ examples, lm-eval examples")
+    p.add_argument("--boolq-limit", type=int, help="first N BoolQ examples (default: --limit, else all)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, help="context limit in tokens (default: the model's)")
+    p.add_argument("--c4-sequences", type=int, default=64, help="C4: packed sequences to score (default: 64)")
+    p.add_argument("--c4-seq-len", type=int, default=512, help="C4: tokens per sequence (default: 512)")
+    p.add_argument("--c4-config", help="C4: Hugging Face dataset config (default: 'en' for allenai/c4)")
+    p.add_argument("--seed", type=int, default=0, help="C4: seed of the document sample (default: 0)")
+    p.add_argument("--lm-eval", help="comma-separated lm-evaluation-harness tasks to run too (e.g. hellaswag,arc_easy;"
+                                     " arc_easy_local reads a local copy)")
+    p.add_argument("--lm-eval-include", help="directory of your own lm-eval task YAMLs")
+    p.add_argument("--lm-eval-data", help="data directory for the bundled local lm-eval tasks "
+                                          "(default: $DEPTHPRUNE_DATA)")
+    p.add_argument("--lm-eval-fewshot", type=int, help="override the lm-eval tasks' number of shots")
+    p.add_argument("--details", action="store_true", help="also record each question's scores in --out")
+    p.add_argument("--out", help="write the results as JSON to this file")
+    p.set_defaults(run=_run_eval)
 
     p = commands.add_parser("sweep", help="the paper's experiment: evaluate cuts of growing size, healed or not")
     p.add_argument("model", nargs="?", help=MODEL_HELP + " (or `model:` in --config)")
@@ -290,37 +321,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=0.02,
                    help="accuracy drop that counts as collapse, absolute (default 0.02)")
     p.set_defaults(run=_run_report)
-
-    p = commands.add_parser("eval", help="evaluate a model: MMLU (k-shot), BoolQ (0-shot), C4 loss, lm-eval tasks")
-    _add_model_options(p)
-    p.add_argument("--tasks", help="comma-separated: mmlu,boolq,c4,arc_easy,hellaswag (default: the tasks given a "
-                                   "data option)")
-    p.add_argument("--mmlu", help="MMLU: directory with dev/ and test/ CSVs, or a Hugging Face id (cais/mmlu)")
-    p.add_argument("--boolq", help="BoolQ: .jsonl file, or a Hugging Face id (google/boolq, super_glue/boolq)")
-    p.add_argument("--c4", help="C4: .jsonl file or directory of documents, or a Hugging Face id (allenai/c4)")
-    p.add_argument("--arc-easy", help="ARC-Easy (0-shot): original .jsonl file, or a Hugging Face id (allenai/ai2_arc)")
-    p.add_argument("--hellaswag", help="HellaSwag (0-shot): original .jsonl file, or a Hugging Face id (Rowan/hellaswag)")
-    p.add_argument("--shots", type=int, default=5, help="MMLU examples in the prompt (default: 5)")
-    p.add_argument("--subjects", help="comma-separated MMLU subjects (default: all)")
-    p.add_argument("--limit", type=int, help="first N questions per MMLU subject, BoolQ examples, lm-eval examples")
-    p.add_argument("--boolq-limit", type=int, help="first N BoolQ examples (default: --limit, else all)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, help="context limit in tokens (default: the model's)")
-    p.add_argument("--c4-sequences", type=int, default=64, help="C4: packed sequences to score (default: 64)")
-    p.add_argument("--c4-seq-len", type=int, default=512, help="C4: tokens per sequence (default: 512)")
-    p.add_argument("--c4-config", help="C4: Hugging Face dataset config (default: 'en' for allenai/c4)")
-    p.add_argument("--seed", type=int, default=0, help="C4: seed of the document sample (default: 0)")
-    p.add_argument("--lm-eval", help="comma-separated lm-evaluation-harness tasks to run too (e.g. hellaswag,arc_easy;"
-                                     " arc_easy_local reads a local copy)")
-    p.add_argument("--lm-eval-include", help="directory of your own lm-eval task YAMLs")
-    p.add_argument("--lm-eval-data", help="data directory for the bundled local lm-eval tasks "
-                                          "(default: $DEPTHPRUNE_DATA)")
-    p.add_argument("--lm-eval-fewshot", type=int, help="override the lm-eval tasks' number of shots")
-    p.add_argument("--details", action="store_true", help="also record each question's scores in --out")
-    p.add_argument("--out", help="write the results as JSON to this file")
-    p.set_defaults(run=_run_eval)
-
-    _add_heal_parser(commands)
     return parser
 
 
