@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from .data import load_texts, tokenize
 from .errors import DepthpruneError
 from .models import DTYPES, convert_gguf, decoder_layout, resolve_model_source
-from .outputs import atomic_write_text
+from .outputs import atomic_output_dir, atomic_write_text
 from .surgery import RECORD_FILE, read_record
 
 METHODS = ("qlora", "lora", "full")
@@ -427,23 +427,12 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, stream: PackedStream
     """Write OUT/checkpoint atomically: a complete new one replaces the old one only once it is whole."""
     from safetensors.torch import save_file
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT_DIR}.tmp-", dir=out))
-    try:
+    # The new checkpoint replaces the old one only once it is complete.
+    with atomic_output_dir(out / CHECKPOINT_DIR, force=True) as tmp:
         save_file({n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()},
                   str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "data": stream.state_dict(), "rng": rng_states, "progress": progress}, tmp / "state.pt")
-        final = out / CHECKPOINT_DIR
-        if final.exists():
-            old = out / f".{CHECKPOINT_DIR}.old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_checkpoint(out: Path, model, optimizer, scheduler, stream: PackedStream) -> tuple[dict, list[dict]]:
