@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import signal
 import sys
 
 from .errors import DepthpruneError
@@ -229,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="depthprune",
         description="Remove whole transformer layers by angular distance (Gromov et al. 2024).",
     )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an unexpected error")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("analyze", help="measure angular distances between layers; write distances and heatmap")
@@ -324,8 +327,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised like Ctrl-C so every ``finally`` and temporary-file clean-up runs."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def _os_error_message(exc: OSError) -> str:
+    where = f" '{exc.filename}'" if exc.filename else ""
+    if exc.errno == errno.ENOSPC:
+        return f"no space left on the disk while writing{where}: free some space (nothing was kept) and rerun"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"permission denied{where}: choose a path you can write, or fix its permissions"
+    return f"{exc.strerror or exc}{where}: check the path and rerun"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    args.debug = debug
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
         args.run(args)
     except DepthpruneError as exc:
@@ -334,7 +358,31 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("depthprune: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("depthprune: terminated", file=sys.stderr)
+        return 143
+    except OSError as exc:
+        if args.debug:
+            raise
+        print(f"depthprune: error: {_os_error_message(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # the safety net: a class of failure without its own message is a bug
+        if args.debug:
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"depthprune: error: internal error ({type(exc).__name__}: {first}); rerun with --debug for the "
+              "traceback and report it", file=sys.stderr)
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":
