@@ -335,10 +335,25 @@ def _on_sigterm(signum, frame) -> None:
     raise Terminated()
 
 
+DISK_FULL = "no space left on the disk: free some space and rerun (nothing half-written was kept)"
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    # Writers in Rust or C (safetensors, sqlite) report ENOSPC in their own exception types: look at the
+    # whole chain and at the text, not only at OSError.errno.
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(exc) or "database or disk is full" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _os_error_message(exc: OSError) -> str:
     where = f" '{exc.filename}'" if exc.filename else ""
-    if exc.errno == errno.ENOSPC:
-        return f"no space left on the disk while writing{where}: free some space (nothing was kept) and rerun"
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"permission denied{where}: choose a path you can write, or fix its permissions"
     return f"{exc.strerror or exc}{where}: check the path and rerun"
@@ -361,14 +376,16 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         print("depthprune: terminated", file=sys.stderr)
         return 143
-    except OSError as exc:
+    except Exception as exc:
         if args.debug:
             raise
-        print(f"depthprune: error: {_os_error_message(exc)}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # the safety net: a class of failure without its own message is a bug
-        if args.debug:
-            raise
+        if _is_disk_full(exc):
+            print(f"depthprune: error: {DISK_FULL}", file=sys.stderr)
+            return 2
+        if isinstance(exc, OSError):
+            print(f"depthprune: error: {_os_error_message(exc)}", file=sys.stderr)
+            return 2
+        # The safety net: a failure without its own message is a bug to report, hence exit status 1.
         first = str(exc).splitlines()[0] if str(exc) else ""
         print(f"depthprune: error: internal error ({type(exc).__name__}: {first}); rerun with --debug for the "
               "traceback and report it", file=sys.stderr)
