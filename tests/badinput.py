@@ -28,7 +28,10 @@ def snapshot(*roots: Path) -> dict[str, tuple]:
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse's errors exit from inside parse_args
+        code = exc.code
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -191,3 +191,16 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    ([], "the following arguments are required: COMMAND"),
+    (["prune", "m", "--n", "abc", "--out", "o"], "argument --n: invalid int value: 'abc'"),
+    (["prune", "m", "--n", "1", "--layers", "2", "--out", "o"], "not allowed with argument"),
+    (["analyse", "m"], "invalid choice: 'analyse'"),
+    (["eval", "m", "--shots"], "expected one argument"),
+])
+def test_argument_errors_are_one_line(capsys, tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    line = assert_clean_failure(capsys, argv, message, watch=[tmp_path])
+    assert line.endswith("--help`)")

@@ -226,8 +226,15 @@ def _run_report(args) -> None:
 
     print(f"wrote {write_report(args.directory, args.tolerance)}")
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's error format: one line, no usage block, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"depthprune: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="depthprune",
         description="Remove whole transformer layers by angular distance (Gromov et al. 2024).",
     )
