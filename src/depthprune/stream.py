@@ -85,9 +85,13 @@ def _read_header(path: Path) -> dict:
     try:
         with path.open("rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
+            if length > path.stat().st_size - 8:
+                raise ValueError("header longer than the file")
             header = json.loads(f.read(length))
-    except (OSError, struct.error, ValueError, UnicodeDecodeError) as exc:
-        raise DepthpruneError(f"'{path}' is not a readable safetensors file ({type(exc).__name__})") from None
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (OSError, struct.error, ValueError) as exc:  # JSON and Unicode errors are ValueErrors
+        raise DepthpruneError(f"'{path}' is not a readable safetensors file ({exc})") from None
     header.pop("__metadata__", None)
     return header
 
@@ -151,7 +155,7 @@ class Checkpoint:
         starts, ends = [0, *breaks], [*breaks, len(rows)]
         with safe_open(self.entry(name).file, framework="pt") as f:
             view = f.get_slice(name)
-            parts = [view[int(rows[s]) : int(rows[e - 1]) + 1] for s, e in zip(starts, ends)]
+            parts = [view[int(rows[s]) : int(rows[e - 1]) + 1] for s, e in zip(starts, ends, strict=True)]
         return torch.cat(parts).to(device=device, dtype=dtype)
 
     def nbytes(self, names: Sequence[str], dtype: torch.dtype) -> int:
@@ -223,8 +227,11 @@ class _Skeleton:
             module._buffers.update({k: b.to(device) for k, b in module._buffers.items() if b is not None})
         layout = decoder_layout(self.model)
         self.backbone, self.layers_path = layout.backbone, layout.layers_path
+        # The real layers leave the model for good, so that dropping one here frees it; stand-ins take their place.
         self.layers: list[nn.Module | None] = list(layout.layers)
-        self._layer_list = layout.layers
+        self.calls: list = [None] * len(self.layers)
+        for i in range(len(self.layers)):
+            layout.layers[i] = _Capture(i, self.calls, last=i == len(self.layers) - 1)
         self.embedding = self.model.get_input_embeddings()
         names = {id(module): name for name, module in self.model.named_modules()}
         self.embedding_name = f"{names[id(self.embedding)]}.weight"
@@ -274,25 +281,19 @@ class _Skeleton:
     @torch.no_grad()
     def capture(self, batch: Batch, compact_ids: torch.Tensor) -> tuple[torch.Tensor, list[tuple]]:
         """Layer 0's input and every layer's ``(args, kwargs)`` for one batch, from one skeleton pass."""
-        L = len(self._layer_list)
-        calls: list = [None] * L
-        saved = list(self._layer_list)
-        for i in range(L):
-            self._layer_list[i] = _Capture(i, calls, last=i == L - 1)
+        calls = self.calls
+        calls[:] = [None] * len(calls)
         kwargs = {"position_ids": batch.position_ids} if _accepts(self.backbone, "position_ids") else {}
         try:
             self.backbone(inputs_embeds=self.embedding(compact_ids), attention_mask=batch.attention_mask,
                           use_cache=False, **kwargs)
         except _Captured:
             pass
-        finally:
-            for i, layer in enumerate(saved):
-                self._layer_list[i] = layer
         first = calls[0][0] if calls[0] else None
         if first is None or any(call is None or call[0] is not first for call in calls):
             raise DepthpruneError(f"{type(self.model).__name__} does not pass the hidden state straight from one "
                                   "decoder layer to the next: layer streaming does not support it")
-        return first, [(args, kwargs) for _, args, kwargs in calls]
+        return first, [(args, kwargs) for _, args, kwargs in calls]  # a new list: the next batch reuses `calls`
 
 
 def _accepts(module: nn.Module, name: str) -> bool:
@@ -360,8 +361,7 @@ class _DistanceCollector:
 
     def __init__(self, batch_list: Sequence[Batch], num_layers: int, tokens: str, token_chunk: int = 1024):
         self.masks = [b.attention_mask.bool() for b in batch_list]
-        positions = [torch.arange(m.shape[1]) for m in self.masks]
-        self.last = [torch.where(m, p, -1).max(dim=1).values for m, p in zip(self.masks, positions)]
+        self.last = [torch.where(m, torch.arange(m.shape[1]), -1).max(dim=1).values for m in self.masks]
         self.tokens, self.token_chunk = tokens, token_chunk
         self.kept: list[list[torch.Tensor | None]] = [[None] * (num_layers + 1) for _ in batch_list]
 
@@ -437,6 +437,7 @@ def compute_distances_streamed(
     spec: str,
     texts: Sequence[str],
     *,
+    tokenizer=None,
     seq_len: int = 1024,
     batch_size: int = 8,
     tokens: str = "last",
@@ -448,12 +449,14 @@ def compute_distances_streamed(
     progress: bool = True,
 ) -> AngularDistances:
     """Tokenize ``texts`` and measure the distances of model ``spec`` streamed; records the settings as
-    :func:`~depthprune.similarity.compute_distances` does. With ``max_memory``, check the estimate first."""
+    :func:`~depthprune.similarity.compute_distances` does. ``tokenizer``: the checkpoint's own if None.
+    With ``max_memory``, check the estimate first."""
     from transformers import AutoTokenizer
 
     directory = local_checkpoint(spec)
     checkpoint = Checkpoint(directory)
-    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
     sequences = tokenize(texts, tokenizer, seq_len)
     if max_memory is not None:
         estimate = estimate_memory(checkpoint, sequences, batch_size=batch_size, tokens=tokens, dtype=dtype,
