@@ -18,10 +18,14 @@ tokens, captured arguments, the token vectors the distances keep), not the model
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import json
 import re
 import struct
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,19 +136,17 @@ class Checkpoint:
                                   "and saved by transformers?")
         return self.entries[name]
 
-    def read(self, names: Sequence[str], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-        """The named tensors, converted to ``dtype`` on ``device``; each file opened once."""
+    def tensors(self, names: Sequence[str], dtype: torch.dtype, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, tensor)`` converted to ``dtype`` on ``device``, one at a time; each file opened once."""
         from safetensors import safe_open
 
         by_file: dict[Path, list[str]] = {}
         for name in names:
             by_file.setdefault(self.entry(name).file, []).append(name)
-        tensors = {}
         for file, group in by_file.items():
             with safe_open(file, framework="pt") as f:
                 for name in group:
-                    tensors[name] = f.get_tensor(name).to(device=device, dtype=dtype)
-        return tensors
+                    yield name, f.get_tensor(name).to(device=device, dtype=dtype)
 
     def read_rows(self, name: str, rows: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """Rows ``rows`` (sorted, unique) of a 2-D tensor, reading only those rows' bytes."""
@@ -230,6 +232,7 @@ class _Skeleton:
         # The real layers leave the model for good, so that dropping one here frees it; stand-ins take their place.
         self.layers: list[nn.Module | None] = list(layout.layers)
         self.calls: list = [None] * len(self.layers)
+        self._spare: dict[str, nn.Parameter] = {}
         for i in range(len(self.layers)):
             layout.layers[i] = _Capture(i, self.calls, last=i == len(self.layers) - 1)
         self.embedding = self.model.get_input_embeddings()
@@ -252,12 +255,24 @@ class _Skeleton:
     def layer_names(self, index: int) -> list[str]:
         return [f"{self.layers_path}.{index}.{name}" for name, _ in self.layers[index].named_parameters()]
 
-    def _assign(self, module: nn.Module, prefix: str, names: Sequence[str]) -> None:
-        tensors = self.checkpoint.read([self.file_name(n) for n in names], self.dtype, self.device)
-        for name in names:
+    def _assign(self, module: nn.Module, prefix: str, names: Sequence[str], spare: dict | None = None) -> None:
+        """Fill the meta parameters ``names`` of ``module`` from the checkpoint. A parameter of the same name and
+        shape in ``spare`` (the previous layer's) is overwritten in place: the allocator then reuses one layer's
+        memory instead of fragmenting the heap with a fresh layer every time."""
+        model_names = {self.file_name(n): n for n in names}
+        for file_name, tensor in self.checkpoint.tensors(list(model_names), self.dtype, self.device):
+            name = model_names[file_name]
             owner, _, leaf = name.removeprefix(prefix).rpartition(".")
             target = module.get_submodule(owner)
-            target._parameters[leaf] = nn.Parameter(tensors[self.file_name(name)], requires_grad=False)
+            if target._parameters[leaf].shape != tensor.shape:
+                raise DepthpruneError(f"tensor '{file_name}' has shape {tuple(tensor.shape)} in the checkpoint but "
+                                      f"{tuple(target._parameters[leaf].shape)} in the model config.json describes")
+            reuse = (spare or {}).get(name.removeprefix(prefix))
+            if reuse is not None and reuse.shape == tensor.shape:
+                target._parameters[leaf] = reuse.copy_(tensor)
+            else:
+                target._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+            del tensor
 
     def load_extras(self, vocabulary: torch.Tensor) -> None:
         """Materialize the embedding, only at the rows of ``vocabulary`` (sorted ids), and the other small
@@ -271,11 +286,13 @@ class _Skeleton:
 
     def load_layer(self, index: int) -> nn.Module:
         layer = self.layers[index]
-        self._assign(layer, f"{self.layers_path}.{index}.", self.layer_names(index))
+        self._assign(layer, f"{self.layers_path}.{index}.", self.layer_names(index), self._spare)
+        self._spare = {}
         return layer
 
     def free_layer(self, index: int) -> None:
-        """Drop layer ``index`` altogether: its weights are never needed again."""
+        """Drop layer ``index``: its weights are never needed again, their memory serves the next layer."""
+        self._spare = dict(self.layers[index].named_parameters())
         self.layers[index] = None
 
     @torch.no_grad()
@@ -353,6 +370,22 @@ def stream_layers(
             states[b] = output.to(storage)
         del layer
         skeleton.free_layer(index)
+        _return_free_memory()
+
+
+@functools.cache
+def _malloc_trim():
+    library = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
+    return getattr(ctypes.CDLL(library), "malloc_trim", None) if library else None  # glibc only
+
+
+def _return_free_memory() -> None:
+    """Hand freed heap memory back to the OS. Freeing a layer's weights and activations at every step
+    fragments glibc's heap: without this the resident set creeps up by MiBs per layer (measured: SmolLM2
+    ends 240 MiB higher after 30 layers), and peak memory is what streaming is for."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class _DistanceCollector:
