@@ -205,6 +205,8 @@ def test_report_has_every_figure_tables_csv_and_the_fits(tmp_path):
     assert "<table id='main-table'>" in html and "<details>" in html and "<table id='full-table'>" in html
     full_header, full_rows = report.full_table(load_points(tmp_path))
     assert "weight_bytes (MiB)" in full_header and full_rows[0][full_header.index("parameters")] == "500,000"
+    assert full_rows[0][full_header.index("mmlu_acc (% ± SE)")] == "70.0 ± 4.6"
+    assert full_rows[0][full_header.index("boolq_chance (%)")] == "62.0"
     assert "collapses at 0.60" in html and "none up to 0.40" in html and "class='note'" not in html
 
 

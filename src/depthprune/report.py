@@ -239,11 +239,11 @@ def plot_best_block(distances: AngularDistances, path: str | Path) -> Path:
 
 def _draw_curves(ax, points: list[dict], metric: str, scale: float = 1.0, task: str | None = None) -> None:
     """One line per (strategy, healing), Wilson 95 % bars when ``task`` gives the sample sizes, and the full
-    model as a black star. Curves are nudged sideways a little so their bars do not hide each other."""
+    model as a black star. Curves with bars are nudged sideways a little so the bars do not hide each other."""
     curves = _curves(points, metric)
     for i, ((strategy, heal), curve) in enumerate(curves.items()):
         color, marker = STRATEGY_STYLE.get(strategy, ("tab:gray", "^"))
-        nudge = (i - (len(curves) - 1) / 2) * 0.008
+        nudge = (i - (len(curves) - 1) / 2) * 0.008 if task is not None else 0.0
         xs = [p["fraction"] + (nudge if p["n"] else 0) for p in curve]
         ys = np.array([p["metrics"][metric] for p in curve])
         bars = None
@@ -457,13 +457,15 @@ def main_table(points: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 
 def _formatter(name: str, values: list):
-    """One format per column of the full table, so numbers line up: MiB for bytes, thousands separators
-    for counts, a fixed number of decimals for the rest."""
+    """One format per column of the full table, so numbers line up: MiB for bytes, % for chance levels,
+    thousands separators for counts, a fixed number of decimals for the rest."""
     numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
     if not numbers:
         return lambda v: "" if v is None else str(v)
     if name.endswith("_bytes"):
         return lambda v: "" if v is None else f"{v / 2**20:,.1f}"
+    if name.endswith("_chance"):  # in % like the accuracies beside it
+        return lambda v: "" if v is None else f"{100 * v:.1f}"
     if all(float(v).is_integer() for v in numbers):
         return lambda v: "" if v is None else f"{int(v):,}"
     decimals = 4 if max(abs(v) for v in numbers) < 10 else 2
@@ -471,17 +473,18 @@ def _formatter(name: str, values: list):
 
 
 def full_table(points: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """Every column of the store, each in one format; accuracies with their standard error."""
+    """Every column of the store, each in one format; accuracies in % with their standard error."""
     header, rows = table(points)
-    accuracy = {m: t for t, m in accuracy_tasks(points).items()}
+    task = {h: h.removesuffix("_norm").removesuffix("_acc") for h in header if h.endswith(("_acc", "_acc_norm"))}
     columns = list(zip(*rows, strict=True)) if rows else [[] for _ in header]
     formats = [_formatter(h, list(c)) for h, c in zip(header, columns, strict=True)]
     cells = []
     for p, row in zip(points, rows, strict=True):
-        cells.append([_accuracy_cell(v, sample_size(p, accuracy[h])) if h in accuracy and v is not None else f(v)
+        cells.append([_accuracy_cell(v, sample_size(p, task[h])) if h in task and v is not None else f(v)
                       for h, v, f in zip(header, row, formats, strict=True)])
-    header = [f"{h} (MiB)" if h.endswith("_bytes") else f"{h} (% ± SE)" if h in accuracy else h for h in header]
-    return header, cells
+    units = {h: " (MiB)" if h.endswith("_bytes") else " (% ± SE)" if h in task else " (%)" if h.endswith("_chance") else ""
+             for h in header}
+    return [h + units[h] for h in header], cells
 
 
 def _html_table(header: list[str], rows: list[list[str]], table_id: str = "") -> str:
@@ -518,7 +521,8 @@ def _collapse_html(verdicts: list[dict], sigmas: float) -> str:
             cells.append(text)
         rows.append("".join(f"<td>{html.escape(c)}</td>" for c in cells))
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>" + "".join(f"<tr>{r}</tr>" for r in rows) + "</tbody></table>"
+    return (f"<table id='collapse-table'><thead><tr>{head}</tr></thead><tbody>" + "".join(f"<tr>{r}</tr>" for r in rows)
+            + "</tbody></table>")
 
 
 def _cost_html(fits: dict) -> str:
@@ -548,7 +552,8 @@ STYLE = (
     "table{border-collapse:collapse;font-size:.82em;margin:.5em 0}"
     "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right;white-space:nowrap}"
     "th{background:#f3f3f3;white-space:normal;vertical-align:bottom}"
-    "td:nth-child(-n+4),th:nth-child(-n+4){text-align:left}td.note{text-align:left;white-space:normal;color:#8b1a1a}"
+    "td:first-child,th:first-child,#main-table :is(td,th):nth-child(-n+4),#collapse-table :is(td,th){text-align:left}"
+    "td.note{white-space:normal;color:#8b1a1a}"
     ".scroll{overflow-x:auto;max-width:100%}summary{cursor:pointer;margin:1em 0}"
 )
 
@@ -589,6 +594,9 @@ def write_report(directory: str | Path, sigmas: float = 2.0) -> Path:
     model = points[0]["details"]["evaluation"].get("model", "") if points else ""
     csv_uri = "data:text/csv;base64," + base64.b64encode(csv_text.encode()).decode()
     size_text = ", ".join(f"{TASK_TITLES.get(t, t)} {n or '?'}" for t, n in sizes.items())
+    largest = sorted({round(50 / math.sqrt(n), 1) for n in sizes.values() if n})  # the SE at p = 50 %
+    worst = "" if not largest else f" (at p = 50 %: {largest[0]} points here)" if len(largest) == 1 else \
+        f" (at p = 50 %: {largest[0]}–{largest[-1]} points here)"
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>depthprune report: {html.escape(str(model))}</title>"
         f"<style>{STYLE}</style></head><body>",
@@ -597,7 +605,7 @@ def write_report(directory: str | Path, sigmas: float = 2.0) -> Path:
         " with the smallest angular distance between its input and output; <em>deepest</em>: the layers just"
         " before the final one.</p>",
         f"<p><strong>Sample sizes</strong> (questions per task): {html.escape(size_text)}. An accuracy p on n "
-        "questions has a standard error √(p(1−p)/n): about 6–8 points on 40–60 questions. Tables give accuracy "
+        f"questions has a standard error √(p(1−p)/n){worst}. Tables give accuracy "
         "± one standard error; figures draw Wilson 95 % intervals.</p>",
         "<h2>Collapse points</h2>",
         f"<p>{html.escape(collapse_definition(sigmas))} The columns name the fractions measured on each curve.</p>",
