@@ -268,6 +268,8 @@ def _draw_curves(ax, points: list[dict], metric: str, scale: float = 1.0, task: 
 def plot_accuracy(points: list[dict], path: str | Path, sigmas: float = 2.0) -> Path | None:
     """Accuracy (%) against the fraction removed, one panel per task, with Wilson 95 % bars, the chance or
     majority level and its noise band; uninformative tasks are labelled as such."""
+    from matplotlib.patches import Patch
+
     tasks = accuracy_tasks(points)
     if not tasks:
         return None
@@ -297,8 +299,6 @@ def plot_accuracy(points: list[dict], path: str | Path, sigmas: float = 2.0) -> 
     for ax in axes[len(tasks):]:
         ax.set_visible(False)
     handles, labels = fig.axes[0].get_legend_handles_labels()
-    from matplotlib.patches import Patch
-
     handles.append(Patch(color="0.88"))
     labels.append(f"within {sigmas:g} SE of chance / majority (noise)")
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
@@ -335,7 +335,8 @@ COST_PANELS = [("prefill_ms_per_token", "prefill time per token", "ms", 1.0, "la
 
 
 def _cost_points(points: list[dict]) -> list[dict]:
-    # Unhealed models only: one condition per fit (healed ones are the same architecture, timed at other moments).
+    # Unhealed models only, so a fit describes one condition: healed models are extra timings of the same
+    # architectures, taken at other moments of the sweep.
     return [p for p in points if p["heal"] == "none" and p["metrics"].get("prefill_ms_per_token") is not None]
 
 
@@ -412,9 +413,9 @@ def plot_cost(points: list[dict], path: str | Path) -> Path | None:
         ax.legend(fontsize=7, loc="upper right")
     spreads = {m.split("_")[0]: timing_spread(points, m) for m, *_ in COST_PANELS[:2]}
     spread_text = " and ".join(f"{100 * v:.0f} % ({name})" for name, v in spreads.items() if v is not None)
-    fig.suptitle("Measured cost of the unhealed models. The line fixed part (embeddings, LM head) + equal part per layer "
-                 f"is drawn only where it fits (R² ≥ {MIN_R2}, both parts ≥ 0).\nTimings: one per point, the best of "
-                 f"{repeats} repeats (their spread is not stored)"
+    fig.suptitle("Measured cost of the unhealed models; line: fixed part (embeddings, LM head) + equal part per layer, "
+                 f"drawn only if R² ≥ {MIN_R2}, fixed ≥ 0, per layer > 0\nTimings: one per point, the best of {repeats} "
+                 "repeats (their spread is not stored)"
                  + (f"; models of the same size differ by up to {spread_text}" if spread_text else ""), fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
@@ -619,8 +620,8 @@ def write_report(directory: str | Path, sigmas: float = 2.0) -> Path:
     ]
     if fits:
         parts += ["<h2>Cost fits</h2><p>cost = fixed + per layer × layers kept, least squares over the "
-                  f"{next(iter(fits.values()))['num_points']} unhealed points; drawn only when R² ≥ {MIN_R2} and both "
-                  "parts are positive.</p>", f"<div class='scroll'>{_cost_html(fits)}</div>"]
+                  f"{next(iter(fits.values()))['num_points']} unhealed points; drawn only when R² ≥ {MIN_R2}, the fixed "
+                  "part ≥ 0 and the per-layer part > 0.</p>", f"<div class='scroll'>{_cost_html(fits)}</div>"]
     parts += [f"<details><summary>All {len(full_header)} columns of the {len(points)} points</summary>",
               f"<div class='scroll'>{_html_table(full_header, full_rows, table_id='full-table')}</div></details>",
               "</body></html>"]
