@@ -607,7 +607,7 @@ def write_report(directory: str | Path, sigmas: float = 2.0) -> Path:
         " before the final one.</p>",
         f"<p><strong>Sample sizes</strong> (questions per task): {html.escape(size_text)}. An accuracy p on n "
         f"questions has a standard error √(p(1−p)/n){worst}. Tables give accuracy "
-        "± one standard error; figures draw Wilson 95 % intervals.</p>",
+        "± one standard error; figures draw Wilson 95 % intervals.</p>" if sizes else "",
         "<h2>Collapse points</h2>",
         f"<p>{html.escape(collapse_definition(sigmas))} The columns name the fractions measured on each curve.</p>",
         f"<div class='scroll'>{_collapse_html(verdicts, sigmas)}</div>",
