@@ -224,7 +224,7 @@ def _cell(value) -> str:
 def _run_report(args) -> None:
     from .report import write_report
 
-    print(f"wrote {write_report(args.directory, args.tolerance)}")
+    print(f"wrote {write_report(args.directory, args.sigmas)}")
 
 class _Parser(argparse.ArgumentParser):
     """argparse with the project's error format: one line, no usage block, exit status 2."""
@@ -328,8 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("report", help="draw the figures of a sweep and write one self-contained HTML file")
     p.add_argument("directory")
-    p.add_argument("--tolerance", type=float, default=0.02,
-                   help="accuracy drop that counts as collapse, absolute (default 0.02)")
+    p.add_argument("--sigmas", type=float, default=2.0,
+                   help="noise threshold of a collapse, in standard errors of the accuracy: a curve collapses where it "
+                        "comes within this many SE of chance or drops this many combined SE below the full model "
+                        "(default 2; the report states the rule)")
     p.set_defaults(run=_run_report)
     return parser
 
