@@ -533,16 +533,21 @@ def run_sweep(c: SweepConfig, log=print, force: bool = False) -> Path:
             distances = state.distances or _analyse(model, tokenizer, c, work, texts, log)
             todo = [p for p in points if point_key(*p) not in state.done]
             log(f"{len(points)} points, {len(points) - len(todo)} already finished")
-            for index, point in enumerate(todo, 1):
-                prefix = f"[{index}/{len(todo)}]"
-                metrics = _run_point(model, tokenizer, c, work, db, point, total, distances,
-                                     lambda text, prefix=prefix: log(f"{prefix} {text}"))
-                log("    " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                                        if isinstance(v, float) and not k.endswith("_chance")))
+            _run_points(model, tokenizer, c, work, db, todo, total, distances, log)
         finally:
             db.close()
         _finish(c, out, work, len(points), total)
     return out
+
+
+def _run_points(model, tokenizer, c: SweepConfig, work: Path, db, todo: list[tuple[int, str, str]], total: int,
+                distances: AngularDistances, log) -> None:
+    for index, point in enumerate(todo, 1):
+        prefix = f"[{index}/{len(todo)}]"
+        metrics = _run_point(model, tokenizer, c, work, db, point, total, distances,
+                             lambda text, prefix=prefix: log(f"{prefix} {text}"))
+        log("    " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                                if isinstance(v, float) and not k.endswith("_chance")))
 
 
 def _points(c: SweepConfig, sizes: list[int], total: int) -> list[tuple[int, str, str]]:
