@@ -192,14 +192,16 @@ def _run_sweep(args) -> None:
              "heal_preset", "samples", "device", "dtype")
     overrides = {name: getattr(args, name) for name in names}
     config = resolve_config(args.config, **overrides)
-    out = run_sweep(config)
+    out = run_sweep(config, force=args.force)
     print(f"report: {write_report(out)}")
 
 
 def _run_results(args) -> None:
-    from .outputs import atomic_write_text
-    from .store import load_points, table, to_csv
+    from .outputs import atomic_write_text, check_output_file
+    from .store import DB_NAME, load_points, table, to_csv
 
+    if args.csv not in (None, "-"):  # before reading anything: a bad path fails alone
+        check_output_file(args.csv, inputs=[os.path.join(args.directory, DB_NAME)], what="CSV file")
     points = load_points(args.directory)
     header, rows = table(points)
     shown = [h for h in header if not h.endswith("_chance")]
@@ -297,7 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("sweep", help="the paper's experiment: evaluate cuts of growing size, healed or not")
     p.add_argument("model", nargs="?", help=MODEL_HELP + " (or `model:` in --config)")
     p.add_argument("--config", help="YAML file of sweep settings (keys as the options below, with underscores)")
-    p.add_argument("--out", help="output directory; rerun the same command to resume")
+    p.add_argument("--out", help="output directory; rerun with the same settings to resume (also after moving it)")
+    p.add_argument("--force", action="store_true",
+                   help="start over: the new sweep runs in a hidden folder beside --out (.OUT.depthprune-force) "
+                        "that replaces --out only once complete, so the old sweep stays intact until then; "
+                        "after an interruption, rerun with --force to continue the new sweep")
+    # Numbers are taken as text and checked with the YAML settings, so every bad value gets one message.
     p.add_argument("--data", help="calibration text for the angular distances")
     p.add_argument("--fractions", help="fractions of layers to drop: start:stop:step (stop included) or a list")
     p.add_argument("--n", help="numbers of layers to drop instead of fractions, e.g. 0,2,4,8")
@@ -311,12 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arc-easy", help="ARC-Easy .jsonl or Hugging Face id")
     p.add_argument("--hellaswag", help="HellaSwag .jsonl or Hugging Face id")
     p.add_argument("--subjects", help="MMLU subjects, comma-separated (default all)")
-    p.add_argument("--limit", type=int, help="at most this many questions per MMLU subject / BoolQ / lm-eval task")
+    p.add_argument("--limit", help="at most this many questions per MMLU subject / BoolQ / lm-eval task")
     p.add_argument("--heal-data", help="training text for healing")
     p.add_argument("--heal-val-data", help="validation text scored during healing")
     p.add_argument("--heal-preset", help="healing preset (paper, cpu-small)")
     p.add_argument("--heal-fractions", help="heal only the cuts of these fractions (default: every cut)")
-    p.add_argument("--samples", type=int, help="calibration documents (default 128)")
+    p.add_argument("--samples", help="calibration documents (default 128)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"])
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.set_defaults(run=_run_sweep)
