@@ -50,9 +50,10 @@ def read_text(path: Path) -> str:
 
 
 def _json_error(path: Path, exc: json.JSONDecodeError) -> DepthpruneError:
-    # A truncated file fails at its very end: say so, it is the common case (an interrupted copy).
-    hint = ", the file ends early: is it truncated?" if exc.pos >= len(exc.doc.rstrip()) else ""
-    return DepthpruneError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg}{hint})")
+    # A truncated file (an interrupted copy, a full disk) fails at its end or in an unclosed string: say so.
+    ends_early = exc.pos >= len(exc.doc.rstrip()) or exc.msg.startswith("Unterminated string")
+    hint = "; the file ends early: is it truncated?" if ends_early else ""
+    return DepthpruneError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg}){hint}")
 
 
 def read_json(path: Path) -> object:
