@@ -182,7 +182,7 @@ CASES = [
     ("analyze batch-size 0", analyze(batch_size=0), "--batch-size must be at least 1"),
     ("analyze samples 0", analyze(samples=0), "--samples must be at least 1"),
     ("analyze samples negative", analyze(samples=-5), "--samples must be at least 1"),
-    ("analyze seed negative", analyze(seed=-1), "--seed must be at least 0"),
+    ("analyze data dir without texts", analyze(data="{cwd}"), "holds no .jsonl/.json/.txt/.parquet files"),
     # analyze: outputs
     ("analyze out is the model dir", analyze(out="{ckpt}"), "overlaps the input"),
     ("analyze out inside the model dir", analyze(out="{ckpt}/analysis"), "overlaps the input"),
@@ -325,6 +325,7 @@ def _data(bad, **options) -> DataOptions:
 API_CASES = {
     "samples 0": (lambda b, out: _data(b, samples=0), "--samples must be at least 1"),
     "seq_len a string": (lambda b, out: _data(b, seq_len="16"), "--seq-len must be a whole number"),
+    "seed a float": (lambda b, out: _data(b, seed=0.5), "--seed must be a whole number"),
     "analyze seq_len beyond positions": (lambda b, out: depthprune.analyze(str(b["ckpt"]), _data(b, seq_len=4096)),
                                          "longer than the model's 128 positions"),
     "analyze out is the model": (lambda b, out: depthprune.analyze(str(b["ckpt"]), _data(b), b["ckpt"], force=True),

@@ -43,7 +43,7 @@ class DataOptions:
         self.source = str(self.source)
         check_int(self.samples, "--samples", 1)
         check_int(self.seq_len, "--seq-len", 2)
-        check_int(self.seed, "--seed", 0)
+        check_int(self.seed, "--seed")
 
 
 def check_model(model, trust_remote_code: bool = False):

@@ -19,11 +19,11 @@ from .errors import DepthpruneError
 TEXT_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
 
 
-def check_int(value, option: str, minimum: int) -> None:
-    """Refuse an option that is not a whole number of at least ``minimum`` (from the CLI or the Python API)."""
+def check_int(value, option: str, minimum: int | None = None) -> None:
+    """Refuse an option that is not a whole number (of at least ``minimum``), from the CLI or the Python API."""
     if not isinstance(value, int) or isinstance(value, bool):
         raise DepthpruneError(f"{option} must be a whole number, got {value!r}")
-    if value < minimum:
+    if minimum is not None and value < minimum:
         raise DepthpruneError(f"{option} must be at least {minimum}, got {value}")
 
 
