@@ -171,8 +171,9 @@ def prune(
 
     Give the block as ``n`` layers, a ``fraction`` of them, or an explicit ``layers`` spec ('20-27',
     '3,7,9'). ``strategy='similarity'`` needs ``distances`` (a directory from :func:`analyze`) or
-    ``data`` to measure them now. A loaded ``model`` is left as it was unless ``inplace=True``, which
-    keeps it cut (and saves the memory of restoring it). Every input is checked before the model loads.
+    ``data`` to measure them now. A loaded ``model`` is cut only while it is saved and then restored,
+    unless ``inplace=True`` leaves it cut (its removed layers can then be freed). Every input is checked
+    before the model loads.
     """
     if sum(x is not None for x in (n, fraction, layers)) != 1:
         raise DepthpruneError("give exactly one of --n, --fraction or --layers")
