@@ -43,8 +43,6 @@ def _data_options(args):
 
     if args.data is None:
         return None
-    if args.samples < 1:
-        raise DepthpruneError(f"--samples must be at least 1, got {args.samples}")
     return DataOptions(args.data, args.samples, args.seq_len, args.seed, args.text_field, args.data_config,
                        args.data_split)
 
