@@ -155,7 +155,8 @@ def _case(name, t: Path, model: Path, data: Path):
                                          "not valid JSON"),
         "corrupt model record": lambda: (heal_argv(_corrupt(model, t / "m", "depthprune.json"), data, out),
                                          "not valid JSON"),
-        "model without weights": lambda: (heal_argv(_without_weights(model, t / "m"), data, out),
+        # Fails after taking OUT's lock, which made OUT's parent folders: they go again.
+        "model without weights": lambda: (heal_argv(_without_weights(model, t / "m"), data, t / "new" / "out"),
                                           "could not load model"),
         "missing teacher": lambda: (heal_argv(model, data, out, "--teacher", str(t / "noteacher")), "not found"),
         "out is the model": lambda: (heal_argv(model, data, model, "--force"), "overlaps the input"),
@@ -344,6 +345,18 @@ def test_restart_discards_a_damaged_run(capsys, tmp_path, reference, unfinished,
     assert_same_weights(out, reference)
     assert logged_steps(out) == [1, 2, 3, 4]
     assert leftovers(tmp_path) == []
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_the_corrected_one(
+        capsys, tmp_path, reference, tiny_checkpoint, tiny_corpus):
+    out = tmp_path / "out"
+    diverging = heal_argv(tiny_checkpoint, tiny_corpus, out, "--method", "full", "--lr", "1e30", "--warmup", "0",
+                          "--schedule", "constant", "--save-every", "100")
+    code, _, err = run(capsys, *diverging)
+    assert code == 2 and "no checkpoint was written yet" in err
+    assert run(capsys, *heal_argv(tiny_checkpoint, tiny_corpus, out))[0] == 0
+    assert_same_weights(out, reference)
+    assert logged_steps(out) == [1, 2, 3, 4]
 
 
 def test_force_keeps_the_old_result_until_the_new_one_is_complete(capsys, tmp_path, reference, tiny_checkpoint,

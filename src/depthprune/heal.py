@@ -21,9 +21,10 @@ Where things live (nothing is lost, nothing half-written is ever taken for a res
 - OUT holds either a finished result (the merged model, ``heal_config.json``, ``heal_log.jsonl`` and
   ``depthprune.json`` with a ``healing`` record) or the state of an unfinished run (``heal_config.json``,
   ``heal_log.jsonl``, ``checkpoint/``), never a mix. Rerunning a finished command reports the result;
-- a run works in OUT itself when OUT is new, empty, or holds an unfinished run of the same settings.
-  With ``force`` over anything else (an older result, a run of other settings, other files) it works in
-  the visible sibling folder ``OUT.unfinished`` and OUT stays untouched until the new result is complete;
+- a run works in OUT itself when OUT is new, empty, or holds an unfinished run of the same settings
+  (or one without a checkpoint: nothing to keep). With ``force`` over anything else (an older result, a
+  run of other settings, other files) it works in the visible sibling folder ``OUT.unfinished``, and
+  OUT stays untouched until the new result is complete;
 - the merged model is assembled in a temporary folder beside OUT, with the log and settings, and swapped
   in by :func:`~depthprune.outputs.replace_dir`; the work folder goes last. Temporaries are never inside
   a result, and those of a killed run are removed by the next run. One run at a time holds OUT's lock;
@@ -730,21 +731,20 @@ def _check_call(o: HealOptions, device: str, dtype: str | None, world: int, stop
 
 
 def _check_inputs(model, data, val_data, o: HealOptions, steps: int, dtype: str) -> tuple[list, dict]:
-    """Check every input and read the training data; returns (documents, the run's identity). Writes nothing."""
-    identity = {"model": _model_identity(model, "model"),
-                "data": _data_identity(data) if isinstance(data, str) else None,
-                "val_data": _data_identity(val_data), "dtype": dtype, **asdict(o)}
-    if o.teacher is not None:
-        identity["teacher"] = _model_identity(o.teacher, "teacher")
-    documents = _training_documents(data, o, steps * o.batch_size * o.seq_len)
-    if not isinstance(data, str):
-        identity["data"] = f"{len(documents)} token-id documents"
+    """Check every input, cheap checks first, and read the training data; returns (documents, the run's
+    identity: the settings a rerun must share to continue it). Writes nothing."""
+    model_id = _model_identity(model, "model")
+    teacher_id = _model_identity(o.teacher, "teacher") if o.teacher is not None else None
     if val_data is not None and not isinstance(val_data, str):
         raise DepthpruneError(f"the validation data must be a text source (a path or dataset id), got {val_data!r}")
     path = Path(val_data or "").expanduser()
     if val_data and (path.exists() or val_data.startswith((".", "/", "~")) or path.suffix.lower() in TEXT_SUFFIXES):
         # A local source is read now; a hub split is first streamed by the validation before step 1.
         _read_texts(val_data, "validation data", 1, o.seed, o.text_field, o.data_config, "validation")
+    documents = _training_documents(data, o, steps * o.batch_size * o.seq_len)
+    data_id = _data_identity(data) if isinstance(data, str) else f"{len(documents)} token-id documents"
+    identity = {**asdict(o), "model": model_id, "data": data_id, "val_data": _data_identity(val_data),
+                "dtype": dtype, "teacher": teacher_id}
     return documents, identity
 
 
@@ -780,10 +780,6 @@ def _changed(previous: dict, identity: dict) -> list[str]:
                   if k not in _RESUMABLE_CHANGES and previous.get(k) != identity.get(k))
 
 
-def _continue_in(work: Path) -> _Plan:
-    return _Plan("resume" if (work / CHECKPOINT_DIR).exists() else "start", work)
-
-
 def _plan(out: Path, identity: dict, force: bool, restart: bool) -> _Plan:
     """Decide from what OUT holds where this run works and whether it resumes (see the module docstring)."""
     if not out.is_dir() or not any(out.iterdir()):
@@ -795,11 +791,11 @@ def _plan(out: Path, identity: dict, force: bool, restart: bool) -> _Plan:
                                   "or pass --force to replace it")
         return _plan_beside(out, identity, restart)
     if not (out / RECORD_FILE).is_file():  # an unfinished run
-        if restart:
+        if restart or not (out / CHECKPOINT_DIR).exists():  # (without a checkpoint it has nothing to keep)
             return _Plan("start", out)
         changed = _changed(_read_json_object(config, "pass --restart to discard that unfinished run"), identity)
         if not changed:
-            return _continue_in(out)
+            return _Plan("resume", out)
         if not force:
             raise DepthpruneError(f"'{out}' holds an unfinished healing run with other settings ({', '.join(changed)}): "
                                   "rerun it with the same options, or pass --restart to discard it and start over")
@@ -824,14 +820,14 @@ def _plan_beside(out: Path, identity: dict, restart: bool) -> _Plan:
         if not (work / CONFIG_FILE).is_file():
             raise DepthpruneError(f"'{work}' is in the way: a --force run works there and it holds something "
                                   "else; move it or choose another --out")
-        if not restart:
+        if not restart and (work / CHECKPOINT_DIR).exists():
             previous = _read_json_object(work / CONFIG_FILE, "pass --restart to discard that unfinished run")
             changed = _changed(previous, identity)
             if changed:
                 raise DepthpruneError(f"'{work}' holds an unfinished --force run with other settings "
                                       f"({', '.join(changed)}): rerun that command to finish it, or pass --restart "
                                       "to discard it")
-            return _continue_in(work)
+            return _Plan("resume", work)
     return _Plan("start", work)
 
 
@@ -860,18 +856,11 @@ def _prepare_work(plan: _Plan, out: Path, identity: dict) -> None:
         atomic_write_text(plan.work / CONFIG_FILE, json.dumps(identity, indent=2) + "\n")
 
 
-def _finished_result(out: Path, identity: dict) -> dict:
+def _finished_result(out: Path) -> dict:
     """The healing record of OUT's finished result, marked ``already_healed``."""
     record = _read_json_object(out / RECORD_FILE, "pass --force to heal again and replace that result")
     if not isinstance(record.get("healing"), dict):
         raise DepthpruneError(f"'{out / RECORD_FILE}' has no healing record: pass --force to heal again and replace it")
-    # A kill between swapping the result in and removing OUT.unfinished leaves that folder behind: its
-    # run (the same settings) is the one that made this result.
-    work = _work_folder(out)
-    if (work / CONFIG_FILE).is_file():
-        with contextlib.suppress(DepthpruneError):
-            if not _changed(_read_json_object(work / CONFIG_FILE, ""), identity):
-                shutil.rmtree(work, ignore_errors=True)
     return {**record["healing"], "already_healed": True}
 
 
@@ -992,7 +981,7 @@ def heal(
     with _holding(out, rank):
         plan = _share_plan(_plan(out, identity, force, restart) if rank == 0 else None, out, world)
         if plan.action == "finished":
-            return _finished_result(out, identity)
+            return _finished_result(out)
         run = _Run(o, steps, plan.work, val_data, rank, local_rank, world, device)
         session = _setup(run, model, documents, DTYPES[dtype], trust_remote_code)
         if rank == 0:
@@ -1130,10 +1119,10 @@ def _apply(run: _Run, s: _Session, sums: torch.Tensor, saved_at: int | None) -> 
     state = s.progress
     loss = sums[0].item()
     if not math.isfinite(loss):
-        kept = (f"the last good checkpoint (step {saved_at}) is kept in {run.work / CHECKPOINT_DIR}"
-                if saved_at is not None else "no checkpoint was written yet")
-        raise DepthpruneError(f"step {state['step'] + 1}: the loss is {loss}; {kept}; lower --lr or check the data, "
-                              "then rerun with --restart")
+        kept = (f"the last good checkpoint (step {saved_at}) is kept in {run.work / CHECKPOINT_DIR}; lower --lr or "
+                "check the data, then rerun with --restart" if saved_at is not None else
+                "no checkpoint was written yet; lower --lr or check the data and rerun")
+        raise DepthpruneError(f"step {state['step'] + 1}: the loss is {loss}; {kept}")
     params = [p for group in s.optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, run.o.max_grad_norm).item()
     lr = s.scheduler.get_last_lr()[0]
