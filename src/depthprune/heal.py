@@ -1074,11 +1074,15 @@ def _train(run: _Run, s: _Session, saved_at: int | None, stop_after: int | None,
     with bar:
         while state["step"] < run.steps:
             step_start = time.perf_counter()
-            sums = _step(run, s, train_net)
-            record = _apply(run, s, sums, saved_at)
+            sums = _forward_backward(run, s, train_net)
+            record = _update(run, s, sums, saved_at)
             run_steps += 1
             state["elapsed"] += time.perf_counter() - step_start
             record["tokens_per_s"] = run_steps * o.batch_size * o.seq_len / (time.perf_counter() - started)
+            if state["step"] % o.eval_every == 0 or state["step"] == run.steps:  # not counted as training time
+                state["val_loss"] = _validate(run, s)
+                if state["val_loss"] is not None:
+                    record["val_loss"] = state["val_loss"]
             if run.rank == 0:
                 _log(run.work, record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
@@ -1096,7 +1100,7 @@ def _train(run: _Run, s: _Session, saved_at: int | None, stop_after: int | None,
     return True
 
 
-def _step(run: _Run, s: _Session, train_net: nn.Module) -> torch.Tensor:
+def _forward_backward(run: _Run, s: _Session, train_net: nn.Module) -> torch.Tensor:
     """Forward and backward passes over the next global batch; returns (loss, LM loss, KD loss), the
     mean over micro-batches and processes."""
     o, world = run.o, run.world
@@ -1114,7 +1118,7 @@ def _step(run: _Run, s: _Session, train_net: nn.Module) -> torch.Tensor:
     return _all_mean(sums / o.grad_accum, world)
 
 
-def _apply(run: _Run, s: _Session, sums: torch.Tensor, saved_at: int | None) -> dict:
+def _update(run: _Run, s: _Session, sums: torch.Tensor, saved_at: int | None) -> dict:
     """Clip, take the optimizer and schedule step, count it; returns the step's log record."""
     state = s.progress
     loss = sums[0].item()
@@ -1136,10 +1140,6 @@ def _apply(run: _Run, s: _Session, sums: torch.Tensor, saved_at: int | None) -> 
               "tokens": state["tokens"]}
     if s.teacher is not None:
         record["kd_loss"] = sums[2].item()
-    if state["step"] % run.o.eval_every == 0 or state["step"] == run.steps:
-        state["val_loss"] = _validate(run, s)
-        if state["val_loss"] is not None:
-            record["val_loss"] = state["val_loss"]
     return record
 
 
