@@ -76,6 +76,7 @@ WORK_SUFFIX = ".unfinished"  # OUT.unfinished: where a --force run works while O
 _WEIGHTS_FILE = "trainable.safetensors"
 _TENSORS_FILE = "state.safetensors"  # optimizer moments and RNG states
 _STATE_FILE = "state.json"  # everything else: progress, data position, scheduler, Python/NumPy RNG
+_CHECKPOINT_FORMAT = 1  # raised when the layout of a checkpoint changes; others are refused, not misread
 _MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
 
 
@@ -178,15 +179,13 @@ def _check(o: HealOptions) -> None:
         value = getattr(o, name)
         if value is None and name in _OPTIONAL:
             continue
-        typed = isinstance(value, int) if kind is int else isinstance(value, (int, float)) and math.isfinite(value)
+        typed = isinstance(value, int) if kind is int else (isinstance(value, (int, float)) and math.isfinite(value))
         if isinstance(value, bool) or not typed or not valid(value):
             raise DepthpruneError(f"{_flag(name)} must be {rule}, got {value!r}")
-    for name in ("text_field", "data_split"):
-        if not isinstance(getattr(o, name), str) or not getattr(o, name):
-            raise DepthpruneError(f"{_flag(name)} must be a non-empty name, got {getattr(o, name)!r}")
-    for name in ("teacher", "data_config"):
-        if getattr(o, name) is not None and (not isinstance(getattr(o, name), str) or not getattr(o, name)):
-            raise DepthpruneError(f"{_flag(name)} must be a non-empty name, got {getattr(o, name)!r}")
+    for name, optional in (("text_field", False), ("data_split", False), ("teacher", True), ("data_config", True)):
+        value = getattr(o, name)
+        if not (optional and value is None) and (not isinstance(value, str) or not value):
+            raise DepthpruneError(f"{_flag(name)} must be a non-empty name, got {value!r}")
     targets = o.target_modules
     if targets is not None and (not isinstance(targets, list) or not targets
                                 or not all(isinstance(t, str) and t.strip() for t in targets)):
@@ -589,7 +588,7 @@ def save_checkpoint(work: Path, model, optimizer, scheduler, stream: PackedStrea
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
-    state = {"format": 1, "progress": progress, "data": stream.state_dict(), "scheduler": scheduler.state_dict(),
+    state = {"format": _CHECKPOINT_FORMAT, "progress": progress, "data": stream.state_dict(), "scheduler": scheduler.state_dict(),
              "optimizer": _optimizer_to_safe(optimizer.state_dict(), tensors),
              "rng": _rng_to_safe(rng_states, tensors)}
     with atomic_output_dir(work / CHECKPOINT_DIR, force=True) as tmp:
@@ -613,6 +612,8 @@ def load_checkpoint(work: Path, model, optimizer, scheduler, stream: PackedStrea
         weights = load_file(str(folder / _WEIGHTS_FILE))
         tensors = load_file(str(folder / _TENSORS_FILE))
         state = json.loads((folder / _STATE_FILE).read_text(encoding="utf-8"))
+        if state.get("format") != _CHECKPOINT_FORMAT:
+            raise ValueError(f"format {state.get('format')!r}, this version reads {_CHECKPOINT_FORMAT}")
         if set(weights) != set(params) or any(weights[n].shape != p.shape for n, p in params.items()):
             raise ValueError("its weights do not match this model's trainable weights")
         with torch.no_grad():
@@ -624,8 +625,10 @@ def load_checkpoint(work: Path, model, optimizer, scheduler, stream: PackedStrea
         rng_states = _rng_from_safe(state["rng"], tensors)
         _set_rng_state(rng_states[rank] if rank < len(rng_states) else rng_states[0])
         return state["progress"]
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
+    except (SafetensorError, OSError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    except KeyError as exc:
+        reason = f"it has no entry {exc}"
     raise DepthpruneError(f"the checkpoint in '{folder}' cannot be read ({reason}): rerun with --restart to "
                           "start this run over")
 
