@@ -116,12 +116,16 @@ def _run_heal(args) -> None:
                    data_config=args.data_config, data_split=args.data_split,
                    gradient_checkpointing=args.gradient_checkpointing or None)
     result = heal(args.model, args.data, args.out, val_data=args.val_data, preset=args.preset, device=args.device,
-                  dtype=args.dtype, save_adapter=args.save_adapter, force=args.force, stop_after=args.stop_after,
-                  trust_remote_code=args.trust_remote_code, **options)
+                  dtype=args.dtype, save_adapter=args.save_adapter, force=args.force, restart=args.restart,
+                  stop_after=args.stop_after, trust_remote_code=args.trust_remote_code, **options)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # a data-parallel run: rank 0 reports
     if "stopped_at_step" in result:
         print(f"stopped after step {result['stopped_at_step']} of {result['steps']}; rerun the same command to continue")
+        return
+    if result.get("already_healed"):
+        print(f"{args.out} already holds the healed model of this command ({result['method']}, {result['steps']} "
+              "steps); pass --force to heal again and replace it")
         return
     fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
     print(f"healed with {result['method']}: {result['steps']} steps, {result['tokens']:,} tokens")
@@ -144,7 +148,11 @@ def _add_heal_parser(commands) -> None:
     p.add_argument("--text-field", help="field holding the text (default: text)")
     p.add_argument("--out", required=True, help="output directory: checkpoints and log while running, the merged "
                                                 "model at the end; rerun the same command to resume")
-    p.add_argument("--force", action="store_true", help="discard what --out holds and start over")
+    p.add_argument("--force", action="store_true", help="replace what --out holds (an older result, other files) "
+                                                        "once the new model is complete; meanwhile the run works "
+                                                        "in OUT.unfinished")
+    p.add_argument("--restart", action="store_true", help="discard an unfinished run in --out (its checkpoint and "
+                                                          "log) and start over")
     p.add_argument("--preset", choices=list(PRESETS), help="paper: the paper's recipe (default); cpu-small: a run "
                                                            "that finishes in minutes on a CPU. Options below win.")
     p.add_argument("--method", choices=METHODS, help="qlora (4-bit base + LoRA; default), lora, or full")
