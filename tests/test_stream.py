@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 
@@ -17,12 +18,13 @@ from depthprune.models import decoder_layout
 from depthprune.similarity import compute_distances, measure_distances
 from depthprune.stream import (
     Checkpoint,
+    StreamPlan,
     _Skeleton,
     compute_distances_streamed,
     estimate_memory,
     local_checkpoint,
     parse_memory,
-    should_stream,
+    plan_streaming,
     stream_distances,
     stream_layers,
 )
@@ -146,14 +148,25 @@ def test_sharded_checkpoint(tmp_path):
 
 def test_memory_estimate(saved):
     path, model = saved("llama")
-    estimate = estimate_memory(path, _sequences(), batch_size=3)
+    estimate = estimate_memory(path, [len(x) for x in _sequences()], batch_size=3)
     layers = decoder_layout(model).layers
     assert estimate.model == 4 * sum(p.numel() for p in model.parameters())
     assert estimate.layer == 4 * sum(p.numel() for p in layers[0].parameters())
-    assert estimate.layer < estimate.streamed < estimate.in_memory
-    assert not should_stream(estimate, False, None) and should_stream(estimate, True, None)
-    assert should_stream(estimate, False, estimate.in_memory - 1)
-    assert not should_stream(estimate, False, estimate.in_memory)
+    assert estimate.layer < estimate.streamed() < estimate.in_memory
+    assert estimate.streamed(offload=True) == estimate.streamed() - estimate.residual
+
+
+def test_streams_only_when_asked_or_over_budget(saved, tiny_corpus):
+    path, _ = saved("llama")
+    estimate = estimate_memory(path, [16] * 4)
+    choose = functools.partial(plan_streaming, str(path), 4, 16)
+    assert choose() is None and choose(max_memory=estimate.in_memory) is None
+    assert choose(stream=True) == StreamPlan(str(path), path, "cpu", offload=False)
+    assert choose(max_memory=estimate.in_memory - 1) is not None
+    assert choose(max_memory=estimate.streamed(), device="cuda").offload is False
+    assert choose(max_memory=estimate.streamed() - 1, device="cuda").offload is True  # the residual goes to CPU
+    with pytest.raises(DepthpruneError, match="loaded model"):
+        plan_streaming(tiny_model("llama"), 4, 16, stream=True)
 
 
 @pytest.mark.parametrize("text, size", [("2GiB", 2 * 2**30), ("1.5 gb", 1_500_000_000), ("512MiB", 2**29),
@@ -173,18 +186,9 @@ def test_parse_memory_rejects(text):
 
 def test_budget_smaller_than_one_layer(saved):
     path, _ = saved("llama")
-    estimate = estimate_memory(path, _sequences())
+    estimate = estimate_memory(path, [16] * 4)
     with pytest.raises(DepthpruneError, match=r"memory budget .* too small to stream this model: one layer"):
-        should_stream(estimate, False, estimate.layer)
-    with pytest.raises(DepthpruneError, match="too small to stream"):
-        compute_distances_streamed(str(path), ["w1 w2 w3"], tokenizer=_word_tokenizer(), max_memory="1KiB",
-                                   progress=False)
-
-
-def _word_tokenizer():
-    from conftest import tiny_tokenizer
-
-    return tiny_tokenizer()
+        plan_streaming(str(path), 4, 16, max_memory=estimate.layer)
 
 
 def test_only_pickle_weights(saved, tmp_path):
@@ -222,6 +226,70 @@ def test_missing_layer_tensor(saved, tmp_path):
     save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(DepthpruneError, match="no tensor 'model.layers.3.mlp.up_proj.weight'"):
         stream_distances(tmp_path, _sequences(), progress=False)
+
+
+# --- the command line ---------------------------------------------------------------------------------
+
+
+def test_cli_analyze_stream_equals_in_memory(tiny_checkpoint, tiny_corpus, tmp_path, capsys):
+    from depthprune.cli import main
+    from depthprune.similarity import load_distances
+
+    # Few short samples: the tiny model's activations must stay below its weights for a budget to choose.
+    common = [str(tiny_checkpoint), "--data", str(tiny_corpus), "--samples", "5", "--seq-len", "8",
+              "--batch-size", "2", "--tokens", "all"]
+    estimate = estimate_memory(tiny_checkpoint, [8] * 5, batch_size=2, tokens="all")
+    assert estimate.streamed() < 200_000 < estimate.in_memory
+    assert main(["analyze", *common, "--out", str(tmp_path / "memory")]) == 0
+    assert main(["analyze", *common, "--stream", "--out", str(tmp_path / "stream")]) == 0
+    assert main(["analyze", *common, "--max-memory", "200KB", "--out", str(tmp_path / "budget")]) == 0
+    assert "streaming it one layer at a time" in capsys.readouterr().out
+    expected = load_distances(tmp_path / "memory")
+    for name in ("stream", "budget"):
+        streamed = load_distances(tmp_path / name)
+        np.testing.assert_allclose(streamed.pairwise, expected.pairwise, atol=1e-6, rtol=0)
+        assert streamed.meta["streamed"] is True and streamed.meta["model_fingerprint"] == \
+            expected.meta["model_fingerprint"]
+    assert "streamed" not in expected.meta
+
+
+def test_cli_prune_measures_streamed(tiny_checkpoint, tiny_corpus, tmp_path):
+    from depthprune.cli import main
+    from depthprune.surgery import read_record
+
+    common = ["prune", str(tiny_checkpoint), "--data", str(tiny_corpus), "--samples", "8", "--seq-len", "24", "--n", "2"]
+    assert main([*common, "--out", str(tmp_path / "memory")]) == 0
+    assert main([*common, "--stream", "--out", str(tmp_path / "stream")]) == 0
+    assert read_record(tmp_path / "stream")["removed_layers"] == read_record(tmp_path / "memory")["removed_layers"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--max-memory", "1KiB"], "too small to stream this model: one layer"),
+    (["--max-memory", "2 GiBs"], "memory size '2 GiBs' not understood"),
+    (["--max-memory", "0"], "memory size must be positive"),
+])
+def test_cli_bad_budget(tiny_checkpoint, tiny_corpus, tmp_path, capsys, extra, message):
+    from badinput import assert_clean_failure
+
+    argv = ["analyze", tiny_checkpoint, "--data", tiny_corpus, "--samples", "4", "--seq-len", "16", *extra,
+            "--out", tmp_path / "out"]
+    assert_clean_failure(capsys, argv, message, watch=[tmp_path])
+
+
+def test_cli_stream_needs_local_safetensors(saved, tiny_corpus, tmp_path, capsys, monkeypatch):
+    from badinput import assert_clean_failure
+
+    path, model = saved("llama")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((path / "config.json").read_text())
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    argv = ["analyze", pickled, "--data", tiny_corpus, "--seq-len", "16", "--stream", "--out", tmp_path / "out"]
+    assert_clean_failure(capsys, argv, "safetensors", watch=[tmp_path])
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = ["analyze", "nobody/not-here", "--data", tiny_corpus, "--stream", "--out", tmp_path / "out"]
+    assert_clean_failure(capsys, argv, "is not downloaded and streaming reads local files only", watch=[tmp_path])
 
 
 # --- the real model ------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from .select import (
     parse_layers,
 )
 from .similarity import TOKEN_MODES, AngularDistances, compute_distances, load_distances
+from .stream import StreamPlan, compute_distances_streamed, plan_streaming
 from .surgery import layers_removed, pruning_record, read_record, remove_layers, save_pruned
 
 
@@ -95,6 +96,17 @@ def measure(model, tokenizer, data: DataOptions, texts: list[str] | None = None,
     return result
 
 
+def measure_streamed(plan: StreamPlan, data: DataOptions, texts: list[str], batch_size: int = 8,
+                     tokens: str = "last", dtype: str = "float32", trust_remote_code: bool = False,
+                     progress: bool = True) -> AngularDistances:
+    """:func:`measure`, one decoder layer in memory at a time (see :mod:`depthprune.stream`)."""
+    result = compute_distances_streamed(plan.spec, texts, seq_len=data.seq_len, batch_size=batch_size, tokens=tokens,
+                                        dtype=dtype, device=plan.device, offload=plan.offload,
+                                        trust_remote_code=trust_remote_code, progress=progress)
+    result.meta.update(data=data.source, seed=data.seed)
+    return result
+
+
 def analyze(
     model,
     data: DataOptions,
@@ -106,13 +118,17 @@ def analyze(
     device: str = "cpu",
     dtype: str = "float32",
     trust_remote_code: bool = False,
+    stream: bool = False,
+    max_memory: int | str | None = None,
     force: bool = False,
     progress: bool = True,
 ) -> AngularDistances:
     """Measure D[n][ℓ] for every block size and start; with ``out``, write distances.json/.csv and heatmap.png.
 
     ``model`` is anything :func:`depthprune.load_model` takes, or a loaded model (then pass ``tokenizer``).
-    Every input is checked before the model loads; a bad one raises :class:`DepthpruneError` and writes nothing.
+    ``stream`` reads one decoder layer at a time instead of loading the model; ``max_memory`` ('2GiB', '24GB'
+    or bytes) streams only when the model would not fit it. Every input is checked before the model loads;
+    a bad one raises :class:`DepthpruneError` and writes nothing.
     """
     if not isinstance(data, DataOptions):
         raise DepthpruneError("data must be DataOptions(source, samples, seq_len, ...)")
@@ -123,9 +139,15 @@ def analyze(
     inputs = _input_paths(model, data.source)
     if out is not None:
         check_output_dir(out, force, inputs)  # fail before the slow part
+    plan = plan_streaming(model, data.samples, data.seq_len, stream=stream, max_memory=max_memory,
+                          batch_size=batch_size, tokens=tokens, device=device, dtype=dtype,
+                          trust_remote_code=trust_remote_code)
     texts = load_calibration(data)
-    model, tokenizer = _loaded(model, tokenizer, device, dtype, trust_remote_code)
-    result = measure(model, tokenizer, data, texts, batch_size, tokens, progress)
+    if plan is not None:
+        result = measure_streamed(plan, data, texts, batch_size, tokens, dtype, trust_remote_code, progress)
+    else:
+        model, tokenizer = _loaded(model, tokenizer, device, dtype, trust_remote_code)
+        result = measure(model, tokenizer, data, texts, batch_size, tokens, progress)
     if out is not None:
         with atomic_output_dir(out, force, inputs) as tmp:
             result.save(tmp)
@@ -163,6 +185,8 @@ def prune(
     device: str = "cpu",
     dtype: str = "float32",
     trust_remote_code: bool = False,
+    stream: bool = False,
+    max_memory: int | str | None = None,
     force: bool = False,
     inplace: bool = False,
     progress: bool = True,
@@ -172,8 +196,9 @@ def prune(
     Give the block as ``n`` layers, a ``fraction`` of them, or an explicit ``layers`` spec ('20-27',
     '3,7,9'). ``strategy='similarity'`` needs ``distances`` (a directory from :func:`analyze`) or
     ``data`` to measure them now. A loaded ``model`` is cut only while it is saved and then restored,
-    unless ``inplace=True`` leaves it cut (its removed layers can then be freed). Every input is checked
-    before the model loads.
+    unless ``inplace=True`` leaves it cut (its removed layers can then be freed). ``stream`` and
+    ``max_memory`` choose how the distances are measured, as in :func:`analyze` (the cut itself loads the
+    model). Every input is checked before the model loads.
     """
     if sum(x is not None for x in (n, fraction, layers)) != 1:
         raise DepthpruneError("give exactly one of --n, --fraction or --layers")
@@ -194,12 +219,17 @@ def prune(
         raise DepthpruneError("strategy 'similarity' needs --distances DIR (from `depthprune analyze`) or --data SRC")
     if config is not None:
         _check_cut(config, n, fraction, layers, distances, data if measuring else None)
+    plan = plan_streaming(model, data.samples, data.seq_len, stream=stream, max_memory=max_memory,
+                          batch_size=batch_size, tokens=tokens, device=device, dtype=dtype,
+                          trust_remote_code=trust_remote_code) if measuring else None
     texts = load_calibration(data) if measuring else None
+    if plan is not None:  # before the model loads, so the two peaks do not add up
+        distances = measure_streamed(plan, data, texts, batch_size, tokens, dtype, trust_remote_code, progress)
     source = model if isinstance(model, str) else str(model.config.name_or_path)
     model, tokenizer = _loaded(model, tokenizer, device, dtype, trust_remote_code)
     _check_cut(model.config, n, fraction, layers, distances, data if measuring else None)  # hub ids, GGUF: now
     total = num_layers(model)
-    if measuring:
+    if measuring and plan is None:
         distances = measure(model, tokenizer, data, texts, batch_size, tokens, progress)
     if layers is not None:
         selection: Selection = explicit_selection(layers, total, distances)

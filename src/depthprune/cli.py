@@ -36,6 +36,12 @@ def _add_data_options(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--tokens", default="last", choices=["last", "all"],
                    help="compare the last real token (paper default) or the mean over all tokens")
     g.add_argument("--seed", type=int, default=0, help="seed of the document sample (default: 0)")
+    g.add_argument("--stream", action="store_true",
+                   help="measure one decoder layer at a time, read from the safetensors files, instead of "
+                        "loading the whole model (same result, a fraction of the memory)")
+    g.add_argument("--max-memory", metavar="SIZE",
+                   help="memory the measurement may use on its device, e.g. 24GiB or 2GB; streams when the "
+                        "whole model would not fit (units: KB/MB/GB/TB in 1000s, KiB/MiB/GiB/TiB in 1024s)")
 
 
 def _data_options(args):
@@ -52,7 +58,7 @@ def _run_analyze(args) -> None:
 
     result = analyze(args.model, _data_options(args), args.out, batch_size=args.batch_size, tokens=args.tokens,
                      device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                     force=args.force)
+                     stream=args.stream, max_memory=args.max_memory, force=args.force)
     print(f"\n{result.meta['model']}: {result.num_layers} layers, {result.num_samples} samples, "
           f"{result.tokens} token(s)")
     print(f"{'n':>4}  {'best block':>12}  {'distance':>8}")
@@ -69,7 +75,8 @@ def _run_prune(args) -> None:
     record = prune(args.model, args.out, n=args.n, fraction=args.fraction, layers=args.layers,
                    strategy=args.strategy, distances=args.distances, data=_data_options(args),
                    batch_size=args.batch_size, tokens=args.tokens, device=args.device, dtype=args.dtype,
-                   trust_remote_code=args.trust_remote_code, force=args.force)
+                   trust_remote_code=args.trust_remote_code, stream=args.stream, max_memory=args.max_memory,
+                   force=args.force)
     from .select import format_layers
 
     distance = record["angular_distance"]

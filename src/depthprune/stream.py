@@ -35,7 +35,14 @@ from tqdm.auto import tqdm
 
 from .data import Batch, batches, pad_id, tokenize
 from .errors import DepthpruneError
-from .models import DTYPES, convert_gguf, decoder_layout, resolve_model_source
+from .models import (
+    DTYPES,
+    check_length,
+    convert_gguf,
+    decoder_layout,
+    model_fingerprint,
+    resolve_model_source,
+)
 from .similarity import TOKEN_MODES, AngularDistances, _pairwise_angles
 
 # --- memory sizes -------------------------------------------------------------------------------------
@@ -477,74 +484,74 @@ def compute_distances_streamed(
     padding_side: str = "right",
     dtype: str = "float32",
     device: str = "cpu",
-    max_memory: int | str | None = None,
+    offload: bool = False,
     trust_remote_code: bool = False,
     progress: bool = True,
 ) -> AngularDistances:
     """Tokenize ``texts`` and measure the distances of model ``spec`` streamed; records the settings as
-    :func:`~depthprune.similarity.compute_distances` does. ``tokenizer``: the checkpoint's own if None.
-    With ``max_memory``, check the estimate first."""
-    from transformers import AutoTokenizer
+    :func:`~depthprune.similarity.compute_distances` does. ``tokenizer``: the checkpoint's own if None."""
+    from transformers import AutoConfig, AutoTokenizer
 
     directory = local_checkpoint(spec)
     checkpoint = Checkpoint(directory)
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    check_length(config, seq_len, "--seq-len")
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
     sequences = tokenize(texts, tokenizer, seq_len)
-    if max_memory is not None:
-        estimate = estimate_memory(checkpoint, sequences, batch_size=batch_size, tokens=tokens, dtype=dtype,
-                                   trust_remote_code=trust_remote_code)
-        estimate.check_streamed(parse_memory(max_memory))
     result = stream_distances(checkpoint, sequences, batch_size=batch_size, tokens=tokens,
                               pad_token_id=pad_id(tokenizer), padding_side=padding_side, dtype=dtype, device=device,
-                              trust_remote_code=trust_remote_code, progress=progress)
-    result.meta.update(model=spec, seq_len=seq_len, num_tokens=int(sum(len(s) for s in sequences)), streamed=True)
+                              offload=offload, trust_remote_code=trust_remote_code, progress=progress)
+    result.meta.update(model=spec, model_fingerprint=model_fingerprint(config), seq_len=seq_len,
+                       num_tokens=int(sum(len(s) for s in sequences)), streamed=True)
     return result
 
 
-# --- memory estimates ---------------------------------------------------------------------------------
+# --- memory estimates and the choice ------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """What an analysis needs, in bytes: estimated from the safetensors headers, the config and the batch
-    shapes, before anything is loaded."""
+    """What an analysis needs on the device it runs on, in bytes: from the safetensors headers, the config
+    and the batch shapes, before anything is loaded. An estimate, not a bound."""
 
     model: int  # every weight at the analysis dtype
     layer: int  # the largest decoder layer
-    embedding_rows: int  # the rows of the token ids that occur
+    embedding_rows: int  # the rows of the token ids that can occur
     extras: int  # other weights outside the layers (position embeddings, norms)
-    stream_activations: int  # residual stream of all tokens, captured layer arguments, kept token vectors
+    residual: int  # the residual stream of every calibration token (twice: a layer's input and output)
+    arguments: int  # the captured layer arguments (masks, rotary cos/sin) and the kept token vectors
     batch_work: int  # one batch through one layer (attention scores, MLP), and the float64 distance maths
 
     @property
     def in_memory(self) -> int:
         return self.model + self.batch_work
 
-    @property
-    def streamed(self) -> int:
-        return self.layer + self.embedding_rows + self.extras + self.stream_activations + self.batch_work
+    def streamed(self, offload: bool = False) -> int:
+        """Peak of the streamed analysis; with ``offload`` the residual stream lives in CPU memory instead."""
+        residual = 0 if offload else self.residual
+        return self.layer + self.embedding_rows + self.extras + residual + self.arguments + self.batch_work
 
-    def check_streamed(self, budget: int) -> None:
-        if self.streamed > budget:
-            raise DepthpruneError(
-                f"memory budget {format_memory(budget)} is too small to stream this model: one layer "
-                f"({format_memory(self.layer)}) + embedding rows and other weights "
-                f"({format_memory(self.embedding_rows + self.extras)}) + activations "
-                f"({format_memory(self.stream_activations + self.batch_work)}) need about "
-                f"{format_memory(self.streamed)}; raise --max-memory or use fewer or shorter samples")
+    def too_small(self, budget: int) -> DepthpruneError:
+        return DepthpruneError(
+            f"memory budget {format_memory(budget)} is too small to stream this model: one layer "
+            f"({format_memory(self.layer)}) + embedding rows and other weights "
+            f"({format_memory(self.embedding_rows + self.extras)}) + activations "
+            f"({format_memory(self.residual + self.arguments + self.batch_work)}) need about "
+            f"{format_memory(self.streamed())}; raise --max-memory or use fewer or shorter samples")
 
 
 def estimate_memory(
     checkpoint: Checkpoint | str | Path,
-    sequences: Sequence[Sequence[int]],
+    lengths: Sequence[int],
     *,
     batch_size: int = 8,
     tokens: str = "last",
     dtype: str = "float32",
     trust_remote_code: bool = False,
 ) -> MemoryEstimate:
-    """Estimate the memory of the in-memory and the streamed analysis of ``sequences``."""
+    """Estimate the memory of the in-memory and the streamed analysis of sequences of ``lengths`` tokens
+    (before tokenizing: ``[seq_len] * samples``, an upper bound)."""
     from transformers import AutoConfig
 
     if not isinstance(checkpoint, Checkpoint):
@@ -552,35 +559,33 @@ def estimate_memory(
     config = AutoConfig.from_pretrained(checkpoint.directory, trust_remote_code=trust_remote_code)
     config = getattr(config, "text_config", config)
     size = DTYPES[dtype].itemsize
-    layers = _group_layers(checkpoint.entries)
+    entries = checkpoint.entries
+    layers = _group_layers(entries)
     layer_bytes = max((checkpoint.nbytes(names, DTYPES[dtype]) for names in layers.values()), default=0)
     in_layers = {n for names in layers.values() for n in names}
-    embedding = max((n for n in checkpoint.entries if n not in in_layers and len(checkpoint.entries[n].shape) == 2),
-                    key=lambda n: checkpoint.entries[n].numel)
-    hidden = checkpoint.entries[embedding].shape[1]
-    model = checkpoint.nbytes(list(checkpoint.entries), DTYPES[dtype])
+    embedding = max((n for n in entries if n not in in_layers and len(entries[n].shape) == 2),
+                    key=lambda n: entries[n].numel)
+    vocab_size, hidden = entries[embedding].shape
     # Outside the layers, streaming never reads the embedding whole, nor an untied LM head (same shape).
-    extras = checkpoint.nbytes([n for n in checkpoint.entries if n not in in_layers
-                                and checkpoint.entries[n].shape != checkpoint.entries[embedding].shape], DTYPES[dtype])
-    ordered = sorted((len(s) for s in sequences), reverse=True)
+    extras = checkpoint.nbytes([n for n in entries if n not in in_layers and entries[n].shape != entries[embedding].shape],
+                               DTYPES[dtype])
+    ordered = sorted(lengths, reverse=True)
     shapes = [(len(ordered[i : i + batch_size]), ordered[i]) for i in range(0, len(ordered), batch_size)]
-    tokens_padded = sum(b * t for b, t in shapes)
-    real_tokens = sum(ordered)
-    vocabulary = len({t for s in sequences for t in s})
     heads = getattr(config, "num_attention_heads", 1)
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     inner = getattr(config, "intermediate_size", None) or 4 * hidden
     kinds = len(set(getattr(config, "layer_types", None) or ["full"]))
     L = len(layers)
-    kept_vectors = (len(ordered) if tokens == "last" else real_tokens) * (L + 1) * hidden * size
-    # Per batch, per kind of layer: a (B, 1, T, T) mask and the rotary cos/sin (B, T, head_dim) each.
+    kept_vectors = (len(ordered) if tokens == "last" else sum(ordered)) * (L + 1) * hidden * size
+    # Per batch and kind of layer: a (B, 1, T, T) mask and the rotary cos/sin (B, T, head_dim) each.
     arguments = sum(kinds * (b * t * t * size + 2 * b * t * head_dim * 4) for b, t in shapes)
     b, t = shapes[0]
     one_pass = b * t * (2 * heads * t + 3 * inner + 4 * hidden) * size
     distance_maths = 2 * (b if tokens == "last" else b * t) * (L + 1) * hidden * 8
     return MemoryEstimate(
-        model=model, layer=layer_bytes, embedding_rows=vocabulary * hidden * size, extras=extras,
-        stream_activations=2 * tokens_padded * hidden * size + arguments + kept_vectors,
+        model=checkpoint.nbytes(list(entries), DTYPES[dtype]), layer=layer_bytes,
+        embedding_rows=min(vocab_size, sum(ordered)) * hidden * size, extras=extras,
+        residual=2 * sum(b * t for b, t in shapes) * hidden * size, arguments=arguments + kept_vectors,
         batch_work=one_pass + distance_maths,
     )
 
@@ -599,11 +604,52 @@ def _group_layers(entries: dict[str, _Entry]) -> dict[str, list[str]]:
     return {f"{prefix}.{i}": names for (prefix, i), names in groups.items() if prefix == main}
 
 
-def should_stream(estimate: MemoryEstimate, stream: bool, budget: int | None) -> bool:
-    """Stream when asked to, or when the whole model would not fit ``budget``; fail when neither fits."""
-    if budget is None:
-        return stream
-    if stream or estimate.in_memory > budget:
-        estimate.check_streamed(budget)
-        return True
-    return False
+@dataclass(frozen=True)
+class StreamPlan:
+    """How to stream a model: from which local directory, on which device, the residual stream where."""
+
+    spec: str
+    directory: Path
+    device: str
+    offload: bool
+
+
+def plan_streaming(
+    model,
+    samples: int,
+    seq_len: int,
+    *,
+    stream: bool = False,
+    max_memory: int | str | None = None,
+    batch_size: int = 8,
+    tokens: str = "last",
+    device: str = "cpu",
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+) -> StreamPlan | None:
+    """Decide between the in-memory (None) and the streamed analysis, before anything heavy loads.
+
+    Streams when ``stream`` is set, or when the whole model would not fit ``max_memory`` (bytes or a string
+    such as '2GiB', see :func:`parse_memory`: the memory of the device the analysis runs on). On a GPU, the
+    residual stream goes to CPU memory when only that makes it fit. A budget smaller than the streamed
+    analysis needs is an error.
+    """
+    if not stream and max_memory is None:
+        return None
+    if not isinstance(model, str):
+        raise DepthpruneError("--stream and --max-memory need a model name or checkpoint directory, "
+                              "not an already loaded model")
+    budget = None if max_memory is None else parse_memory(max_memory)
+    directory = local_checkpoint(model)
+    estimate = estimate_memory(directory, [seq_len] * samples, batch_size=batch_size, tokens=tokens, dtype=dtype,
+                               trust_remote_code=trust_remote_code)
+    if budget is not None and not stream and estimate.in_memory <= budget:
+        return None
+    on_gpu = device in ("cuda", "auto")
+    offload = budget is not None and on_gpu and estimate.streamed() > budget
+    if budget is not None and estimate.streamed(offload) > budget:
+        raise estimate.too_small(budget)
+    if not stream:
+        print(f"depthprune: '{model}' needs about {format_memory(estimate.in_memory)} in memory, more than "
+              f"--max-memory {format_memory(budget)}: streaming it one layer at a time", flush=True)
+    return StreamPlan(model, directory, "cuda" if on_gpu else "cpu", offload)
