@@ -4,7 +4,7 @@ For each model and method, a fresh process (so peaks do not mix), one torch thre
   in-memory  the model loaded whole as load_model loads it (from_pretrained, safetensors, float32), then
              depthprune.compute_distances
   streamed   depthprune.stream.compute_distances_streamed: meta skeleton, embedding rows, one layer at a time
-Each process first imports everything and loads the calibration texts and the tokenizer (the same for both
+Each process first imports everything (transformers, accelerate, the model's modeling code) and loads the calibration texts and the tokenizer (the same for both
 methods), then measures the analysis alone: the peak rise of the resident set above that point (sampled every
 2 ms), wall and CPU time. The tokenizer's own memory is printed apart (Gemma 3's 262k-token tokenizer
 takes ~350 MiB). Rounds alternate the methods; the best time and the lowest peak of the rounds count.
@@ -38,8 +38,10 @@ def _rss_bytes() -> int:
 
 def child(method: str, alias: str, samples: int, seq_len: int, batch_size: int, tokens: str, data: str) -> None:
     """Run one analysis in this fresh process; print its figures as one JSON line."""
+    import accelerate  # noqa: F401  (imported by both methods; not the analysis' memory)
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     from depthprune.data import load_texts
     from depthprune.similarity import compute_distances
@@ -48,6 +50,7 @@ def child(method: str, alias: str, samples: int, seq_len: int, batch_size: int, 
     torch.set_num_threads(1)
     texts = load_texts(data, samples, seed=0)
     directory = local_checkpoint(alias)  # the converted safetensors cache (converted once, beforehand)
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(directory))]  # imports the modeling code
     before_tokenizer = _rss_bytes()
     tokenizer = AutoTokenizer.from_pretrained(directory)
     base, peak, done = _rss_bytes(), [0], threading.Event()

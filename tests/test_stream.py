@@ -228,6 +228,15 @@ def test_missing_layer_tensor(saved, tmp_path):
         stream_distances(tmp_path, _sequences(), progress=False)
 
 
+def test_more_layers_than_the_config(saved, tmp_path):
+    path, _ = saved("llama")
+    config = json.loads((path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 4}))
+    (tmp_path / "model.safetensors").symlink_to(path / "model.safetensors")
+    with pytest.raises(DepthpruneError, match="weights of 6 layers but its config.json says 4"):
+        stream_distances(tmp_path, _sequences(), progress=False)
+
+
 # --- the command line ---------------------------------------------------------------------------------
 
 

@@ -248,13 +248,21 @@ class _Skeleton:
         # Checkpoints saved from the bare backbone (e.g. the original gpt2) lack the 'transformer.' prefix.
         prefix = f"{self.model.base_model_prefix}."
         self.strip = "" if self.embedding_name in checkpoint or not self.embedding_name.startswith(prefix) else prefix
-        backbone_prefix = names[id(self.backbone)]
-        self.extra_names = [  # everything outside the layers: position embeddings, norms, projections (small)
-            f"{backbone_prefix}.{name}" if backbone_prefix else name
-            for name, _ in self.backbone.named_parameters()
+        backbone_prefix = f"{names[id(self.backbone)]}." if names[id(self.backbone)] else ""
+        self.extra_names = [  # everything else outside the layers: position embeddings, norms (small)
+            backbone_prefix + name for name, _ in self.backbone.named_parameters()
+            if backbone_prefix + name != self.embedding_name
+            and not (backbone_prefix + name).startswith(self.layers_path + ".")
         ]
-        self.extra_names = [n for n in self.extra_names
-                            if n != self.embedding_name and not n.startswith(self.layers_path + ".")]
+        self._check_layer_count()
+
+    def _check_layer_count(self) -> None:
+        """Refuse weights of more layers than config.json has: they would be ignored and the result wrong."""
+        pattern = re.compile(re.escape(self.file_name(self.layers_path)) + r"\.(\d+)\.")
+        found = {int(m[1]) for m in map(pattern.match, self.checkpoint.entries) if m}
+        if found and max(found) >= len(self.layers):
+            raise DepthpruneError(f"the checkpoint in '{self.checkpoint.directory}' has weights of {max(found) + 1} "
+                                  f"layers but its config.json says {len(self.layers)}: fix num_hidden_layers")
 
     def file_name(self, name: str) -> str:
         return name.removeprefix(self.strip)
@@ -347,8 +355,8 @@ def stream_layers(
     ``callback(layer, batch_index, layer_input, layer_output)`` for every layer and batch, in layer order.
 
     Only one layer's weights are in memory at a time. The residual stream of every batch stays on
-    ``device``, or in CPU memory with ``offload``. The tensors passed to the callback are reused
-    afterwards: keep what you need, not references.
+    ``device``, or in CPU memory with ``offload``. The callback must not change the tensors it gets:
+    the output is the next layer's input.
     """
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = Checkpoint(checkpoint)
