@@ -1,27 +1,81 @@
-"""Which layers to remove: by angular distance, by the paper's deepest-layers heuristic, or as listed."""
+"""Which layers to remove: the selection criteria, one module each, in the ``CRITERIA`` registry.
+
+A :class:`Criterion` names what it needs (``"distances"``: the analysis pass; ``"calibration"``: the model,
+its tokenizer and tokenized calibration sequences; ``"nothing"``) and chooses ``n`` layers from a
+:class:`SelectionContext`. :func:`choose` checks the request and the answer, whichever criterion it is.
+Built in: ``similarity`` (``select/similarity.py``) and ``deepest`` (``select/deepest.py``). An explicit
+``--layers`` spec is not a criterion: :func:`explicit_selection` records it as ``explicit``.
+
+This package stays light (no torch at import): the CLI reads the registry to build its flags.
+"""
 
 from __future__ import annotations
 
+import importlib
 import re
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from .errors import DepthpruneError
-from .similarity import AngularDistances
+from ..errors import DepthpruneError
+from ..registry import Registry
 
-STRATEGIES = ("similarity", "deepest")
+if TYPE_CHECKING:
+    from ..similarity import AngularDistances
+
+NEEDS = ("distances", "calibration", "nothing")
 
 
 @dataclass(frozen=True)
 class Selection:
-    """Layers to remove (0-based, sorted) and why."""
+    """Layers to remove (0-based, sorted), the criterion that chose them, and its evidence.
+
+    ``distance``: D[n][ℓ] of the removed block, when it is one contiguous measured block. ``scores``: the
+    criterion's own per-layer or per-block scores (JSON-ready), written into ``depthprune.json``.
+    """
 
     layers: tuple[int, ...]
-    strategy: str  # 'similarity', 'deepest' or 'explicit'
-    distance: float | None = None  # D[n][ℓ] of the removed block, when it is one contiguous measured block
+    criterion: str  # a registered criterion, or 'explicit'
+    distance: float | None = None
+    scores: dict = field(default_factory=dict)
 
     def describe(self) -> str:
-        text = f"remove {len(self.layers)} layer(s) {format_layers(self.layers)} ({self.strategy}"
+        text = f"remove {len(self.layers)} layer(s) {format_layers(self.layers)} ({self.criterion}"
         return text + (f", angular distance {self.distance:.4f})" if self.distance is not None else ")")
+
+
+@dataclass
+class SelectionContext:
+    """What a criterion may look at: the layer count always; distances, model and data when it needs them."""
+
+    num_layers: int
+    distances: AngularDistances | None = None
+    model: Any = None
+    tokenizer: Any = None
+    sequences: Sequence[Sequence[int]] | None = None  # tokenized calibration sequences
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """A way to choose the layers to remove.
+
+    ``description``: one line, naming the paper it comes from. ``needs``: 'distances', 'calibration' or
+    'nothing'. ``contiguous``: whether it always removes one block. ``select(context, n)`` returns a
+    :class:`Selection` of exactly ``n`` layers.
+    """
+
+    name: str
+    description: str
+    needs: str
+    contiguous: bool
+    select: Callable[[SelectionContext, int], Selection]
+
+    def __post_init__(self) -> None:
+        if self.needs not in NEEDS:
+            raise ValueError(f"criterion '{self.name}': needs must be one of {', '.join(NEEDS)}, not {self.needs!r}")
+
+
+CRITERIA: Registry[Criterion] = Registry("criterion")
 
 
 def format_layers(layers) -> str:
@@ -97,32 +151,51 @@ def block_size(num_layers: int, n: int | None = None, fraction: float | None = N
     return n
 
 
-def choose_block(
-    strategy: str, n: int, num_layers: int, distances: AngularDistances | None = None
-) -> Selection:
-    """The contiguous block of ``n`` layers to remove.
+def needs_of(names) -> set[str]:
+    """What the criteria ``names`` need between them ('distances', 'calibration')."""
+    return {CRITERIA.get(name).needs for name in names}
 
-    ``similarity``: start at ℓ*(n) = argmin_ℓ D[n][ℓ] (needs ``distances``). ``deepest``: the paper's
-    heuristic, the n layers just before the final layer (layers L-1-n … L-2), which keeps the last layer.
-    """
-    n = block_size(num_layers, n=n)
-    _check_layer_count(distances, num_layers)
-    if strategy == "similarity":
-        if distances is None:
-            raise DepthpruneError("strategy 'similarity' needs angular distances: pass --distances DIR or --data SRC")
-        start, distance = distances.best(n)
-    elif strategy == "deepest":
-        start = num_layers - 1 - n
-        distance = float(distances.block(n)[start]) if distances is not None else None
-    else:
-        raise DepthpruneError(f"unknown strategy '{strategy}': choose one of {', '.join(STRATEGIES)}")
-    return Selection(tuple(range(start, start + n)), strategy, distance)
+
+def choose(criterion: str, n: int, context: SelectionContext) -> Selection:
+    """The ``n`` layers ``criterion`` removes, checked: n in range, what it needs present, its answer sound."""
+    entry = CRITERIA.get(criterion)
+    total = context.num_layers
+    n = block_size(total, n=n)
+    _check_layer_count(context.distances, total)
+    if entry.needs == "distances" and context.distances is None:
+        raise DepthpruneError(f"criterion '{criterion}' needs angular distances: pass --distances DIR or --data SRC")
+    if entry.needs == "calibration" and (context.model is None or not context.sequences):
+        raise DepthpruneError(f"criterion '{criterion}' needs the model and calibration text: pass --data SRC")
+    selection = entry.select(context, n)
+    layers = selection.layers
+    if len(layers) != n or len(set(layers)) != n or list(layers) != sorted(layers) or not all(
+            0 <= layer < total for layer in layers):
+        raise ValueError(f"criterion '{criterion}' chose {layers!r}, not {n} distinct sorted layers of 0..{total - 1}")
+    if entry.contiguous and layers[-1] - layers[0] + 1 != n:
+        raise ValueError(f"criterion '{criterion}' is declared contiguous but chose {format_layers(layers)}")
+    return selection
+
+
+def choose_block(criterion: str, n: int, num_layers: int, distances: AngularDistances | None = None) -> Selection:
+    """:func:`choose` for the criteria that need at most the distances (similarity, deepest)."""
+    return choose(criterion, n, SelectionContext(num_layers, distances))
+
+
+def block_distance(distances: AngularDistances | None, layers: Sequence[int]) -> float | None:
+    """D[n][ℓ] of ``layers`` when they form one block and distances are known; else None."""
+    contiguous = layers[-1] - layers[0] + 1 == len(layers)
+    return float(distances.block(len(layers))[layers[0]]) if distances is not None and contiguous else None
 
 
 def explicit_selection(spec: str, num_layers: int, distances: AngularDistances | None = None) -> Selection:
     """A user-listed set of layers; its distance is known when it is one contiguous block."""
     layers = parse_layers(spec, num_layers)
     _check_layer_count(distances, num_layers)
-    contiguous = layers[-1] - layers[0] + 1 == len(layers)
-    distance = float(distances.block(len(layers))[layers[0]]) if distances is not None and contiguous else None
-    return Selection(layers, "explicit", distance)
+    return Selection(layers, "explicit", block_distance(distances, layers))
+
+
+# The built-in criteria register themselves on import, in this order (the CLI's, the report's colours);
+# each is one module (and its test).
+BUILT_IN = ("similarity", "deepest")
+for _module in BUILT_IN:
+    importlib.import_module(f".{_module}", __name__)
