@@ -122,15 +122,19 @@ def save_pruned(model, tokenizer, out: str | Path, record: dict, force: bool = F
 
 
 def pruning_record(source: str, layers_before: int, params_before: int, model, selection) -> dict:
-    """What ``depthprune.json`` says about a cut: source, removed layers and why, sizes before and after."""
-    return {
+    """What ``depthprune.json`` says about a cut: source, removed layers and why (the criterion and its own
+    scores), sizes before and after."""
+    record = {
         "source_model": source,
         "removed_layers": list(selection.layers),
         "removed_layers_note": "0-based indices into the source model's layers, inclusive",
-        "criterion": selection.strategy,
+        "criterion": selection.criterion,
         "angular_distance": selection.distance,
         "layers_before": layers_before,
         "layers_after": num_layers(model),
         "parameters_before": params_before,
         "parameters_after": count_parameters(model),
     }
+    if selection.scores:
+        record["criterion_scores"] = selection.scores
+    return record

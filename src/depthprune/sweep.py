@@ -1,9 +1,13 @@
 """The paper's experiment in one call: evaluate the model with more and more of its layers removed.
 
-One analysis feeds every point. A point is (n layers removed, strategy, healing). Unhealed points are
-cut from the one loaded model in memory (``layers_removed``: no copy, no reload); healed points save the
+One analysis feeds every point. A point is (n layers removed, selection criterion, healing). Unhealed points
+are cut from the one loaded model in memory (``layers_removed``: no copy, no reload); healed points save the
 cut checkpoint, heal it (resumable) and evaluate the merged result. Every finished point is one row of
 ``results.sqlite``; a rerun of the same command skips finished points and resumes an interrupted healing.
+
+The settings are :class:`depthprune.config.SweepConfig`: the stage options plus the sweep's own keys, one
+flag each. Criteria, tasks and their data come from the registries (``select.CRITERIA``,
+``evaluate.registry.EVAL_TASKS``), so a new criterion or task is a new point or column with no change here.
 
 A run first checks everything it will read (settings, model, data of every task, healing options, the
 state of ``OUT``), then loads the model, and only then writes: a bad input never leaves a folder behind.
@@ -21,18 +25,13 @@ from pathlib import Path
 
 import yaml
 
-from .api import DataOptions, load_calibration, measure
-from .data import load_texts
+from .api import _measure_texts, load_calibration
+from .config import AnalysisOptions, CostOptions, DataOptions, EvalOptions, SweepConfig
+from .data import load_texts, tokenize
 from .errors import DepthpruneError
-from .models import (
-    DEVICES,
-    DTYPES,
-    EMBEDDED_MODELS,
-    count_parameters,
-    load_model,
-    num_layers,
-    resolve_model_source,
-)
+from .evaluate.registry import EVAL_TASKS
+from .models import EMBEDDED_MODELS, count_parameters, load_model, num_layers, resolve_model_source
+from .options import check_ranges, coerce, convert
 from .outputs import (
     TEMP_MARK,
     atomic_output_dir,
@@ -42,145 +41,33 @@ from .outputs import (
     remove_stale_temporaries,
     replace_dir,
 )
-from .select import STRATEGIES, choose_block
+from .select import CRITERIA, SelectionContext, choose, needs_of
 from .similarity import AngularDistances, load_distances
 from .store import connect, point_key, read_finished, save_point
 from .surgery import layers_removed, pruning_record, read_record, save_pruned
 
-HEAL_METHODS = ("none", "qlora", "lora", "full")
-NATIVE_TASKS = ("mmlu", "boolq", "c4", "arc_easy", "hellaswag")
+__all__ = ["SweepConfig", "block_sizes", "flatten_metrics", "resolve_config", "run_sweep", "settings_record"]
+
 SETTINGS_FILE = "sweep.yaml"
 ANALYSIS_DIR = "analysis"
 
-
-@dataclass
-class SweepConfig:
-    """Every setting of a sweep; a YAML file with these keys (and CLI flags) fills it."""
-
-    model: str = "smollm2-135m"
-    out: str = "runs/sweep"
-    device: str = "cpu"
-    dtype: str = "float32"
-    # calibration data for the angular distances
-    data: str = ""
-    data_config: str | None = None
-    data_split: str = "train"
-    text_field: str = "text"
-    samples: int = 128
-    seq_len: int = 256
-    tokens: str = "last"
-    seed: int = 0
-    # points: fractions of the layers to remove (or explicit counts n), strategies, healing methods
-    fractions: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
-    n: list[int] | None = None
-    strategies: list[str] = field(default_factory=lambda: ["similarity", "deepest"])
-    heal: list[str] = field(default_factory=lambda: ["none"])
-    heal_fractions: list[float] | None = None  # heal only the cuts of these fractions (None: every cut)
-    # evaluation: native tasks (mmlu, boolq, c4, arc_easy, hellaswag) and lm-evaluation-harness tasks
-    tasks: list[str] = field(default_factory=lambda: ["mmlu", "boolq", "c4"])
-    lm_eval: list[str] = field(default_factory=list)
-    lm_eval_include: str | None = None
-    lm_eval_data: str | None = None
-    mmlu: str | None = None
-    boolq: str | None = None
-    c4: str | None = None
-    arc_easy: str | None = None
-    hellaswag: str | None = None
-    shots: int = 5
-    subjects: list[str] | None = None
-    limit: int | None = None
-    boolq_limit: int | None = None
-    c4_sequences: int = 64
-    c4_seq_len: int = 512
-    batch_size: int = 8
-    # healing: the data and any option of depthprune.heal (method comes from `heal` above)
-    heal_data: str | None = None
-    heal_val_data: str | None = None
-    heal_preset: str | None = None
-    heal_options: dict = field(default_factory=dict)
-    # cost measurement
-    cost: bool = True
-    cost_prefill_len: int = 256
-    cost_decode_tokens: int = 32
-    cost_repeats: int = 3
-    keep_models: bool = False
-
-
-# Settings naming local files or folders (or hub ids): compared and recorded resolved, so that the
-# spelling of a path (relative, trailing slash) never decides whether a sweep resumes.
-PATH_SETTINGS = ("model", "data", "mmlu", "boolq", "c4", "arc_easy", "hellaswag", "lm_eval_include", "lm_eval_data",
-                 "heal_data", "heal_val_data")
+# Settings naming local files or folders (or hub ids), besides the tasks' data: compared and recorded
+# resolved, so that the spelling of a path (relative, trailing slash) never decides whether a sweep resumes.
+PATH_SETTINGS = ("model", "data", "lm_eval_include", "lm_eval_data", "heal_data", "heal_val_data")
 # Settings that may change between a run and its resumption: they do not change any result.
 RESUMABLE_SETTINGS = {"out", "keep_models"}
-# Lower bounds of the whole-number settings.
-MINIMUM = {"samples": 1, "seq_len": 2, "shots": 0, "limit": 1, "boolq_limit": 1, "c4_sequences": 1, "c4_seq_len": 2,
-           "batch_size": 1, "cost_prefill_len": 1, "cost_decode_tokens": 1, "cost_repeats": 1}
-CHOICES = {"tokens": ("last", "all"), "device": DEVICES, "dtype": tuple(DTYPES)}
+# Keys renamed since: an old config names the new key in its error; an old sweep.yaml is read as renamed.
+RENAMED = {"strategies": "criteria", "tokens": "token_mode"}
 
 # ------------------------------------------------------------------------------------------ settings
 
-_KINDS = {bool: ("true or false", "true/false values"), int: ("a whole number", "whole numbers"),
-          float: ("a number", "numbers"), str: ("a string", "strings")}
 
+def heal_methods() -> tuple[str, ...]:
+    """'none' and every healing method (read from the heal package, so its registry decides)."""
+    from . import heal
 
-def _bad_type(name: str, value, kind: type, plural: bool = False) -> DepthpruneError:
-    single, many = _KINDS[kind]
-    return DepthpruneError(f"sweep setting '{name}' must be {'a list of ' + many if plural else single}, got {value!r}")
-
-
-def _scalar(name: str, value, kind: type, plural: bool = False):
-    """``value`` as ``kind``; flags arrive as text, so numbers may be given as strings."""
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        raise _bad_type(name, value, kind, plural)
-    if kind is str:
-        if isinstance(value, str):
-            return value
-        raise _bad_type(name, value, kind, plural)
-    if isinstance(value, str):
-        try:
-            return kind(value.strip())
-        except ValueError:
-            raise _bad_type(name, value, kind, plural) from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-        raise _bad_type(name, value, kind, plural)
-    return kind(value)
-
-
-def _fraction_range(name: str, text: str) -> list[float]:
-    """'start:stop:step', stop included."""
-    try:
-        start, stop, step = (float(part) for part in text.split(":"))
-    except ValueError:
-        raise DepthpruneError(f"bad {name} '{text}': use start:stop:step with numbers, e.g. 0:0.6:0.1") from None
-    if step <= 0 or start > stop:
-        raise DepthpruneError(f"bad {name} '{text}': the step must be positive and start not above stop")
-    count = int(round((stop - start) / step)) + 1
-    return [round(start + i * step, 10) for i in range(count) if start + i * step <= stop + 1e-9]
-
-
-def _coerce(name: str, value, hint):
-    """Check ``value`` against the type ``hint`` of setting ``name``; lists may be given as 'a,b,c'."""
-    args = typing.get_args(hint)
-    if type(None) in args:
-        if value is None:
-            return None
-        hint = next(a for a in args if a is not type(None))
-    if typing.get_origin(hint) is list:
-        (kind,) = typing.get_args(hint)
-        if kind is float and isinstance(value, str) and ":" in value:
-            return _fraction_range(name, value)
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        elif not isinstance(value, list):
-            value = [value]  # one value where a list is expected: a list of one
-        return [_scalar(name, v, kind, plural=True) for v in value]
-    if hint is dict:
-        if not isinstance(value, dict):
-            raise DepthpruneError(f"sweep setting '{name}' must be a mapping of options, got {value!r}")
-        return value
-    return _scalar(name, value, hint)
+    registry = getattr(heal, "HEAL_METHODS", None)
+    return ("none", *(registry.names() if registry is not None else heal.METHODS))
 
 
 def _read_settings_file(path: Path) -> dict:
@@ -195,16 +82,37 @@ def _read_settings_file(path: Path) -> dict:
     return loaded
 
 
+def _task_keys(settings: dict) -> dict:
+    """Move the tasks' data (``mmlu: DIR`` in YAML, ``--mmlu DIR``) into ``task_data``."""
+    task_data = dict(settings.pop("task_data", None) or {})
+    for name in EVAL_TASKS.names():
+        if name in settings:
+            value = settings.pop(name)
+            if value is not None:
+                task_data[name] = convert(value, str, name, "sweep setting")
+    if task_data:
+        settings["task_data"] = task_data
+    return settings
+
+
 def resolve_config(config_file: str | Path | None = None, **overrides) -> SweepConfig:
-    """Defaults, then the YAML file, then ``overrides`` (None values ignored); every value type- and range-checked."""
+    """Defaults, then the YAML file, then ``overrides`` (None values ignored); every value type- and range-checked.
+
+    Keys are the fields of :class:`SweepConfig`, plus one per registered task for its data (``mmlu: DIR``).
+    ``heal_options`` given in both places are merged key by key (the overrides win).
+    """
     settings = _read_settings_file(Path(config_file)) if config_file is not None else {}
-    settings.update({k: v for k, v in overrides.items() if v is not None})
-    hints = typing.get_type_hints(SweepConfig)
-    unknown = sorted(set(settings) - set(hints), key=str)
-    if unknown:
-        raise DepthpruneError(f"unknown sweep setting(s) {', '.join(map(str, unknown))}: valid keys are "
-                              f"{', '.join(sorted(hints))}")
-    config = SweepConfig(**{key: _coerce(key, value, hints[key]) for key, value in settings.items()})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    renamed = [k for k in [*settings, *given] if k in RENAMED]
+    if renamed:
+        raise DepthpruneError(f"sweep setting '{renamed[0]}' was renamed '{RENAMED[renamed[0]]}': use "
+                              f"`{RENAMED[renamed[0]]}:` in the config (--{RENAMED[renamed[0]].replace('_', '-')})")
+    if isinstance(settings.get("heal_options"), dict) and isinstance(given.get("heal_options"), dict):
+        given["heal_options"] = {**settings["heal_options"], **given["heal_options"]}
+    settings = _task_keys(settings)
+    settings = {**settings, **_task_keys(given), "task_data": {**settings.get("task_data", {}),
+                                                                **_task_keys(given).get("task_data", {})}}
+    config = SweepConfig(**coerce(SweepConfig, settings, "sweep setting"))
     config.heal_options = _checked_heal_options(config.heal_options)
     _check(config)
     return config
@@ -221,7 +129,7 @@ def _checked_heal_options(options: dict) -> dict:
     if unknown:
         raise DepthpruneError(f"unknown healing option(s) {', '.join(map(str, unknown))} in heal_options: valid keys "
                               f"are {', '.join(sorted(set(hints) - {'method'}))}")
-    return {key: _coerce(f"heal_options.{key}", value, hints[key]) for key, value in options.items()}
+    return {key: convert(value, hints[key], f"heal_options.{key}", "sweep setting") for key, value in options.items()}
 
 
 def _check(c: SweepConfig) -> None:
@@ -229,24 +137,21 @@ def _check(c: SweepConfig) -> None:
     if not c.data:
         raise DepthpruneError("the sweep needs calibration data: pass --data SRC (or `data:` in the config)")
     _check_points(c)
-    for name, low in MINIMUM.items():
-        value = getattr(c, name)
-        if value is not None and value < low:
-            raise DepthpruneError(f"sweep setting '{name}' must be at least {low}, got {value}")
-    for name, allowed in CHOICES.items():
-        if getattr(c, name) not in allowed:
-            raise DepthpruneError(f"unknown {name} '{getattr(c, name)}': choose from {', '.join(allowed)}")
     _check_tasks(c)
+    check_ranges(c, "sweep setting")
     _check_healing(c)
 
 
 def _check_points(c: SweepConfig) -> None:
-    for value, allowed, name in [(c.strategies, STRATEGIES, "strategy"), (c.heal, HEAL_METHODS, "healing method")]:
-        wrong = [v for v in value if v not in allowed]
-        if wrong:
-            raise DepthpruneError(f"unknown {name} '{wrong[0]}': choose from {', '.join(allowed)}")
-        if not value:
-            raise DepthpruneError(f"the sweep needs at least one {name}: choose from {', '.join(allowed)}")
+    CRITERIA.check(c.criteria)
+    if not c.criteria:
+        raise DepthpruneError(f"the sweep needs at least one criterion: choose from {', '.join(CRITERIA.names())}")
+    methods = heal_methods()
+    wrong = [h for h in c.heal if h not in methods]
+    if wrong:
+        raise DepthpruneError(f"unknown healing method '{wrong[0]}': choose from {', '.join(methods)}")
+    if not c.heal:
+        raise DepthpruneError(f"the sweep needs at least one healing method: choose from {', '.join(methods)}")
     bad = [f for f in c.fractions + (c.heal_fractions or []) if not 0 <= f < 1]
     if bad:
         raise DepthpruneError(f"fraction {bad[0]} out of range: fractions must be in [0, 1)")
@@ -257,9 +162,9 @@ def _check_points(c: SweepConfig) -> None:
 
 
 def _check_tasks(c: SweepConfig) -> None:
-    wrong = [t for t in c.tasks if t not in NATIVE_TASKS]
+    wrong = [t for t in c.tasks if t not in EVAL_TASKS]
     if wrong:
-        raise DepthpruneError(f"unknown task '{wrong[0]}': choose from {', '.join(NATIVE_TASKS)} "
+        raise DepthpruneError(f"unknown task '{wrong[0]}': choose from {', '.join(EVAL_TASKS.names())} "
                               "(or name lm-evaluation-harness tasks under lm_eval)")
     if not c.tasks and not c.lm_eval:
         raise DepthpruneError("the sweep has nothing to evaluate: give tasks (e.g. mmlu,boolq,c4) or lm_eval tasks")
@@ -302,20 +207,64 @@ def with_resolved_paths(c: SweepConfig) -> SweepConfig:
     options = dict(c.heal_options)
     if options.get("teacher"):
         options["teacher"] = _resolved_path(options["teacher"])
-    return dataclasses.replace(c, heal_options=options, **{k: _resolved_path(getattr(c, k)) for k in PATH_SETTINGS})
+    task_data = {task: _resolved_path(source) for task, source in c.task_data.items()}
+    return dataclasses.replace(c, heal_options=options, task_data=task_data,
+                               **{k: _resolved_path(getattr(c, k)) for k in PATH_SETTINGS})
 
 
 def settings_record(c: SweepConfig) -> dict:
-    """What ``sweep.yaml`` holds: every setting with local paths resolved, without ``out`` (the folder may move)."""
-    record = dataclasses.asdict(with_resolved_paths(c))
+    """What ``sweep.yaml`` holds: every setting with local paths resolved, each task's data under its own key
+    (``mmlu: DIR``), without ``out`` (the folder may move)."""
+    record = {}
+    for key, value in dataclasses.asdict(with_resolved_paths(c)).items():
+        if key == "task_data":
+            continue
+        record[key] = value
+        if key == "tasks":
+            record.update({task: _resolved_path(c.task_data.get(task)) for task in EVAL_TASKS.names()})
     del record["out"]
     return record
 
 
+def _as_now(saved: dict) -> dict:
+    """A ``sweep.yaml`` written by an older version, in today's keys and meanings: renamed keys, and settings
+    added since at their defaults."""
+    saved = {RENAMED.get(k, k): v for k, v in saved.items()}
+    if "mmlu_limit" not in saved and "mmlu" in (saved.get("tasks") or []):
+        saved["mmlu_limit"] = saved.get("limit")  # `limit` also capped each MMLU subject before issue 9
+    return {**settings_record(SweepConfig()), **saved}
+
+
 def _changed_settings(saved: dict, c: SweepConfig) -> list[str]:
     new = settings_record(c)
-    saved = {**saved, **{k: _resolved_path(saved[k]) for k in PATH_SETTINGS if isinstance(saved.get(k), str)}}
+    saved = _as_now(saved)
+    paths = (*PATH_SETTINGS, *EVAL_TASKS.names())
+    saved = {**saved, **{k: _resolved_path(saved[k]) for k in paths if isinstance(saved.get(k), str)}}
     return sorted(k for k in set(saved) | set(new) if k not in RESUMABLE_SETTINGS and saved.get(k) != new.get(k))
+
+
+# ------------------------------------------------------------------------------------------ stage options
+
+
+def _stage(cls, c: SweepConfig, **renamed):
+    """The options of one stage (``cls``) from the sweep's settings (``renamed``: field -> sweep key)."""
+    return cls(**{f.name: getattr(c, renamed.get(f.name, f.name)) for f in dataclasses.fields(cls)})
+
+
+def _data_options(c: SweepConfig) -> DataOptions:
+    return _stage(DataOptions, c, source="data", config="data_config", split="data_split")
+
+
+def _analysis_options(c: SweepConfig) -> AnalysisOptions:
+    return _stage(AnalysisOptions, c)
+
+
+def eval_options(c: SweepConfig) -> EvalOptions:
+    return _stage(EvalOptions, c)
+
+
+def _cost_options(c: SweepConfig) -> CostOptions:
+    return _stage(CostOptions, c, **{f.name: f"cost_{f.name}" for f in dataclasses.fields(CostOptions)})
 
 
 # ------------------------------------------------------------------------------------------ metrics
@@ -324,27 +273,20 @@ def _changed_settings(saved: dict, c: SweepConfig) -> list[str]:
 def flatten_metrics(evaluation: dict, cost: dict | None, healing: dict | None) -> dict:
     """One flat name -> number mapping per point: what the results table and the report plot.
 
-    Accuracy names say which measure they are, whichever route computed them: ``{task}_acc`` is the plain
-    accuracy, ``{task}_acc_norm`` the length-normalized one (lm-eval's ``acc_norm``; ARC and HellaSwag).
+    Each registered task flattens its own result (``EvalTask.flatten``). Accuracy names say which measure
+    they are, whichever route computed them: ``{task}_acc`` is the plain accuracy, ``{task}_acc_norm`` the
+    length-normalized one (lm-eval's ``acc_norm``; ARC and HellaSwag).
     """
     m: dict = {}
     for task, r in evaluation.get("tasks", {}).items():
-        if task == "c4":
-            m.update(c4_loss=r["loss"], c4_loss_norm=r["loss_over_log_vocab"], c4_ppl=r["perplexity"])
-        elif task == "hellaswag":  # the native HellaSwag reports acc_norm as its headline `accuracy`
-            m.update(hellaswag_acc=r["accuracy_unnormalized"], hellaswag_acc_norm=r["accuracy"])
-        else:
-            m[f"{task}_acc"] = r["accuracy"]
-            if "accuracy_norm" in r:
-                m[f"{task}_acc_norm"] = r["accuracy_norm"]
-        if task != "c4":
-            m[f"{task}_chance"] = r.get("chance", r.get("majority_baseline"))
+        if task in EVAL_TASKS:
+            m.update(EVAL_TASKS.get(task).flatten(r))
     for task, r in evaluation.get("lm_eval", {}).get("tasks", {}).items():
         name = task.removesuffix("_local")
         found = {f"{name}_{k}": r[k] for k in ("acc", "acc_norm") if r.get(k) is not None}
         if found:
             m.update(found)
-            m[f"{name}_chance"] = CHANCE.get(name)
+            m[f"{name}_chance"] = EVAL_TASKS.get(name).chance if name in EVAL_TASKS else LM_EVAL_CHANCE.get(name)
     if cost:
         m.update({k: cost[k] for k in ("parameters", "weight_bytes", "peak_memory_bytes", "prefill_tokens_per_s",
                                        "decode_tokens_per_s", "prefill_ms_per_token", "decode_ms_per_token",
@@ -355,8 +297,8 @@ def flatten_metrics(evaluation: dict, cost: dict | None, healing: dict | None) -
     return m
 
 
-# Chance level of lm-eval multiple-choice tasks the report draws (4 choices each).
-CHANCE = {"arc_easy": 0.25, "arc_challenge": 0.25, "hellaswag": 0.25}
+# Chance level of lm-eval multiple-choice tasks that are not registered tasks (4 choices each).
+LM_EVAL_CHANCE = {"arc_challenge": 0.25}
 
 
 # ------------------------------------------------------------------------------------------ checks before work
@@ -370,30 +312,15 @@ def _readable(what: str, source: str, load, *args):
         raise DepthpruneError(f"{what} '{source}' is not UTF-8 text ({exc.reason}): check the path") from None
 
 
-def _data_options(c: SweepConfig) -> DataOptions:
-    return DataOptions(c.data, c.samples, c.seq_len, c.seed, c.text_field, c.data_config, c.data_split)
-
-
 def _check_task_data(c: SweepConfig) -> None:
     """Read every task's data once with the loaders the evaluation uses, so a bad source fails before any work."""
-    from .evaluate.arc import load_arc
-    from .evaluate.boolq import load_boolq
-    from .evaluate.hellaswag import load_hellaswag
-    from .evaluate.mmlu import load_mmlu
-
-    def c4_texts(source: str) -> list[str]:  # as evaluate.c4_loss reads it
-        local = Path(source).expanduser().exists()
-        return load_texts(source, None if local else c.c4_sequences * 8, c.seed,
-                          config="en" if source == "allenai/c4" else None, split="validation")
-
-    loaders = {"mmlu": lambda source: load_mmlu(source, c.subjects), "boolq": load_boolq, "arc_easy": load_arc,
-               "hellaswag": load_hellaswag, "c4": c4_texts}
-    for task in c.tasks:
-        source = getattr(c, task)
+    options = eval_options(c)
+    for name in c.tasks:
+        task, source = EVAL_TASKS.get(name), c.task_data.get(name)
         if source is None:
-            raise DepthpruneError(f"task '{task}' needs its data: pass --{task.replace('_', '-')} SRC "
-                                  f"(or `{task}:` in the config)")
-        _readable(f"{task} data", source, loaders[task], source)
+            raise DepthpruneError(f"task '{name}' needs its data: pass {task.flag} {task.metavar} "
+                                  f"(or `{name}:` in the config)")
+        _readable(f"{name} data", source, task.check, source, options)
     for name in ("lm_eval_include", "lm_eval_data"):
         folder = getattr(c, name)
         if folder is not None and not Path(folder).expanduser().is_dir():
@@ -427,7 +354,7 @@ def _check_inputs(c: SweepConfig) -> None:
 
 
 def _inputs(c: SweepConfig) -> list[str | None]:
-    return [getattr(c, k) for k in PATH_SETTINGS] + [c.heal_options.get("teacher")]
+    return [getattr(c, k) for k in PATH_SETTINGS] + list(c.task_data.values()) + [c.heal_options.get("teacher")]
 
 
 def force_dir(out: Path) -> Path:
@@ -522,7 +449,9 @@ def run_sweep(c: SweepConfig, log=print, force: bool = False) -> Path:
         log(f"note: '{force_dir(out)}' holds an interrupted --force sweep; rerun with --force to continue it")
     _check_inputs(c)
     state = _read_state(c, work, force)
-    texts = None if state.distances else _readable("calibration data", c.data, load_calibration, _data_options(c))
+    calibrating = "calibration" in needs_of(c.criteria)  # a criterion that reads the calibration text itself
+    texts = None if state.distances and not calibrating else \
+        _readable("calibration data", c.data, load_calibration, _data_options(c))
     with output_lock(out):
         model, tokenizer = load_model(c.model, device=c.device, dtype=c.dtype)
         total = num_layers(model)
@@ -531,9 +460,11 @@ def run_sweep(c: SweepConfig, log=print, force: bool = False) -> Path:
         db = _setup(c, work, state)
         try:
             distances = state.distances or _analyse(model, tokenizer, c, work, texts, log)
+            context = SelectionContext(total, distances, model, tokenizer,
+                                       tokenize(texts, tokenizer, c.seq_len) if calibrating else None)
             todo = [p for p in points if point_key(*p) not in state.done]
             log(f"{len(points)} points, {len(points) - len(todo)} already finished")
-            _run_points(model, tokenizer, c, work, db, todo, total, distances, log)
+            _run_points(model, tokenizer, c, work, db, todo, total, context, log)
         finally:
             db.close()
         _finish(c, out, work, len(points), total)
@@ -541,10 +472,10 @@ def run_sweep(c: SweepConfig, log=print, force: bool = False) -> Path:
 
 
 def _run_points(model, tokenizer, c: SweepConfig, work: Path, db, todo: list[tuple[int, str, str]], total: int,
-                distances: AngularDistances, log) -> None:
+                context: SelectionContext, log) -> None:
     for index, point in enumerate(todo, 1):
         prefix = f"[{index}/{len(todo)}]"
-        metrics = _run_point(model, tokenizer, c, work, db, point, total, distances,
+        metrics = _run_point(model, tokenizer, c, work, db, point, total, context,
                              lambda text, prefix=prefix: log(f"{prefix} {text}"))
         log("    " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                                 if isinstance(v, float) and not k.endswith("_chance")))
@@ -553,7 +484,7 @@ def _run_points(model, tokenizer, c: SweepConfig, work: Path, db, todo: list[tup
 def _points(c: SweepConfig, sizes: list[int], total: int) -> list[tuple[int, str, str]]:
     healed_sizes = set(sizes) if c.heal_fractions is None else {round(f * total) for f in c.heal_fractions}
     points = [(0, "full", "none")] if 0 in sizes else []
-    return points + [(n, s, h) for n in sizes if n > 0 for s in c.strategies for h in c.heal
+    return points + [(n, s, h) for n in sizes if n > 0 for s in c.criteria for h in c.heal
                      if h == "none" or n in healed_sizes]
 
 
@@ -579,7 +510,7 @@ def _analyse(model, tokenizer, c: SweepConfig, work: Path, texts: list[str], log
     from .report import plot_heatmap
 
     log(f"measuring angular distances on {len(texts)} samples of {c.data}")
-    distances = measure(model, tokenizer, _data_options(c), texts=texts, batch_size=c.batch_size, tokens=c.tokens)
+    distances = _measure_texts(model, tokenizer, _data_options(c), texts, _analysis_options(c))
     with atomic_output_dir(work / ANALYSIS_DIR, force=True) as tmp:
         distances.save(tmp)
         plot_heatmap(distances, tmp / "heatmap.png")
@@ -587,13 +518,10 @@ def _analyse(model, tokenizer, c: SweepConfig, work: Path, texts: list[str], log
 
 
 def _evaluate(model, tokenizer, c: SweepConfig) -> dict:
-    from .evaluate import evaluate
+    from .evaluate.suite import evaluate
 
-    return evaluate(model, c.tasks or None, tokenizer=tokenizer, mmlu=c.mmlu, boolq=c.boolq, c4=c.c4, arc_easy=c.arc_easy,
-                    hellaswag=c.hellaswag, shots=c.shots,
-                    subjects=c.subjects, limit=c.limit, boolq_limit=c.boolq_limit, batch_size=c.batch_size, c4_sequences=c.c4_sequences,
-                    c4_seq_len=c.c4_seq_len, seed=c.seed, lm_eval=c.lm_eval or None,
-                    lm_eval_include=c.lm_eval_include, lm_eval_data=c.lm_eval_data, progress=False)
+    return evaluate(model, c.tasks, tokenizer=tokenizer, options=eval_options(c), progress=False,
+                    **{task: c.task_data[task] for task in c.tasks})
 
 
 def _cost(model, c: SweepConfig) -> dict | None:
@@ -601,20 +529,21 @@ def _cost(model, c: SweepConfig) -> dict | None:
 
     if not c.cost:
         return None
-    return measure_cost(model, prefill_len=c.cost_prefill_len, decode_tokens=c.cost_decode_tokens,
-                        repeats=c.cost_repeats, seed=c.seed)
+    o = _cost_options(c)
+    return measure_cost(model, prefill_len=o.prefill_len, decode_tokens=o.decode_tokens, repeats=o.repeats,
+                        seed=c.seed)
 
 
-def _point_dir(work: Path, n: int, strategy: str, heal: str) -> Path:
-    return work / "points" / f"n{n:03d}-{strategy}-{heal}"
+def _point_dir(work: Path, n: int, criterion: str, heal: str) -> Path:
+    return work / "points" / f"n{n:03d}-{criterion}-{heal}"
 
 
 def _run_point(model, tokenizer, c: SweepConfig, work: Path, db, point: tuple[int, str, str], total: int,
-               distances: AngularDistances, log) -> dict:
+               context: SelectionContext, log) -> dict:
     """Evaluate one point and record it in one transaction; returns its metrics."""
-    n, strategy, method = point
+    n, criterion, method = point
     start = time.perf_counter()
-    selection = choose_block(strategy, n, total, distances) if n > 0 else None
+    selection = choose(criterion, n, context) if n > 0 else None
     layers = selection.layers if selection else ()
     log(f"{point_key(*point)}: removing layers {list(layers) if layers else 'none'}")
     healing = None
@@ -626,7 +555,7 @@ def _run_point(model, tokenizer, c: SweepConfig, work: Path, db, point: tuple[in
         evaluation, cost = _evaluate(healed, tokenizer, c), _cost(healed, c)
         del healed
     metrics = flatten_metrics(evaluation, cost, healing)
-    save_point(db, n=n, fraction=n / total, strategy=strategy, heal=method, removed_layers=layers,
+    save_point(db, n=n, fraction=n / total, criterion=criterion, heal=method, removed_layers=layers,
                distance=selection.distance if selection else None, metrics=metrics,
                details={"evaluation": evaluation, "cost": cost, "healing": healing,
                         "seconds": round(time.perf_counter() - start, 1)})
