@@ -74,18 +74,18 @@ def test_sweep_with_healing_resumes_an_interrupted_heal(tiny_checkpoint, tiny_co
     config = _config(tiny_checkpoint, tiny_corpus, shared_data, tmp_path / "s", n="0,2,4", criteria="deepest",
                      heal="none,lora", heal_fractions=[0.3], tasks="c4", heal_data=str(tiny_corpus), heal_val_data=str(tiny_corpus),
                      heal_options=heal_options, cost=False)
-    real_heal = heal_module.heal
+    real_heal = heal_module.heal_loaded
 
     def killed_heal(*args, **kwargs):  # the first healing dies after 2 of its 4 steps
         assert kwargs["dtype"] == config.dtype  # healing follows the sweep's dtype
         real_heal(*args, stop_after=2, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(heal_module, "heal", killed_heal)
+    monkeypatch.setattr(heal_module, "heal_loaded", killed_heal)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(config, log=lambda _: None)
     assert (tmp_path / "s" / "points" / "n002-deepest-lora" / "healed" / "checkpoint").is_dir()
-    monkeypatch.setattr(heal_module, "heal", real_heal)
+    monkeypatch.setattr(heal_module, "heal_loaded", real_heal)
     run_sweep(config, log=lambda _: None)
     points = {(p["n"], p["heal"]): p for p in load_points(tmp_path / "s")}
     assert set(points) == {(0, "none"), (2, "none"), (2, "lora"), (4, "none")}  # only n = round(0.3 * 6) healed

@@ -111,17 +111,10 @@ def _run_eval(args) -> None:
         print(f"\nwrote {args.out}")
 
 def _run_heal(args) -> None:
-    from .heal import heal
+    from .heal import HealOptions, heal
+    from .options import given_options
 
-    targets = args.target_modules.split(",") if args.target_modules else None
-    options = dict(method=args.method, steps=args.steps, tokens=args.tokens, batch_size=args.batch_size,
-                   grad_accum=args.grad_accum, seq_len=args.seq_len, lr=args.lr, rank=args.rank, alpha=args.alpha,
-                   dropout=args.dropout, target_modules=targets, warmup=args.warmup, schedule=args.schedule,
-                   weight_decay=args.weight_decay, teacher=args.teacher, kd_weight=args.kd_weight,
-                   kd_temperature=args.kd_temperature, eval_every=args.eval_every, save_every=args.save_every,
-                   val_sequences=args.val_sequences, seed=args.seed, text_field=args.text_field,
-                   data_config=args.data_config, data_split=args.data_split,
-                   gradient_checkpointing=args.gradient_checkpointing or None)
+    options = given_options(args, HealOptions)
     result = heal(args.model, args.data, args.out, val_data=args.val_data, preset=args.preset, device=args.device,
                   dtype=args.dtype, save_adapter=args.save_adapter, force=args.force, restart=args.restart,
                   stop_after=args.stop_after, trust_remote_code=args.trust_remote_code, **options)
@@ -142,17 +135,16 @@ def _run_heal(args) -> None:
 
 
 def _add_heal_parser(commands) -> None:
-    from .heal import METHODS, PRESETS, SCHEDULES
+    from .heal import HEAL_METHODS, PRESETS, HealOptions
+    from .options import add_options
 
-    p = commands.add_parser("heal", help="fine-tune a pruned model on C4 (QLoRA, LoRA, full, distillation); resumable")
+    p = commands.add_parser("heal", help="fine-tune a pruned model on C4 (" + ", ".join(HEAL_METHODS.names())
+                            + ", distillation); resumable")
     p.add_argument("model", help="the pruned checkpoint directory (or any model: " + MODEL_HELP + ")")
     p.add_argument("--data", required=True, help="training text: .jsonl/.json/.txt/.parquet file, directory, or "
                                                  "Hugging Face dataset id (e.g. allenai/c4 --data-config en)")
     p.add_argument("--val-data", help="held-out text scored with the C4-loss evaluator (default: the validation "
                                       "split of a Hugging Face --data)")
-    p.add_argument("--data-config", help="Hugging Face dataset config (e.g. 'en' for allenai/c4)")
-    p.add_argument("--data-split", help="Hugging Face split of --data (default: train)")
-    p.add_argument("--text-field", help="field holding the text (default: text)")
     p.add_argument("--out", required=True, help="output directory: checkpoints and log while running, the merged "
                                                 "model at the end; rerun the same command to resume")
     p.add_argument("--force", action="store_true", help="replace what --out holds (an older result, other files) "
@@ -162,30 +154,7 @@ def _add_heal_parser(commands) -> None:
                                                           "log) and start over")
     p.add_argument("--preset", choices=list(PRESETS), help="paper: the paper's recipe (default); cpu-small: a run "
                                                            "that finishes in minutes on a CPU. Options below win.")
-    p.add_argument("--method", choices=METHODS, help="qlora (4-bit base + LoRA; default), lora, or full")
-    p.add_argument("--teacher", help="the unpruned model, for logit distillation (KL to its next-token distribution)")
-    p.add_argument("--kd-weight", type=float, help="weight of the distillation loss against the LM loss (default 0.5)")
-    p.add_argument("--kd-temperature", type=float, help="softmax temperature of the distillation (default 1)")
-    length = p.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, help="optimizer steps (default 5000)")
-    length.add_argument("--tokens", type=int, help="training tokens instead of --steps (rounded up to whole steps)")
-    p.add_argument("--batch-size", type=int, help="global batch in sequences per step (default 16)")
-    p.add_argument("--grad-accum", type=int, help="micro-batches per step and process (default 1)")
-    p.add_argument("--seq-len", type=int, help="tokens per packed sequence (default 2048)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 3e-4)")
-    p.add_argument("--rank", type=int, help="LoRA rank (default 64)")
-    p.add_argument("--alpha", type=float, help="LoRA alpha (default: = rank)")
-    p.add_argument("--dropout", type=float, help="LoRA dropout (default 0.05)")
-    p.add_argument("--target-modules", help="comma-separated module names for LoRA, or all-linear "
-                                            "(default: the MLP projections, e.g. gate_proj,up_proj,down_proj)")
-    p.add_argument("--warmup", type=int, help="warm-up steps (default 100)")
-    p.add_argument("--schedule", choices=list(SCHEDULES), help="learning-rate schedule after warm-up (default cosine)")
-    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
-    p.add_argument("--eval-every", type=int, help="validation every N steps (default 500)")
-    p.add_argument("--save-every", type=int, help="checkpoint every N steps (default 500)")
-    p.add_argument("--val-sequences", type=int, help="validation sequences of --seq-len tokens (default 64)")
-    p.add_argument("--seed", type=int, help="seed of data order, LoRA init and dropout (default 0)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
+    p.add_argument("--method", choices=HEAL_METHODS.names(), help=HEAL_METHODS.help() + " (default: qlora)")
     p.add_argument("--stop-after", type=int, help="stop this invocation after N steps, with a checkpoint")
     p.add_argument("--save-adapter", action="store_true", help="also save the LoRA adapter alone in OUT/adapter")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
@@ -193,6 +162,7 @@ def _add_heal_parser(commands) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="weights and compute (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model repo's own Python code")
+    add_options(p, HealOptions, exclude=["method"], title="healing options (--steps or --train-tokens)")
     p.set_defaults(run=_run_heal)
 
 

@@ -26,11 +26,11 @@ _MISSING = dataclasses.MISSING
 
 def option(default: Any = _MISSING, *, help: str, flag: str | None = None, choices: Iterable[str] | Callable | None = None,
            metavar: str | None = None, minimum: float | None = None, maximum: float | None = None,
-           below: float | None = None, parse: Callable[[str], Any] | None = None, cli: bool = True,
+           below: float | None = None, above: float | None = None, parse: Callable[[str], Any] | None = None, cli: bool = True,
            default_factory: Callable[[], Any] | None = None) -> Any:
     """A dataclass field with what the CLI and the checks need.
 
-    ``minimum``/``maximum`` are inclusive bounds, ``below`` an exclusive upper bound (floats must also be
+    ``minimum``/``maximum`` are inclusive bounds, ``below``/``above`` exclusive ones (floats must also be
     finite). ``choices`` is a list, or a function returning one (a registry's ``names``, read late so
     plug-ins registered after import count); ``{choices}`` in the help text is replaced by them when the
     flags are made. ``parse`` turns one CLI or YAML string into the value (e.g. 'start:stop:step'
@@ -38,7 +38,7 @@ def option(default: Any = _MISSING, *, help: str, flag: str | None = None, choic
     option out of the flags (YAML/API only).
     """
     metadata = dict(help=help, flag=flag, choices=choices, metavar=metavar, minimum=minimum, maximum=maximum,
-                    below=below, parse=parse, cli=cli)
+                    below=below, above=above, parse=parse, cli=cli)
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -223,6 +223,9 @@ def _check_one(value, meta, label: str) -> None:
         raise DepthpruneError(f"{label} must be at most {high:g}, got {value:g}")
     if below is not None and value >= below:
         raise DepthpruneError(f"{label} must be below {below:g}, got {value:g}")
+    above = meta.get("above")
+    if above is not None and value <= above:
+        raise DepthpruneError(f"{label} must be above {above:g}, got {value:g}")
 
 
 def flag_name(f: dataclasses.Field, prefix: str = "") -> str:

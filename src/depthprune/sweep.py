@@ -1,8 +1,8 @@
 """The paper's experiment in one call: evaluate the model with more and more of its layers removed.
 
 One analysis feeds every point. A point is (n layers removed, selection criterion, healing). Unhealed points
-are cut from the one loaded model in memory (``layers_removed``: no copy, no reload); healed points save the
-cut checkpoint, heal it (resumable) and evaluate the merged result. Every finished point is one row of
+are cut from the one loaded model in memory (``layers_removed``: no copy, no reload); healed points heal the
+cut in memory (a copy of it; resumable) and evaluate the merged result. Every finished point is one row of
 ``results.sqlite``; a rerun of the same command skips finished points and resumes an interrupted healing.
 
 The settings are :class:`depthprune.config.SweepConfig`: the stage options plus the sweep's own keys, one
@@ -15,6 +15,7 @@ state of ``OUT``), then loads the model, and only then writes: a bad input never
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -30,7 +31,8 @@ from .config import AnalysisOptions, CostOptions, DataOptions, EvalOptions, Swee
 from .data import load_texts, tokenize
 from .errors import DepthpruneError
 from .evaluate.registry import EVAL_TASKS
-from .models import EMBEDDED_MODELS, count_parameters, load_model, num_layers, resolve_model_source
+from .heal import HEAL_METHODS as HEALING
+from .models import DTYPES, EMBEDDED_MODELS, count_parameters, load_model, num_layers, resolve_model_source
 from .options import check_ranges, coerce, convert
 from .outputs import (
     TEMP_MARK,
@@ -44,7 +46,7 @@ from .outputs import (
 from .select import CRITERIA, SelectionContext, choose, needs_of
 from .similarity import AngularDistances, load_distances
 from .store import connect, point_key, read_finished, save_point
-from .surgery import layers_removed, pruning_record, read_record, save_pruned
+from .surgery import layers_removed, pruning_record, read_record
 
 __all__ = ["SweepConfig", "block_sizes", "flatten_metrics", "resolve_config", "run_sweep", "settings_record"]
 
@@ -63,11 +65,8 @@ RENAMED = {"strategies": "criteria", "tokens": "token_mode"}
 
 
 def heal_methods() -> tuple[str, ...]:
-    """'none' and every healing method (read from the heal package, so its registry decides)."""
-    from . import heal
-
-    registry = getattr(heal, "HEAL_METHODS", None)
-    return ("none", *(registry.names() if registry is not None else heal.METHODS))
+    """'none' and every registered healing method (read when asked, so plug-ins registered later count)."""
+    return ("none", *HEALING.names())
 
 
 def _read_settings_file(path: Path) -> dict:
@@ -565,39 +564,46 @@ def _run_point(model, tokenizer, c: SweepConfig, work: Path, db, point: tuple[in
 
 
 def _heal_point(model, tokenizer, c: SweepConfig, work: Path, point: tuple[int, str, str], selection, total: int):
-    """Save the cut (atomically), heal it (resuming a killed healing) and load the merged result."""
-    from .heal import heal
+    """Heal the cut in memory (resuming a killed healing from its checkpoint); returns the merged model.
 
-    folder = _point_dir(work, *point)
-    pruned, healed = folder / "pruned", folder / "healed"
-    if not (pruned / "config.json").is_file():
-        params_before = count_parameters(model)
-        with layers_removed(model, selection.layers) as cut:
-            record = pruning_record(c.model, total, params_before, cut, selection)
-            save_pruned(cut, tokenizer, pruned, record, force=True)
-    if _started_elsewhere(healed, pruned):
+    lora, dora and full train and merge into the model they are given: they get a copy of the cut
+    (``copy.deepcopy``: memory for the kept layers once more, as much as the saved-and-reloaded cut of
+    earlier versions took, without the disk round trip), so the loaded model comes back unchanged for
+    the next points. qlora only reads the cut, into a 4-bit copy. The healing is named by the base model
+    and the layers removed (in ``heal_config.json``): a rerun recreates the same cut and resumes.
+    """
+    from .heal import heal_loaded
+
+    healed = _point_dir(work, *point) / "healed"
+    model_id = f"{c.model} without layers {list(selection.layers)}"
+    if _started_elsewhere(healed, model_id):
         shutil.rmtree(healed)
     record = read_record(healed) if healed.is_dir() else None
-    if record is not None and "healing" in record:
-        healing = record["healing"]  # healed before the sweep was stopped, not yet evaluated
-    else:
-        options = {**c.heal_options, "method": point[2]}
-        healing = heal(str(pruned), c.heal_data, str(healed), val_data=c.heal_val_data, preset=c.heal_preset,
-                       device=c.device, dtype=c.dtype, progress=False, **options)
-    healed_model, _ = load_model(str(healed), device=c.device, dtype=c.dtype)
-    return healed_model, healing
+    if record is not None and "healing" in record:  # healed before the sweep was stopped, not yet evaluated
+        healed_model, _ = load_model(str(healed), device=c.device, dtype=c.dtype)
+        return healed_model, record["healing"]
+    options = {**c.heal_options, "method": point[2]}
+    params_before = count_parameters(model)
+    with layers_removed(model, selection.layers) as cut:
+        record = pruning_record(c.model, total, params_before, cut, selection)
+        trainee = cut if HEALING.get(point[2]).quantized_base else copy.deepcopy(cut)
+        result = heal_loaded(trainee, c.heal_data, str(healed), tokenizer=tokenizer, model_id=model_id, record=record,
+                             val_data=c.heal_val_data, preset=c.heal_preset, device=c.device, dtype=c.dtype,
+                             progress=True, **options)
+    del trainee
+    return result.model.to(DTYPES[c.dtype]), result.record
 
 
-def _started_elsewhere(healed: Path, pruned: Path) -> bool:
-    """A healing begun before the sweep folder moved names its input by the old path, and heal would
-    refuse to resume it as 'other settings': such a healing starts over."""
+def _started_elsewhere(healed: Path, model_id: str) -> bool:
+    """A healing recorded for another model (an older sweep named its input by the path of a saved cut,
+    which heal would refuse to resume as 'other settings'): such a healing starts over."""
     from .heal import CONFIG_FILE
 
     try:
         started = json.loads((healed / CONFIG_FILE).read_text(encoding="utf-8")).get("model")
     except (OSError, ValueError, AttributeError):
         return False
-    return started is not None and started != str(pruned)
+    return started is not None and started != model_id
 
 
 def _finish(c: SweepConfig, out: Path, work: Path, points: int, total: int) -> None:
