@@ -66,9 +66,9 @@ def test_every_method_trains_and_merges_exactly(tiny_checkpoint, name):
 
 def test_method_choices_come_from_the_registry():
     from depthprune.cli import build_parser
-    from depthprune.sweep import HEAL_METHODS as SWEEP_METHODS
+    from depthprune.sweep import heal_methods
 
-    assert SWEEP_METHODS == ("none", *HEAL_METHODS.names()) and "dora" in SWEEP_METHODS
+    assert heal_methods() == ("none", *HEAL_METHODS.names()) and "dora" in heal_methods()
     heal_parser = build_parser()._subparsers._group_actions[0].choices["heal"]
     method = next(a for a in heal_parser._actions if a.dest == "method")
     assert tuple(method.choices) == HEAL_METHODS.names()

@@ -144,6 +144,12 @@ def _task_names() -> tuple[str, ...]:
     return EVAL_TASKS.names()
 
 
+def _healing_names() -> tuple[str, ...]:
+    from .heal.methods import HEAL_METHODS
+
+    return ("none", *HEAL_METHODS.names())
+
+
 @dataclasses.dataclass
 class _SweepOwn:
     """The sweep's own keys (the rest come from the stage options)."""
@@ -157,8 +163,8 @@ class _SweepOwn:
     n: list[int] | None = option(None, help="numbers of layers to remove instead of fractions, e.g. 0,2,4,8")
     criteria: list[str] = option(help="selection criteria, comma-separated: {choices}", choices=_criterion_names,
                                  default_factory=lambda: ["similarity", "deepest"])
-    heal: list[str] = option(help="healing of each cut, comma-separated: none or a healing method (qlora, lora, "
-                                  "full)", default_factory=lambda: ["none"])
+    heal: list[str] = option(help="healing of each cut, comma-separated: {choices}", choices=_healing_names,
+                             default_factory=lambda: ["none"])
     heal_fractions: list[float] | None = option(None, help="heal only the cuts of these fractions (default: every "
                                                            "cut)", parse=parse_fractions)
     tasks: list[str] = option(help="evaluation tasks, comma-separated: {choices}", choices=_task_names,
