@@ -198,7 +198,7 @@ def _run_sweep(args) -> None:
              "heal_preset", "samples", "device", "dtype")
     overrides = {name: getattr(args, name) for name in names}
     config = resolve_config(args.config, **overrides)
-    out = run_sweep(config, force=args.force)
+    out = run_sweep(config, force=args.force, quiet=args.quiet)
     print(f"report: {write_report(out)}")
 
 
@@ -310,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start over: the new sweep runs in a hidden folder beside --out (.OUT.depthprune-force) "
                         "that replaces --out only once complete, so the old sweep stays intact until then; "
                         "after an interruption, rerun with --force to continue the new sweep")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars: one line per stage (and one a minute while a long stage runs), for logs")
     # Numbers are taken as text and checked with the YAML settings, so every bad value gets one message.
     p.add_argument("--data", help="calibration text for the angular distances")
     p.add_argument("--fractions", help="fractions of layers to drop: start:stop:step (stop included) or a list")
