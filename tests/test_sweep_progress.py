@@ -213,3 +213,84 @@ def test_the_cost_table_is_written_in_one_transaction(tmp_path):
     assert {n: r["x"] for n, r in read_cost(db).items()} == {4: 3}
     db.close()
 
+
+# --- the report of a sweep whose cost was timed in the cost phase ------------------------------------------
+
+
+def _timed_together(tmp_path, prefill=lambda kept: 1 + 0.5 * kept):
+    """test_report's synthetic sweep (10 layers; n = 0, 2, 4, 6), its cost recorded as the cost phase does:
+    one record per layer count, healed points included, median and a spread of -10 % / +20 %."""
+    from test_report import L, fake_sweep
+
+    from depthprune.store import read_points, save_cost
+    from depthprune.sweep import flatten_metrics
+
+    fake_sweep(tmp_path, prefill=prefill)
+    db = connect(tmp_path)
+    costs, updates = {}, {}
+    for p in read_points(db):
+        kept = L - p["n"]
+        medians = {key: p["metrics"][key] for key in ("prefill_ms_per_token", "decode_ms_per_token", "weight_bytes",
+                                                        "peak_memory_bytes", "layer_prefill_ms_per_token",
+                                                        "layer_weight_bytes", "parameters")}
+        medians.update(prefill_tokens_per_s=1.0, decode_tokens_per_s=1.0, layer_decode_ms_per_token=1.0)
+        record = costs.setdefault(p["n"], {**medians, "num_layers": kept, "rounds": 3,
+                                           "spread": {k: [0.9 * v, 1.2 * v] for k, v in medians.items()},
+                                           "settings": {"repeats": 2, "rounds": 3}})
+        if p["heal"] != "none":  # a healed point's own timing, say under load: replaced by its count's
+            p["metrics"]["prefill_ms_per_token"] *= 3
+        metrics = {**p["metrics"], **flatten_metrics({}, record, None)}
+        updates[p["key"]] = (metrics, {**p["details"], "cost": record})
+    save_cost(db, costs, updates)
+    db.close()
+    return load_points(tmp_path)
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    from depthprune import report
+
+    drawn, save = {}, report._save
+
+    def keep(fig, path):
+        drawn[path.name] = fig
+        return save(fig, path)
+
+    monkeypatch.setattr(report, "_save", keep)
+    return drawn
+
+
+def test_report_fits_one_median_per_layer_count_and_draws_the_spread(tmp_path, figures):
+    from depthprune import report
+
+    points = _timed_together(tmp_path)
+    assert report.timed_together(points)
+    fit = report.cost_fits(points)["prefill_ms_per_token"]
+    assert fit["num_points"] == 4 and fit["per_unit"] == pytest.approx(0.5) and fit["r2"] == pytest.approx(1.0)
+    report.plot_cost(points, tmp_path / "cost.png")
+    prefill_ax = figures["cost.png"].axes[0]
+    (bars,) = [c for c in prefill_ax.containers if c.has_yerr]
+    lows, highs = zip(*[segment[:, 1] for segment in bars.lines[2][0].get_segments()], strict=True)
+    medians = [1 + 0.5 * kept for kept in (10, 8, 6, 4)]
+    assert list(lows) == pytest.approx([0.9 * m for m in medians]) and list(highs) == pytest.approx([1.2 * m for m in medians])
+    assert any(line.get_label().startswith("fit") for line in prefill_ax.get_lines())  # the fit is drawn
+    assert prefill_ax.get_title() == ""
+    assert "3 interleaved rounds, each the best of 2 repeats" in figures["cost.png"].get_suptitle()
+
+    html = report.write_report(tmp_path).read_text()
+    assert "<table id='cost-table'>" in html and "medians of 3 interleaved rounds" in html
+    assert "least squares over the 4 layer counts" in html
+    header, rows = report.cost_table(points)
+    assert rows[0][:3] == ["0", "10", "6 [5.4–7.2]"]
+
+
+def test_report_still_refuses_a_bad_fit_of_the_medians(tmp_path, figures):
+    from depthprune import report
+
+    points = _timed_together(tmp_path, prefill=lambda kept: -5 + 2 * kept)
+    fit = report.cost_fits(points)["prefill_ms_per_token"]
+    assert any("negative fixed part" in p for p in fit["problems"])
+    report.plot_cost(points, tmp_path / "cost.png")
+    prefill_ax = figures["cost.png"].axes[0]
+    assert not any(line.get_label().startswith("fit") for line in prefill_ax.get_lines())
+    assert "negative fixed part" in prefill_ax.get_title()
