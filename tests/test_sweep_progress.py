@@ -202,6 +202,9 @@ def test_progress_counts_points_finished_in_earlier_runs():
     assert lines[2] == "[2/3] n=2/deepest/lora: cut"
     progress.finished("n=2/deepest/lora", 100.0)
     assert lines[3].startswith("ETA: 1 point left (1 unhealed), about 12 s")
+    without_cost = Lines()
+    SweepProgress(without_cost, keys, {"n=0/full/none": 12.0}, {"n=0/full/none"}, cost_phase=False).log_eta()
+    assert "cost phase" not in without_cost[0] and "cost phase" in lines[1]
 
 
 def test_the_cost_table_is_written_in_one_transaction(tmp_path):

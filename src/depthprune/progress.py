@@ -112,7 +112,7 @@ class SweepProgress:
     """
 
     def __init__(self, log: Callable[[str], None], points: list[tuple[str, str]], seconds: dict[str, float],
-                 done: set[str], quiet: bool = False, cost_seconds: float | None = None):
+                 done: set[str], quiet: bool = False, cost_phase: bool = True, cost_seconds: float | None = None):
         self.log, self.quiet, self.total = log, quiet, len(points)
         self.kinds = dict(points)
         self.done = {key for key in self.kinds if key in done}
@@ -120,7 +120,7 @@ class SweepProgress:
         for key in self.done:
             if key in seconds:
                 self.times[self.kinds[key]].append(seconds[key])
-        self.cost_seconds = cost_seconds
+        self.cost_phase, self.cost_seconds = cost_phase, cost_seconds
         self.prefix = ""
         self.heartbeat = QUIET_HEARTBEAT_S if quiet else HEARTBEAT_S
 
@@ -158,14 +158,14 @@ class SweepProgress:
         known = ", ".join(f"{k} {duration(statistics.median(v))} each (median of {len(v)})"
                           for k, v in self.times.items() if v)
         if not left:
-            cost = f"; cost phase about {duration(self.cost_seconds)}" if self.cost_seconds else ""
+            cost = f"; cost phase about {duration(self.cost_seconds)}" if self.cost_phase and self.cost_seconds else ""
             self.log(f"ETA: all {self.total} points finished ({known}){cost}")
             return
         seconds, unknown = estimate(self.times, left)
         counts = ", ".join(f"{left.count(k)} {k}" for k in KINDS if k in left)
         bound = "at least " if unknown else "about "
-        cost = f" + the cost phase (about {duration(self.cost_seconds)} last time)" if self.cost_seconds else \
-            " + the cost phase"
+        cost = "" if not self.cost_phase else f" + the cost phase (about {duration(self.cost_seconds)} last time)" \
+            if self.cost_seconds else " + the cost phase"
         note = f"; no {' or '.join(unknown)} point timed yet" if unknown else ""
         ends = time.strftime("%H:%M", time.localtime(time.time() + seconds + (self.cost_seconds or 0)))
         self.log(f"ETA: {len(left)} point{'s' * (len(left) > 1)} left ({counts}), {bound}{duration(seconds)}{cost}, ends ~{ends} "

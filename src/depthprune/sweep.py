@@ -553,7 +553,7 @@ def run_sweep(c: SweepConfig, log=print, force: bool = False, quiet: bool = Fals
         try:
             distances = state.distances or _analyse(model, tokenizer, c, work, texts, log, progress=not quiet)
             progress = SweepProgress(log, [(point_key(*p), kind(p[2])) for p in points], point_seconds(db),
-                                     state.done, quiet=quiet, cost_seconds=_last_cost_seconds(db) if c.cost else None)
+                                     state.done, quiet=quiet, cost_phase=c.cost, cost_seconds=_last_cost_seconds(db))
             progress.begin()
             todo = [p for p in points if point_key(*p) not in state.done]
             _run_points(model, tokenizer, c, work, db, todo, total, distances, progress)
