@@ -177,7 +177,7 @@ def _run_sweep(args) -> None:
     if args.heal_option:
         overrides["heal_options"] = dict(args.heal_option)
     config = resolve_config(args.config, **overrides)
-    out = run_sweep(config, force=args.force)
+    out = run_sweep(config, force=args.force, quiet=args.quiet)
     print(f"report: {write_report(out)}")
 
 
@@ -282,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start over: the new sweep runs in a hidden folder beside --out (.OUT.depthprune-force) "
                         "that replaces --out only once complete, so the old sweep stays intact until then; "
                         "after an interruption, rerun with --force to continue the new sweep")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars: one line per stage (and one a minute while a long stage runs), for logs")
     add_options(p, SweepConfig, exclude={"model"}, title="settings (each also a key of --config)")
     add_task_data_options(p, title="task data (YAML: the task's name, e.g. `mmlu: DIR`)")
     p.add_argument("--heal-option", action="append", type=_key_value, metavar="KEY=VALUE",

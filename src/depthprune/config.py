@@ -116,6 +116,8 @@ class CostOptions(_Checked):
     prefill_len: int = option(256, minimum=1, help="prompt tokens timed for prefill")
     decode_tokens: int = option(32, minimum=1, help="tokens timed for decoding")
     repeats: int = option(3, minimum=1, help="timings per point; the best is kept")
+    rounds: int = option(3, minimum=1, help="sweep: interleaved rounds over every layer count in the final cost phase "
+                                            "(median and spread over the rounds)")
 
 
 def parse_fractions(text: str):

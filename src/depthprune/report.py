@@ -367,10 +367,32 @@ COST_PANELS = [("prefill_ms_per_token", "prefill time per token", "ms", 1.0, "la
                ("peak_memory_bytes", "peak memory", "MiB", 1 / 2**20, None)]
 
 
+def timed_together(points: list[dict]) -> bool:
+    """Whether the sweep's cost comes from its final cost phase: every layer count timed in the same
+    interleaved rounds, one record per count with the median and spread (min, max) of the rounds. Older
+    sweeps timed each point once, whenever it ran."""
+    return any("spread" in (p["details"].get("cost") or {}) for p in points)
+
+
 def _cost_points(points: list[dict]) -> list[dict]:
-    # Unhealed models only, so a fit describes one condition: healed models are extra timings of the same
-    # architectures, taken at other moments of the sweep.
-    return [p for p in points if p["heal"] == "none" and p["metrics"].get("prefill_ms_per_token") is not None]
+    """The points the cost figure and fits use: one per layer count timed in the cost phase (its cost is
+    the same for every point with that count, healed or not); in older sweeps, every unhealed point."""
+    measured = [p for p in points if p["metrics"].get("prefill_ms_per_token") is not None]
+    if not timed_together(measured):
+        # Unhealed models only, so a fit describes one condition: healed models are extra timings of the
+        # same architectures, taken at other moments of the sweep.
+        return [p for p in measured if p["heal"] == "none"]
+    by_count: dict[int, dict] = {}
+    for p in sorted(measured, key=lambda p: (p["n"], p["heal"] != "none", p["criterion"])):
+        by_count.setdefault(p["details"]["cost"]["num_layers"], p)
+    return list(by_count.values())
+
+
+def _cost_timing(measured: list[dict]) -> dict:
+    """How the timings were taken: rounds and repeats, from the first cost record."""
+    settings = measured[0]["details"]["cost"].get("settings") or {}
+    return {"together": timed_together(measured), "rounds": settings.get("rounds", "?"),
+            "repeats": settings.get("repeats", "?")}
 
 
 def fit_problems(fit: dict, scale: float = 1.0, unit: str = "") -> list[str]:
@@ -415,6 +437,18 @@ def timing_spread(points: list[dict], metric: str) -> float | None:
     return max(spreads) if spreads else None
 
 
+def _spread_bars(measured: list[dict], metric: str, scale: float) -> np.ndarray | None:
+    """Error bars from the median down to the fastest round and up to the slowest (None without spreads)."""
+    bars = []
+    for p in measured:
+        low, high = (p["details"]["cost"].get("spread") or {}).get(metric) or (None, None)
+        if low is None:
+            return None
+        value = p["metrics"][metric]
+        bars.append((max(0.0, value - low) * scale, max(0.0, high - value) * scale))
+    return np.array(bars).T
+
+
 def plot_cost(points: list[dict], path: str | Path) -> Path | None:
     """Measured cost against the fraction removed, with the line fixed + per-layer × layers kept only where it
     describes the measurements; otherwise the panel says why not."""
@@ -423,10 +457,19 @@ def plot_cost(points: list[dict], path: str | Path) -> Path | None:
         return None
     measured = _cost_points(points)
     total = max(p["details"]["cost"]["num_layers"] for p in measured)
-    repeats = (measured[0]["details"]["cost"].get("settings") or {}).get("repeats", "?")
+    timing = _cost_timing(measured)
     fig = _figure(10.4, 7.4)
     for ax, (metric, label, unit, scale, _) in zip(fig.subplots(2, 2).flat, COST_PANELS, strict=True):
-        for criterion in sorted({p["criterion"] for p in measured}):
+        if timing["together"]:
+            ax.errorbar([p["fraction"] for p in measured], [p["metrics"][metric] * scale for p in measured],
+                        yerr=_spread_bars(measured, metric, scale), color="tab:green", marker="o", markersize=4,
+                        capsize=3, elinewidth=0.9, linestyle="none", zorder=3,
+                        label=f"median of {timing['rounds']} rounds; bars: fastest–slowest")
+            full = _reference(measured)
+            if full is not None:
+                ax.scatter([0], [full["metrics"][metric] * scale], color="black", marker="*", s=60, zorder=4,
+                           label="full model")
+        for criterion in [] if timing["together"] else sorted({p["criterion"] for p in measured}):
             color, marker = criterion_style(criterion)
             chosen = [p for p in measured if p["criterion"] == criterion]
             ax.scatter([p["fraction"] for p in chosen], [p["metrics"][metric] * scale for p in chosen], color=color,
@@ -445,12 +488,18 @@ def plot_cost(points: list[dict], path: str | Path) -> Path | None:
         ax.set_ylabel(f"{label} ({unit})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper right")
-    spreads = {m.split("_")[0]: timing_spread(points, m) for m, *_ in COST_PANELS[:2]}
-    spread_text = " and ".join(f"{100 * v:.0f} % ({name})" for name, v in spreads.items() if v is not None)
-    fig.suptitle("Measured cost of the unhealed models; line: fixed part (embeddings, LM head) + equal part per layer, "
-                 f"drawn only if R² ≥ {MIN_R2}, fixed ≥ 0, per layer > 0\nTimings: one per point, the best of {repeats} "
-                 "repeats (their spread is not stored)"
-                 + (f"; models of the same size differ by up to {spread_text}" if spread_text else ""), fontsize=9)
+    line = (f"line: fixed part (embeddings, LM head) + equal part per layer, drawn only if R² ≥ {MIN_R2}, fixed ≥ 0, "
+            "per layer > 0")
+    if timing["together"]:
+        fig.suptitle(f"Measured cost per number of layers (healed or not: the same shapes); {line}\nTimings: every "
+                     f"layer count timed at the end of the sweep in {timing['rounds']} interleaved rounds, each the best "
+                     f"of {timing['repeats']} repeats; points: median, bars: fastest and slowest round", fontsize=9)
+    else:
+        spreads = {m.split("_")[0]: timing_spread(points, m) for m, *_ in COST_PANELS[:2]}
+        spread_text = " and ".join(f"{100 * v:.0f} % ({name})" for name, v in spreads.items() if v is not None)
+        fig.suptitle(f"Measured cost of the unhealed models; {line}\nTimings: one per point, the best of "
+                     f"{timing['repeats']} repeats (their spread is not stored)"
+                     + (f"; models of the same size differ by up to {spread_text}" if spread_text else ""), fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -585,6 +634,24 @@ def _criteria_html(points: list[dict]) -> str:
         else "<p>Layers are 0-based and ranges inclusive.</p>"
 
 
+def cost_table(points: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """One row per layer count timed in the cost phase: medians and [fastest–slowest round] ([] for older sweeps)."""
+    measured = _cost_points(points)
+    if not timed_together(measured):
+        return [], []
+    header = ["removed (n)", "layers kept", "prefill (ms/token)", "decode (ms/token)", "weights (MiB)",
+              "peak memory (MiB)", "one layer, prefill (ms/token)"]
+
+    def cell(p: dict, metric: str, scale: float = 1.0, digits: int = 4) -> str:
+        value, (low, high) = p["metrics"][metric], p["details"]["cost"]["spread"][metric]
+        return f"{value * scale:,.{digits}g} [{low * scale:,.{digits}g}–{high * scale:,.{digits}g}]"
+
+    rows = [[str(p["n"]), str(p["details"]["cost"]["num_layers"]), cell(p, "prefill_ms_per_token"),
+             cell(p, "decode_ms_per_token"), f"{p['metrics']['weight_bytes'] / 2**20:,.1f}",
+             cell(p, "peak_memory_bytes", 1 / 2**20), cell(p, "layer_prefill_ms_per_token")] for p in measured]
+    return header, rows
+
+
 def _image(path: Path | None, caption: str) -> str:
     if path is None:
         return ""
@@ -625,7 +692,10 @@ def write_report(directory: str | Path, sigmas: float = 2.0) -> Path:
          "Angular distance d(x^(l), x^(l+n)) for every block; dots: the optimal first layer l*(n)"),
         (plot_best_block(distances, folder / "best_block.png") if distances else None,
          "Optimal first layer l*(n) and its distance vs block size n"),
-        (plot_cost(points, folder / "cost.png"), "Measured cost of the unhealed models vs a fixed part plus an equal part per layer"),
+        (plot_cost(points, folder / "cost.png"),
+         "Measured cost per number of layers (median and spread of interleaved rounds) vs a fixed part plus an equal "
+         "part per layer" if timed_together(points) else
+         "Measured cost of the unhealed models vs a fixed part plus an equal part per layer"),
     ]
     verdicts = collapse_points(points, sigmas)
     fits = cost_fits(points)
@@ -640,6 +710,10 @@ def write_report(directory: str | Path, sigmas: float = 2.0) -> Path:
 
     model = points[0]["details"]["evaluation"].get("model", "") if points else ""
     csv_uri = "data:text/csv;base64," + base64.b64encode(csv_text.encode()).decode()
+    measured = _cost_points(points)
+    speed_note = (f"medians of {_cost_timing(measured)['rounds']} interleaved rounds timed together at the end of the "
+                  "sweep; their spread is under Measured cost" if timed_together(measured)
+                  else "one timing each, so noisy")
     size_text = ", ".join(f"{task_title(t)} {n or '?'}" for t, n in sizes.items())
     largest = sorted({round(50 / math.sqrt(n), 1) for n in sizes.values() if n})  # the SE at p = 50 %
     worst = "" if not largest else f" (at p = 50 %: {largest[0]} points here)" if len(largest) == 1 else \
@@ -656,16 +730,23 @@ def write_report(directory: str | Path, sigmas: float = 2.0) -> Path:
         f"<p>{html.escape(collapse_definition(sigmas))} The columns name the fractions measured on each curve.</p>",
         f"<div class='scroll'>{_collapse_html(verdicts, sigmas)}</div>",
         "<h2>Results</h2>",
-        "<p>Speed-ups are the full model's time per token over the cut model's (one timing each, so noisy). "
+        f"<p>Speed-ups are the full model's time per token over the cut model's ({speed_note}). "
         f"Every column: <a href='results.csv'>results.csv</a> beside this file, or "
         f"<a download='results.csv' href='{csv_uri}'>the copy embedded in this page</a>.</p>",
         f"<div class='scroll'>{_html_table(*main_table(points), table_id='main-table')}</div>",
         *[_image(path, caption) for path, caption in figures],
     ]
     if fits:
+        over = (f"{next(iter(fits.values()))['num_points']} layer counts (the median of each)" if timed_together(points)
+                else f"{next(iter(fits.values()))['num_points']} unhealed points")
         parts += ["<h2>Cost fits</h2><p>cost = fixed + per layer × layers kept, least squares over the "
-                  f"{next(iter(fits.values()))['num_points']} unhealed points; drawn only when R² ≥ {MIN_R2}, the fixed "
+                  f"{over}; drawn only when R² ≥ {MIN_R2}, the fixed "
                   "part ≥ 0 and the per-layer part > 0.</p>", f"<div class='scroll'>{_cost_html(fits)}</div>"]
+    cost_header, cost_rows = cost_table(points)
+    if cost_rows:
+        parts += ["<h2>Measured cost</h2><p>Each number of layers timed at the end of the sweep, all in the same "
+                  "interleaved rounds: the median, and in brackets the fastest and the slowest round.</p>",
+                  f"<div class='scroll'>{_html_table(cost_header, cost_rows, table_id='cost-table')}</div>"]
     parts += [f"<details><summary>All {len(full_header)} columns of the {len(points)} points</summary>",
               f"<div class='scroll'>{_html_table(full_header, full_rows, table_id='full-table')}</div></details>",
               "</body></html>"]

@@ -4,6 +4,12 @@ One analysis feeds every point. A point is (n layers removed, selection criterio
 are cut from the one loaded model in memory (``layers_removed``: no copy, no reload); healed points heal the
 cut in memory (a copy of it; resumable) and evaluate the merged result. Every finished point is one row of
 ``results.sqlite``; a rerun of the same command skips finished points and resumes an interrupted healing.
+The cost of every layer count is timed in one phase at the end of each run that finishes (interleaved
+rounds, all under the same conditions) and copied into the points.
+
+Each point says its stages as they start (cut, heal, each task, with tqdm bars unless ``quiet``), counts
+``[k/N]`` over all points of the sweep, finished ones of earlier runs included, and estimates the time left
+from the stored time of the finished points.
 
 The settings are :class:`depthprune.config.SweepConfig`: the stage options plus the sweep's own keys, one
 flag each. Criteria, tasks and their data come from the registries (``select.CRITERIA``,
@@ -43,9 +49,19 @@ from .outputs import (
     remove_stale_temporaries,
     replace_dir,
 )
+from .progress import SweepProgress, duration, kind, library_bars_off
 from .select import CRITERIA, SelectionContext, choose, needs_of
 from .similarity import AngularDistances, load_distances
-from .store import connect, point_key, read_finished, save_point
+from .store import (
+    connect,
+    point_key,
+    point_seconds,
+    read_cost,
+    read_finished,
+    read_points,
+    save_cost,
+    save_point,
+)
 from .surgery import layers_removed, pruning_record, read_record
 
 __all__ = ["SweepConfig", "block_sizes", "flatten_metrics", "resolve_config", "run_sweep", "settings_record"]
@@ -56,8 +72,10 @@ ANALYSIS_DIR = "analysis"
 # Settings naming local files or folders (or hub ids), besides the tasks' data: compared and recorded
 # resolved, so that the spelling of a path (relative, trailing slash) never decides whether a sweep resumes.
 PATH_SETTINGS = ("model", "data", "lm_eval_include", "lm_eval_data", "heal_data", "heal_val_data")
-# Settings that may change between a run and its resumption: they do not change any result.
-RESUMABLE_SETTINGS = {"out", "keep_models"}
+# Settings that may change between a run and its resumption: they do not change any result. (The cost is
+# timed again, with the settings of the run, every time a sweep finishes.)
+RESUMABLE_SETTINGS = {"out", "keep_models", "cost", "cost_prefill_len", "cost_decode_tokens", "cost_repeats",
+                      "cost_rounds"}
 # Keys renamed since: an old config names the new key in its error; an old sweep.yaml is read as renamed.
 RENAMED = {"strategies": "criteria", "tokens": "token_mode"}
 
@@ -287,9 +305,9 @@ def flatten_metrics(evaluation: dict, cost: dict | None, healing: dict | None) -
             m.update(found)
             m[f"{name}_chance"] = EVAL_TASKS.get(name).chance if name in EVAL_TASKS else LM_EVAL_CHANCE.get(name)
     if cost:
-        m.update({k: cost[k] for k in ("parameters", "weight_bytes", "peak_memory_bytes", "prefill_tokens_per_s",
-                                       "decode_tokens_per_s", "prefill_ms_per_token", "decode_ms_per_token",
-                                       "layer_prefill_ms_per_token", "layer_decode_ms_per_token", "layer_weight_bytes")})
+        from .cost import COST_METRICS
+
+        m.update({k: cost[k] for k in COST_METRICS})
     if healing:
         m.update(heal_train_loss=healing.get("final_train_loss"), heal_val_loss_before=healing.get("val_loss_before"),
                  heal_val_loss=healing.get("val_loss_after"))
@@ -434,12 +452,13 @@ def _check_analysis_fits(distances: AngularDistances | None, total: int, work: P
 # ------------------------------------------------------------------------------------------ the run
 
 
-def run_sweep(c: SweepConfig, log=print, force: bool = False) -> Path:
-    """Run every point of ``c`` not yet in ``results.sqlite``; returns the output directory.
+def run_sweep(c: SweepConfig, log=print, force: bool = False, quiet: bool = False) -> Path:
+    """Run every point of ``c`` not yet in ``results.sqlite``, then time the cost; returns the output directory.
 
     Everything is checked before the model is loaded and anything is written; the run holds a lock on
     ``c.out``. ``force``: start over in :func:`force_dir`, which replaces ``c.out`` only once complete
     (the old sweep stays intact until then; an interrupted --force run continues when rerun with --force).
+    ``log`` receives every progress line; ``quiet``: no tqdm bars (on standard error), only the lines.
     """
     c = with_resolved_paths(c)
     out = check_output_dir(Path(c.out), force=True, inputs=_inputs(c))
@@ -451,33 +470,40 @@ def run_sweep(c: SweepConfig, log=print, force: bool = False) -> Path:
     calibrating = "calibration" in needs_of(c.criteria)  # a criterion that reads the calibration text itself
     texts = None if state.distances and not calibrating else \
         _readable("calibration data", c.data, load_calibration, _data_options(c))
-    with output_lock(out):
+    with output_lock(out), library_bars_off(quiet):
+        log(f"loading {c.model}")
         model, tokenizer = load_model(c.model, device=c.device, dtype=c.dtype)
         total = num_layers(model)
         points = _points(c, block_sizes(c, total), total)
         _check_analysis_fits(state.distances, total, work)
         db = _setup(c, work, state)
         try:
-            distances = state.distances or _analyse(model, tokenizer, c, work, texts, log)
+            distances = state.distances or _analyse(model, tokenizer, c, work, texts, log, progress=not quiet)
             context = SelectionContext(total, distances, model, tokenizer,
                                        tokenize(texts, tokenizer, c.seq_len) if calibrating else None)
+            progress = SweepProgress(log, [(point_key(*p), kind(p[2])) for p in points], point_seconds(db),
+                                     state.done, quiet=quiet, cost_phase=c.cost, cost_seconds=_last_cost_seconds(db))
+            progress.begin()
             todo = [p for p in points if point_key(*p) not in state.done]
-            log(f"{len(points)} points, {len(points) - len(todo)} already finished")
-            _run_points(model, tokenizer, c, work, db, todo, total, context, log)
+            _run_points(model, tokenizer, c, work, db, todo, total, context, progress)
+            if c.cost:
+                _cost_phase(model, c, db, points, total, context, progress)
         finally:
             db.close()
         _finish(c, out, work, len(points), total)
+    log(f"sweep finished: {len(points)} points in {out}")
     return out
 
 
 def _run_points(model, tokenizer, c: SweepConfig, work: Path, db, todo: list[tuple[int, str, str]], total: int,
-                context: SelectionContext, log) -> None:
-    for index, point in enumerate(todo, 1):
-        prefix = f"[{index}/{len(todo)}]"
-        metrics = _run_point(model, tokenizer, c, work, db, point, total, context,
-                             lambda text, prefix=prefix: log(f"{prefix} {text}"))
-        log("    " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                                if isinstance(v, float) and not k.endswith("_chance")))
+                context: SelectionContext, progress: SweepProgress) -> None:
+    for point in todo:
+        key = point_key(*point)
+        with progress.point(key):
+            metrics, seconds = _run_point(model, tokenizer, c, work, db, point, total, context, progress)
+            progress.say(f"done in {duration(seconds)}: " + ", ".join(
+                f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and not k.endswith("_chance")))
+        progress.finished(key, seconds)
 
 
 def _points(c: SweepConfig, sizes: list[int], total: int) -> list[tuple[int, str, str]]:
@@ -504,33 +530,113 @@ def _setup(c: SweepConfig, work: Path, state: _State):
     return connect(work)
 
 
-def _analyse(model, tokenizer, c: SweepConfig, work: Path, texts: list[str], log) -> AngularDistances:
+def _analyse(model, tokenizer, c: SweepConfig, work: Path, texts: list[str], log, progress: bool = True
+             ) -> AngularDistances:
     """Measure the distances and write ``analysis/`` whole (a kill leaves none, never half of one)."""
     from .report import plot_heatmap
 
     log(f"measuring angular distances on {len(texts)} samples of {c.data}")
-    distances = _measure_texts(model, tokenizer, _data_options(c), texts, _analysis_options(c))
+    distances = _measure_texts(model, tokenizer, _data_options(c), texts, _analysis_options(c), progress=progress)
     with atomic_output_dir(work / ANALYSIS_DIR, force=True) as tmp:
         distances.save(tmp)
         plot_heatmap(distances, tmp / "heatmap.png")
     return distances
 
 
-def _evaluate(model, tokenizer, c: SweepConfig) -> dict:
+def _silent() -> SweepProgress:
+    return SweepProgress(lambda _: None, [], {}, set(), quiet=True)
+
+
+def _evaluate(model, tokenizer, c: SweepConfig, progress: SweepProgress | None = None) -> dict:
+    """Every task of ``c`` on ``model``, one after the other, each saying it starts (and drawing its bar)."""
     from .evaluate.suite import evaluate
 
-    return evaluate(model, c.tasks, tokenizer=tokenizer, options=eval_options(c), progress=False,
-                    **{task: c.task_data[task] for task in c.tasks})
+    progress = progress or _silent()
+    runs = [([task], None) for task in c.tasks] + ([([], c.lm_eval)] if c.lm_eval else [])
+    result: dict | None = None
+    for index, (tasks, lm_eval) in enumerate(runs, 1):
+        name = tasks[0] if tasks else "lm-eval " + ",".join(lm_eval)
+        with progress.stage(f"evaluating {name} ({index}/{len(runs)})", has_bar=bool(tasks)):
+            options = dataclasses.replace(eval_options(c), lm_eval=lm_eval or [])  # lm-eval runs once, last
+            r = evaluate(model, tasks, tokenizer=tokenizer, options=options, progress=progress.bars,
+                         **{task: c.task_data[task] for task in tasks})
+        if result is None:
+            result = r
+        else:
+            result["tasks"].update(r["tasks"])
+            if "lm_eval" in r:
+                result["lm_eval"] = r["lm_eval"]
+    return result
 
 
-def _cost(model, c: SweepConfig) -> dict | None:
-    from .cost import measure_cost
-
-    if not c.cost:
+def _last_cost_seconds(db) -> float | None:
+    """How long the last cost phase of this sweep took (None before the first)."""
+    try:
+        record = next(iter(read_cost(db).values()), None)
+    except DepthpruneError:  # a damaged cost table: the phase rewrites it
         return None
-    o = _cost_options(c)
-    return measure_cost(model, prefill_len=o.prefill_len, decode_tokens=o.decode_tokens, repeats=o.repeats,
-                        seed=c.seed)
+    seconds = ((record or {}).get("phase") or {}).get("seconds")
+    return seconds if isinstance(seconds, (int, float)) else None
+
+
+def _cost_phase(model, c: SweepConfig, db, points: list[tuple[int, str, str]], total: int,
+                context: SelectionContext, progress: SweepProgress) -> dict[int, dict]:
+    """Time every distinct layer count of the sweep, in interleaved rounds, and record it (one transaction).
+
+    A model's cost depends only on its layer count, so each count is cut once per round from the one loaded
+    model (healed points have the same shapes); every point's cost metrics are then the median of its count.
+    Runs at the end of every run that finishes, so all counts are timed under the same conditions, now.
+    """
+    from tqdm.auto import tqdm
+
+    from .cost import interleaved_costs, round_order
+
+    removals: dict[int, tuple[int, ...]] = {}
+    for n, criterion, _ in points:
+        if n not in removals:
+            removals[n] = tuple(choose(criterion, n, context).layers) if n else ()
+    order = round_order(removals, c.cost_rounds)
+    start = time.perf_counter()
+    with progress.stage(f"cost: timing {len(removals)} layer counts (n = {', '.join(map(str, sorted(removals)))}) in "
+                        f"{c.cost_rounds} interleaved rounds, each the best of {c.cost_repeats} repeats", has_bar=True):
+        bar = tqdm(total=len(order), unit="timing", desc="cost", disable=not progress.bars)
+
+        def on_measure(index: int, r: int, n: int) -> None:
+            if index:
+                bar.update(1)
+            bar.set_postfix_str(f"round {r + 1}/{c.cost_rounds}, n={n}")
+            if not progress.bars and (index == 0 or order[index - 1][0] != r):
+                progress.say(f"cost round {r + 1}/{c.cost_rounds}")
+
+        with bar:
+            o = _cost_options(c)
+            costs = interleaved_costs(model, removals, o.rounds, on_measure=on_measure, prefill_len=o.prefill_len,
+                                      decode_tokens=o.decode_tokens, repeats=o.repeats, seed=c.seed)
+            bar.update(1)
+    phase = {"seconds": round(time.perf_counter() - start, 1), "order": [n for _, n in order], "total_layers": total}
+    for record in costs.values():
+        record["phase"] = phase
+    updates = {}
+    for p in read_points(db):
+        record = costs.get(p["n"])
+        if record is not None:
+            details = {**p["details"], "cost": record}
+            updates[p["key"]] = (flatten_metrics(details["evaluation"], record, details.get("healing")), details)
+    save_cost(db, costs, updates)
+    for n, r in costs.items():
+        progress.say(_cost_line(n, r))
+    progress.say(f"cost timed in {duration(phase['seconds'])}; {len(updates)} points updated")
+    return costs
+
+
+def _cost_line(n: int, r: dict) -> str:
+    def ms(key: str) -> str:
+        low, high = r["spread"][key]
+        return f"{r[key]:.3g} ms/token [{low:.3g}–{high:.3g}]"
+
+    return (f"cost n={n} ({r['num_layers']} layers): prefill {ms('prefill_ms_per_token')}, decode "
+            f"{ms('decode_ms_per_token')}, weights {r['weight_bytes'] / 2**20:,.1f} MiB, peak "
+            f"{r['peak_memory_bytes'] / 2**20:,.1f} MiB")
 
 
 def _point_dir(work: Path, n: int, criterion: str, heal: str) -> Path:
@@ -538,29 +644,76 @@ def _point_dir(work: Path, n: int, criterion: str, heal: str) -> Path:
 
 
 def _run_point(model, tokenizer, c: SweepConfig, work: Path, db, point: tuple[int, str, str], total: int,
-               context: SelectionContext, log) -> dict:
-    """Evaluate one point and record it in one transaction; returns its metrics."""
+               context: SelectionContext, progress: SweepProgress) -> tuple[dict, float]:
+    """Evaluate one point and record it in one transaction; returns its metrics and the seconds it took.
+    (Its cost metrics come later, from the cost phase.)"""
     n, criterion, method = point
     start = time.perf_counter()
     selection = choose(criterion, n, context) if n > 0 else None
     layers = selection.layers if selection else ()
-    log(f"{point_key(*point)}: removing layers {list(layers) if layers else 'none'}")
+    progress.say(f"cut: removing layers {list(layers) if layers else 'none'}")
     healing = None
     if method == "none":
         with layers_removed(model, layers) as cut:
-            evaluation, cost = _evaluate(cut, tokenizer, c), _cost(cut, c)
+            evaluation = _evaluate(cut, tokenizer, c, progress=progress)
     else:
-        healed, healing = _heal_point(model, tokenizer, c, work, point, selection, total)
-        evaluation, cost = _evaluate(healed, tokenizer, c), _cost(healed, c)
+        steps = _heal_steps(c, method)
+        with progress.stage(f"healing ({method}, {steps} steps)", detail=_heal_status(work, point, steps)):
+            healed, healing = _heal_point(model, tokenizer, c, work, point, selection, total)
+        progress.say(_healed_line(healing))
+        evaluation = _evaluate(healed, tokenizer, c, progress=progress)
         del healed
-    metrics = flatten_metrics(evaluation, cost, healing)
+    metrics = flatten_metrics(evaluation, None, healing)
+    seconds = round(time.perf_counter() - start, 1)
     save_point(db, n=n, fraction=n / total, criterion=criterion, heal=method, removed_layers=layers,
                distance=selection.distance if selection else None, metrics=metrics,
-               details={"evaluation": evaluation, "cost": cost, "healing": healing,
-                        "seconds": round(time.perf_counter() - start, 1)})
+               details={"evaluation": evaluation, "cost": None, "healing": healing, "seconds": seconds})
     if method != "none" and not c.keep_models:
         shutil.rmtree(_point_dir(work, *point), ignore_errors=True)
-    return metrics
+    return metrics, seconds
+
+
+def _heal_steps(c: SweepConfig, method: str) -> int | str:
+    from .heal import resolve_options
+
+    return getattr(resolve_options(c.heal_preset, **{**c.heal_options, "method": method}), "steps", "?")
+
+
+def _heal_status(work: Path, point: tuple[int, str, str], steps) -> typing.Callable[[], str | None]:
+    """What the healing's own log says last (step k/N, loss, tokens/s), for the lines said while it runs."""
+    import importlib
+
+    heal_module = importlib.import_module(f"{__package__}.heal")  # the attribute `heal` is the function
+    healed = _point_dir(work, *point) / "healed"
+    suffix = getattr(heal_module, "WORK_SUFFIX", None)
+    log_name = getattr(heal_module, "LOG_FILE", None)
+
+    def status() -> str | None:
+        if log_name is None:
+            return None
+        for folder in [healed.with_name(healed.name + suffix)] * bool(suffix) + [healed]:
+            try:
+                last = (folder / log_name).read_text(encoding="utf-8").splitlines()[-1]
+                record = json.loads(last)
+            except (OSError, IndexError, ValueError):
+                continue
+            parts = [f"step {record.get('step', '?')}/{steps}"]
+            if isinstance(record.get("loss"), (int, float)):
+                parts.append(f"loss {record['loss']:.4f}")
+            if isinstance(record.get("tokens_per_s"), (int, float)):
+                parts.append(f"{record['tokens_per_s']:,.0f} tokens/s")
+            return ", ".join(parts)
+        return None
+
+    return status
+
+
+def _healed_line(healing: dict | None) -> str:
+    healing = healing or {}
+    before, after = healing.get("val_loss_before"), healing.get("val_loss_after")
+    loss = f": validation loss {before:.4f} -> {after:.4f}" if isinstance(before, float) and isinstance(after, float) \
+        else ""
+    return f"healed{loss}"
 
 
 def _heal_point(model, tokenizer, c: SweepConfig, work: Path, point: tuple[int, str, str], selection, total: int):
