@@ -24,7 +24,7 @@ $(BIN)/depthprune: pyproject.toml
 install: $(BIN)/depthprune
 
 # Main job: the paper's sweep on SmolLM2-135M with the offline data in ../shared/data (the paths are in
-# the config): distances, cuts of 0-50 % of the layers by both strategies, LoRA healing of two of them,
+# the config): distances, cuts of 0-50 % of the layers by both criteria, LoRA healing of two of them,
 # MMLU/BoolQ/C4/ARC-Easy/HellaSwag and measured cost per point, then the HTML report. Resumable.
 demo: install
 	$(BIN)/depthprune sweep --config configs/smollm2-135m.yaml

@@ -2,7 +2,7 @@
 
 For each model and method, a fresh process (so peaks do not mix), one torch thread:
   in-memory  the model loaded whole as load_model loads it (from_pretrained, safetensors, float32), then
-             depthprune.compute_distances
+             the texts tokenized and depthprune.measure_distances
   streamed   depthprune.stream.compute_distances_streamed: meta skeleton, embedding rows, one layer at a time
 Each process first imports everything (transformers, accelerate, the model's modeling code) and loads the calibration texts and the tokenizer (the same for both
 methods), then measures the analysis alone: the peak rise of the resident set above that point (sampled every
@@ -43,8 +43,8 @@ def child(method: str, alias: str, samples: int, seq_len: int, batch_size: int, 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    from depthprune.data import load_texts
-    from depthprune.similarity import compute_distances
+    from depthprune.data import load_texts, pad_id, tokenize
+    from depthprune.similarity import measure_distances
     from depthprune.stream import compute_distances_streamed, local_checkpoint
 
     torch.set_num_threads(1)
@@ -65,12 +65,12 @@ def child(method: str, alias: str, samples: int, seq_len: int, batch_size: int, 
     wall, cpu = time.perf_counter(), time.process_time()
     if method == "in-memory":
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, use_safetensors=True).eval()
-        result = compute_distances(model, tokenizer, texts, seq_len=seq_len, batch_size=batch_size, tokens=tokens,
-                                   progress=False)
+        result = measure_distances(model, tokenize(texts, tokenizer, seq_len), batch_size=batch_size,
+                                   token_mode=tokens, pad_token_id=pad_id(tokenizer), progress=False)
     else:
         loading = _time_layer_loads()
         result = compute_distances_streamed(alias, texts, tokenizer=tokenizer, seq_len=seq_len,
-                                            batch_size=batch_size, tokens=tokens, progress=False)
+                                            batch_size=batch_size, token_mode=tokens, progress=False)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     done.set()
     watcher.join()

@@ -11,7 +11,6 @@ the ratio depthprune / Trainer.
 from __future__ import annotations
 
 import argparse
-import importlib
 import tempfile
 import time
 
@@ -19,9 +18,10 @@ import torch
 
 
 def depthprune_tokens_per_s(model: str, data: str, args) -> float:
-    heal = importlib.import_module("depthprune.heal")
+    from depthprune import heal_model
+
     with tempfile.TemporaryDirectory() as out:
-        record = heal.heal(model, data, out, force=True, method="lora", steps=args.steps, batch_size=args.batch_size,
+        record = heal_model(model, data, out, force=True, method="lora", steps=args.steps, batch_size=args.batch_size,
                            seq_len=args.seq_len, rank=args.rank, lr=1e-3, warmup=1, eval_every=10**9,
                            save_every=10**9, progress=False)
     return record["tokens"] / record["train_seconds"]

@@ -160,7 +160,7 @@ def analyze(**options):
 
 
 def prune(**options):
-    return _argv("prune", {"n": 2, "strategy": "deepest", "out": "{out}"}, **options)
+    return _argv("prune", {"n": 2, "criterion": "deepest", "out": "{out}"}, **options)
 
 
 def evaluate(**options):
@@ -215,37 +215,37 @@ CASES = [
     ("prune fraction above 1", prune(n=None, fraction=1.5), "out of range"),
     ("prune fraction rounds to 0", prune(n=None, fraction=0.01), "rounds to 0"),
     # prune: damaged distances
-    ("distances not JSON", prune(strategy="similarity", distances="{dist_not_json}"), "not valid JSON"),
-    ("distances truncated", prune(strategy="similarity", distances="{dist_truncated}"), "is it truncated?"),
-    ("distances without format", prune(strategy="similarity", distances="{dist_no_format}"),
+    ("distances not JSON", prune(criterion="similarity", distances="{dist_not_json}"), "not valid JSON"),
+    ("distances truncated", prune(criterion="similarity", distances="{dist_truncated}"), "is it truncated?"),
+    ("distances without format", prune(criterion="similarity", distances="{dist_no_format}"),
      "not a depthprune distances file"),
-    ("distances a list", prune(strategy="similarity", distances="{dist_a_list}"), "not a depthprune distances file"),
-    ("distances not square", prune(strategy="similarity", distances="{dist_not_square}"), "square matrix"),
-    ("distances strings", prune(strategy="similarity", distances="{dist_strings}"), "not a matrix of numbers"),
-    ("distances NaN", prune(strategy="similarity", distances="{dist_nan}"), "NaN"),
-    ("distances above 1", prune(strategy="similarity", distances="{dist_above_one}"), "between 0 and 1"),
-    ("distances sample count", prune(strategy="similarity", distances="{dist_bad_samples}"), "num_samples is 'ten'"),
-    ("distances token mode", prune(strategy="similarity", distances="{dist_bad_tokens}"), "tokens is 'first'"),
-    ("distances layer count", prune(strategy="similarity", distances="{dist_bad_layers}"), "num_layers 4"),
-    ("distances fingerprint", prune(strategy="similarity", distances="{dist_bad_fingerprint}"), "model_fingerprint"),
-    # prune: distances of another model, for every strategy
-    ("8-layer distances, similarity", prune(strategy="similarity", distances="{dist_eight_layers}"),
+    ("distances a list", prune(criterion="similarity", distances="{dist_a_list}"), "not a depthprune distances file"),
+    ("distances not square", prune(criterion="similarity", distances="{dist_not_square}"), "square matrix"),
+    ("distances strings", prune(criterion="similarity", distances="{dist_strings}"), "not a matrix of numbers"),
+    ("distances NaN", prune(criterion="similarity", distances="{dist_nan}"), "NaN"),
+    ("distances above 1", prune(criterion="similarity", distances="{dist_above_one}"), "between 0 and 1"),
+    ("distances sample count", prune(criterion="similarity", distances="{dist_bad_samples}"), "num_samples is 'ten'"),
+    ("distances token mode", prune(criterion="similarity", distances="{dist_bad_tokens}"), "tokens is 'first'"),
+    ("distances layer count", prune(criterion="similarity", distances="{dist_bad_layers}"), "num_layers 4"),
+    ("distances fingerprint", prune(criterion="similarity", distances="{dist_bad_fingerprint}"), "model_fingerprint"),
+    # prune: distances of another model, for every criterion
+    ("8-layer distances, similarity", prune(criterion="similarity", distances="{dist_eight_layers}"),
      "measured on a 8-layer model but this one has 6"),
     ("8-layer distances, deepest", prune(distances="{dist_eight_layers}"), "measured on a 8-layer model"),
     ("8-layer distances, explicit", prune(n=None, layers="1-2", distances="{dist_eight_layers}"),
      "measured on a 8-layer model"),
-    ("other-width distances, similarity", prune(strategy="similarity", distances="{dist_other_width}"),
+    ("other-width distances, similarity", prune(criterion="similarity", distances="{dist_other_width}"),
      "hidden_size 64 there, 32 here"),
     ("other-width distances, deepest", prune(distances="{dist_other_width}"), "measured on another model"),
     ("other-width distances, explicit", prune(n=None, layers="1-2", distances="{dist_other_width}"),
      "measured on another model"),
     # prune: measuring now, and the model's files
-    ("prune data seq-len beyond positions", prune(strategy="similarity", data="{corpus}", seq_len=100000),
+    ("prune data seq-len beyond positions", prune(criterion="similarity", data="{corpus}", seq_len=100000),
      "longer than the model's 128"),
-    ("prune data binary", prune(strategy="similarity", data="{binary_jsonl}", seq_len=16), "not UTF-8"),
-    ("prune data samples 0", prune(strategy="similarity", data="{corpus}", samples=0), "--samples must be at least 1"),
-    ("prune data batch-size 0", prune(strategy="similarity", data="{corpus}", batch_size=0), "--batch-size"),
-    ("prune similarity without distances", prune(strategy="similarity"), "needs --distances"),
+    ("prune data binary", prune(criterion="similarity", data="{binary_jsonl}", seq_len=16), "not UTF-8"),
+    ("prune data samples 0", prune(criterion="similarity", data="{corpus}", samples=0), "--samples must be at least 1"),
+    ("prune data batch-size 0", prune(criterion="similarity", data="{corpus}", batch_size=0), "--batch-size"),
+    ("prune similarity without distances", prune(criterion="similarity"), "needs --distances"),
     ("prune truncated weights", prune(model="{truncated_weights}"), "not a readable safetensors file"),
     ("prune config 8 layers, weights 6", prune(model="{config_8_layers}"), "weights the config needs are missing"),
     ("prune config 4 layers, weights 6", prune(model="{config_4_layers}"), "not in the config's model"),
@@ -332,23 +332,23 @@ API_CASES = {
                                  "overlaps the input"),
     "analyze batch_size 0": (lambda b, out: depthprune.analyze(str(b["ckpt"]), _data(b), batch_size=0),
                              "--batch-size must be at least 1"),
-    "analyze unknown token mode": (lambda b, out: depthprune.analyze(str(b["ckpt"]), _data(b), tokens="first"),
-                                   "unknown token mode"),
+    "analyze unknown token mode": (lambda b, out: depthprune.analyze(str(b["ckpt"]), _data(b), token_mode="first"),
+                                   "--token-mode: unknown value 'first'"),
     "prune n a float": (lambda b, out: depthprune.prune(str(b["ckpt"]), out, n=2.5), "not a whole number"),
     "prune huge layer range": (lambda b, out: depthprune.prune(str(b["ckpt"]), out, layers="0-3000000000"),
                                "out of range"),
-    "prune unknown strategy": (lambda b, out: depthprune.prune(str(b["ckpt"]), out, n=2, strategy="random"),
-                               "unknown strategy"),
-    "prune distances of another model": (lambda b, out: depthprune.prune(str(b["ckpt"]), out, n=2, strategy="deepest",
+    "prune unknown criterion": (lambda b, out: depthprune.prune(str(b["ckpt"]), out, n=2, criterion="random"),
+                                "unknown criterion"),
+    "prune distances of another model": (lambda b, out: depthprune.prune(str(b["ckpt"]), out, n=2, criterion="deepest",
                                                                          distances=b["dist_other_width"]),
                                          "measured on another model"),
-    "evaluate binary boolq": (lambda b, out: depthprune.evaluate(str(b["ckpt"]), boolq=str(b["boolq_binary_jsonl"])),
+    "evaluate binary boolq": (lambda b, out: depthprune.evaluate_model(str(b["ckpt"]), boolq=str(b["boolq_binary_jsonl"])),
                               "not UTF-8"),
-    "evaluate shots -1": (lambda b, out: depthprune.evaluate(str(b["ckpt"]), mmlu=str(b["mmlu"]), shots=-1),
+    "evaluate shots -1": (lambda b, out: depthprune.evaluate_model(str(b["ckpt"]), mmlu=str(b["mmlu"]), shots=-1),
                           "--shots must be at least 0"),
-    "evaluate c4_seq_len 1": (lambda b, out: depthprune.evaluate(str(b["ckpt"]), c4=str(b["corpus"]), c4_seq_len=1),
+    "evaluate c4_seq_len 1": (lambda b, out: depthprune.evaluate_model(str(b["ckpt"]), c4=str(b["corpus"]), c4_seq_len=1),
                               "--c4-seq-len must be at least 2"),
-    "evaluate out is the model": (lambda b, out: depthprune.evaluate(str(b["ckpt"]), boolq=str(b["boolq_jsonl"]),
+    "evaluate out is the model": (lambda b, out: depthprune.evaluate_model(str(b["ckpt"]), boolq=str(b["boolq_jsonl"]),
                                                                      out=b["ckpt"]), "is a directory"),
     "load_model truncated weights": (lambda b, out: depthprune.load_model(str(b["truncated_weights"])),
                                      "not a readable safetensors file"),
@@ -372,7 +372,7 @@ def test_api_raises_the_same_messages(case, bad, tmp_path):
 def test_api_missing_lm_eval(bad, monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     with pytest.raises(DepthpruneError, match="not installed"):
-        depthprune.evaluate(str(bad["ckpt"]), lm_eval="arc_easy_local")
+        depthprune.evaluate_model(str(bad["ckpt"]), lm_eval="arc_easy_local")
 
 
 # The silent wrong results of before, each refused or fixed.
@@ -382,12 +382,12 @@ def test_prune_leaves_the_callers_model_intact(tmp_path):
     ids = torch.tensor([[1, 5, 6, 7]])
     with torch.no_grad():
         before = model(ids).logits
-    record = depthprune.prune(model, tmp_path / "cut", n=2, strategy="deepest", tokenizer=tokenizer)
+    record = depthprune.prune(model, tmp_path / "cut", n=2, criterion="deepest", tokenizer=tokenizer)
     assert record["layers_after"] == 4 and num_layers(model) == 6
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, before, atol=0, rtol=0)
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "cut").config.num_hidden_layers == 4
-    depthprune.prune(model, tmp_path / "cut-inplace", n=2, strategy="deepest", tokenizer=tokenizer, inplace=True)
+    depthprune.prune(model, tmp_path / "cut-inplace", n=2, criterion="deepest", tokenizer=tokenizer, inplace=True)
     assert num_layers(model) == 4
 
 
@@ -395,7 +395,7 @@ def test_prune_leaves_the_callers_model_intact(tmp_path):
 def test_pruned_checkpoint_follows_the_umask(umask, tiny_checkpoint, tmp_path):
     previous = os.umask(umask)
     try:
-        depthprune.prune(str(tiny_checkpoint), tmp_path / "cut", n=1, strategy="deepest", progress=False)
+        depthprune.prune(str(tiny_checkpoint), tmp_path / "cut", n=1, criterion="deepest", progress=False)
     finally:
         os.umask(previous)
     out = tmp_path / "cut"

@@ -54,7 +54,7 @@ def test_prune_measures_distances_when_given_data(tiny_checkpoint, tiny_corpus, 
 
 
 def test_prune_deepest_and_explicit(tiny_checkpoint, tmp_path, capsys):
-    assert _run(capsys, "prune", tiny_checkpoint, "--n", 2, "--strategy", "deepest", "--out", tmp_path / "d")[0] == 0
+    assert _run(capsys, "prune", tiny_checkpoint, "--n", 2, "--criterion", "deepest", "--out", tmp_path / "d")[0] == 0
     assert read_record(tmp_path / "d")["removed_layers"] == [3, 4]
     code, out, _ = _run(capsys, "prune", tiny_checkpoint, "--layers", "0,2-3", "--out", tmp_path / "e")
     assert code == 0 and "0,2-3" in out
@@ -76,18 +76,18 @@ def empty_data(tmp_path):
 
 
 BAD_INPUTS = {
-    "missing model": (["prune", "{tmp}/no-such-model", "--n", "1", "--strategy", "deepest"], "not found"),
-    "unknown alias": (["prune", "smollm9-1b", "--n", "1", "--strategy", "deepest"], "not found"),
-    "corrupt gguf": (["prune", "{gguf}", "--n", "1", "--strategy", "deepest"], "not a readable GGUF"),
+    "missing model": (["prune", "{tmp}/no-such-model", "--n", "1", "--criterion", "deepest"], "not found"),
+    "unknown alias": (["prune", "smollm9-1b", "--n", "1", "--criterion", "deepest"], "not found"),
+    "corrupt gguf": (["prune", "{gguf}", "--n", "1", "--criterion", "deepest"], "not a readable GGUF"),
     "empty data": (["analyze", "{ckpt}", "--data", "{empty}", "--seq-len", "16"], "no non-empty"),
     "missing data": (["analyze", "{ckpt}", "--data", "{tmp}/nothing.jsonl", "--seq-len", "16"], "not found"),
-    "n zero": (["prune", "{ckpt}", "--n", "0", "--strategy", "deepest"], "out of range"),
-    "n too large": (["prune", "{ckpt}", "--n", "6", "--strategy", "deepest"], "out of range"),
+    "n zero": (["prune", "{ckpt}", "--n", "0", "--criterion", "deepest"], "out of range"),
+    "n too large": (["prune", "{ckpt}", "--n", "6", "--criterion", "deepest"], "out of range"),
     "layer out of range": (["prune", "{ckpt}", "--layers", "2-6"], "out of range"),
     "all layers": (["prune", "{ckpt}", "--layers", "0-5"], "removes all"),
     "similarity without data": (["prune", "{ckpt}", "--n", "2"], "needs --distances"),
     "missing distances": (["prune", "{ckpt}", "--n", "2", "--distances", "{tmp}/none"], "no distances"),
-    "non-empty out": (["prune", "{ckpt}", "--n", "1", "--strategy", "deepest"], "not empty"),
+    "non-empty out": (["prune", "{ckpt}", "--n", "1", "--criterion", "deepest"], "not empty"),
 }
 
 
@@ -115,7 +115,7 @@ def test_force_replaces_output(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    assert _run(capsys, "prune", tiny_checkpoint, "--n", "1", "--strategy", "deepest", "--out", out, "--force")[0] == 0
+    assert _run(capsys, "prune", tiny_checkpoint, "--n", "1", "--criterion", "deepest", "--out", out, "--force")[0] == 0
     assert not (out / "old.txt").exists() and read_record(out)["removed_layers"] == [4]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 

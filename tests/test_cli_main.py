@@ -111,7 +111,7 @@ def small_disk(tmp_path):
 
 
 def test_disk_full_is_one_line_and_leaves_nothing(small_disk, tiny_checkpoint, capsys):
-    assert_clean_failure(capsys, ["prune", tiny_checkpoint, "--n", 1, "--strategy", "deepest", "--out",
+    assert_clean_failure(capsys, ["prune", tiny_checkpoint, "--n", 1, "--criterion", "deepest", "--out",
                                   small_disk / "pruned"], "no space left on the disk",
                          watch=[small_disk, tiny_checkpoint])
     assert list(small_disk.iterdir()) == []

@@ -290,13 +290,13 @@ def tiny_checkpoint(tokenizer, tmp_path):
 
 
 def test_cli_eval_writes_results(tiny_checkpoint, mmlu_dir, tmp_path, capsys):
-    from depthprune import evaluate
+    from depthprune import evaluate_model
     from depthprune.cli import main
 
     boolq_file = _write_boolq(tmp_path / "boolq.jsonl")
     out = tmp_path / "results" / "r.json"
     code = main(["eval", str(tiny_checkpoint), "--tasks", "mmlu,boolq", "--mmlu", str(mmlu_dir), "--boolq",
-                 str(boolq_file), "--shots", "2", "--limit", "2", "--batch-size", "4", "--out", str(out)])
+                 str(boolq_file), "--shots", "2", "--mmlu-limit", "2", "--limit", "2", "--batch-size", "4", "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "mean over 2 subjects" in printed and "boolq" in printed and "(1 removed from 3)" in printed
@@ -307,7 +307,7 @@ def test_cli_eval_writes_results(tiny_checkpoint, mmlu_dir, tmp_path, capsys):
     assert set(m["subjects"]) == {"astronomy", "high_school_biology"}
     assert result["tasks"]["boolq"]["num_examples"] == 2
     # The API gives the same numbers as the CLI.
-    again = evaluate(str(tiny_checkpoint), mmlu=str(mmlu_dir), shots=2, limit=2, progress=False)
+    again = evaluate_model(str(tiny_checkpoint), mmlu=str(mmlu_dir), shots=2, mmlu_limit=2, progress=False)
     assert list(again["tasks"]) == ["mmlu"]
     assert again["tasks"]["mmlu"]["accuracy"] == m["accuracy"]
 

@@ -14,14 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from depthprune import DepthpruneError, heal
+from depthprune import DepthpruneError
+from depthprune import heal_model as heal
 from depthprune.cli import main
-from depthprune.heal import (
-    _disable_cpu_repacking,
-    default_target_modules,
-    dequantize_model,
-    distillation_loss,
-)
+from depthprune.heal.loss import distillation_loss
+from depthprune.heal.methods.adapters import default_target_modules
+from depthprune.heal.methods.qlora import dequantize_model
+from depthprune.models import disable_cpu_repacking
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 VOCAB = 512
@@ -131,7 +130,7 @@ def test_qlora_merges_into_the_dequantized_base(tiny, tmp_path):
             tiny, dtype=torch.float32, device_map={"": "cpu"},
             quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                    bnb_4bit_compute_dtype=torch.float32))
-        _disable_cpu_repacking(model)
+        disable_cpu_repacking(model)
         return model
 
     dequantized_base = dequantize_model(quantized()).state_dict()
@@ -152,7 +151,7 @@ def test_qlora_merges_into_the_dequantized_base(tiny, tmp_path):
 
 
 def test_resumed_runs_end_with_the_same_weights(tiny, tmp_path, monkeypatch):
-    heal_module = importlib.import_module("depthprune.heal")  # the package's `heal` is the function
+    recipe = importlib.import_module("depthprune.heal.recipe")
 
     data = _documents(20, 90)
     options = dict(SMALL, method="lora", steps=6, lr=5e-3, dropout=0.1, save_every=2)
@@ -162,7 +161,7 @@ def test_resumed_runs_end_with_the_same_weights(tiny, tmp_path, monkeypatch):
     # checkpoint of step 2 survives), then finished.
     resumed = tmp_path / "resumed"
     assert heal(str(tiny), data, resumed, stop_after=1, **options) == {"stopped_at_step": 1, "steps": 6}
-    real_loss, calls = heal_module._loss, []
+    real_loss, calls = recipe.compute_loss, []
 
     def dying_loss(*args, **kwargs):
         calls.append(1)
@@ -170,10 +169,10 @@ def test_resumed_runs_end_with_the_same_weights(tiny, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(heal_module, "_loss", dying_loss)
+    monkeypatch.setattr(recipe, "compute_loss", dying_loss)
     with pytest.raises(KeyboardInterrupt):
         heal(str(tiny), data, resumed, **options)
-    monkeypatch.setattr(heal_module, "_loss", real_loss)
+    monkeypatch.setattr(recipe, "compute_loss", real_loss)
     assert json.loads((resumed / "checkpoint" / "state.json").read_text())["progress"]["step"] == 2
     heal(str(tiny), data, resumed, **options)
 
@@ -275,7 +274,7 @@ def test_real_pruned_model_heals(tmp_path, shared_data):
     from depthprune import prune
 
     pruned = tmp_path / "p30"
-    prune("smollm2-135m", pruned, fraction=0.3, strategy="deepest", progress=False)
+    prune("smollm2-135m", pruned, fraction=0.3, criterion="deepest", progress=False)
     record = heal(str(pruned), str(shared_data / "c4" / "train_sample.jsonl"), tmp_path / "healed", method="lora",
                   val_data=str(shared_data / "c4" / "validation.jsonl"), steps=3, batch_size=2, seq_len=64,
                   rank=8, lr=2e-3, warmup=0, eval_every=3, save_every=3, val_sequences=4, progress=False)
@@ -293,9 +292,9 @@ def test_options_presets_and_tokens():
             paper.warmup, paper.schedule) == ("qlora", 5000, 16, 2048, 64, 0.05, 3e-4, 100, "cosine")
     small = resolve_options("cpu-small", rank=2)
     assert small.steps == 20 and small.rank == 2
-    by_tokens = resolve_options("cpu-small", tokens=5000)
+    by_tokens = resolve_options("cpu-small", train_tokens=5000)
     assert by_tokens.steps is None and total_steps(by_tokens) == 10  # ceil(5000 / (4 * 128))
     with pytest.raises(DepthpruneError, match="not both"):
-        resolve_options(steps=3, tokens=5000)
-    with pytest.raises(DepthpruneError, match="unknown method"):
-        resolve_options(method="dora")
+        resolve_options(steps=3, train_tokens=5000)
+    with pytest.raises(DepthpruneError, match="unknown healing method 'magic'"):
+        resolve_options(method="magic")

@@ -23,7 +23,8 @@ import torch
 from badinput import assert_clean_failure, run, snapshot
 from safetensors.torch import load_file
 
-from depthprune import DepthpruneError, heal
+from depthprune import DepthpruneError
+from depthprune import heal_model as heal
 from depthprune.outputs import LOCK_SUFFIX, TEMP_MARK, output_lock
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -33,7 +34,7 @@ OPTIONS = ["--method", "lora", "--batch-size", "2", "--seq-len", "16", "--rank",
 
 
 def heal_argv(model, data, out, *extra) -> list[str]:
-    length = [] if any(e.startswith("--tokens") for e in extra) else ["--steps", "4"]
+    length = [] if any(e.startswith("--train-tokens") for e in extra) else ["--steps", "4"]
     return ["heal", str(model), "--data", str(data), "--out", str(out), *OPTIONS, *length, *extra]
 
 
@@ -92,7 +93,7 @@ BAD_VALUES = [
     ("--batch-size", "0"), ("--batch-size", "-2"),
     ("--grad-accum", "0"),
     ("--steps", "0"), ("--steps", "-3"),
-    ("--tokens", "0"), ("--tokens", "-100"),
+    ("--train-tokens", "0"), ("--train-tokens", "-100"),
     ("--eval-every", "0"), ("--save-every", "0"), ("--val-sequences", "-1"),
     ("--seed", "-1"),
     ("--stop-after", "0"),
@@ -130,7 +131,7 @@ def _write(path: Path, content: bytes | str) -> Path:
     return path
 
 
-BINARY = bytes(range(256)) * 8  # \xff and friends: never UTF-8
+BINARY = bytes(range(255, -1, -1)) * 8  # \xff and friends, from the first byte on: never UTF-8
 
 
 def _case(name, t: Path, model: Path, data: Path):
@@ -142,7 +143,7 @@ def _case(name, t: Path, model: Path, data: Path):
         "empty data": lambda: (heal_argv(model, _write(t / "empty.jsonl", ""), out), "no non-empty"),
         "data without the field": lambda: (heal_argv(model, _write(t / "x.jsonl", '{"body": "w1 w2"}\n'), out),
                                            "no field 'text'"),
-        "corrupt json data": lambda: (heal_argv(model, _write(t / "x.json", "[{"), out), "cannot be read"),
+        "corrupt json data": lambda: (heal_argv(model, _write(t / "x.json", "[{"), out), "not valid JSON"),
         "data folder without texts": lambda: (heal_argv(model, _write(t / "d" / "a.csv", "x").parent, out),
                                               "holds no"),
         "missing val data": lambda: (heal_argv(model, data, out, "--val-data", str(t / "val.jsonl")), "not found"),
@@ -155,9 +156,11 @@ def _case(name, t: Path, model: Path, data: Path):
                                          "not valid JSON"),
         "corrupt model record": lambda: (heal_argv(_corrupt(model, t / "m", "depthprune.json"), data, out),
                                          "not valid JSON"),
+        "model without weights": lambda: (heal_argv(_without_weights(model, t / "m"), data, out),
+                                          "holds no model.safetensors"),
         # Fails after taking OUT's lock, which made OUT's parent folders: they go again.
-        "model without weights": lambda: (heal_argv(_without_weights(model, t / "m"), data, t / "new" / "out"),
-                                          "could not load model"),
+        "weights short of the config": lambda: (heal_argv(_more_layers(model, t / "m"), data, t / "new" / "out"),
+                                                "do not match its config.json"),
         "missing teacher": lambda: (heal_argv(model, data, out, "--teacher", str(t / "noteacher")), "not found"),
         "out is the model": lambda: (heal_argv(model, data, model, "--force"), "overlaps the input"),
         "out inside the model": lambda: (heal_argv(model, data, model / "healed"), "overlaps the input"),
@@ -184,6 +187,13 @@ def _work_folder_taken(t: Path) -> Path:
     return _write(t / "out" / "a.txt", "x").parent
 
 
+def _more_layers(model: Path, target: Path) -> Path:
+    _copy_model(model, target)
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, "num_hidden_layers": config["num_hidden_layers"] + 2}))
+    return target
+
+
 def _without_weights(model: Path, target: Path) -> Path:
     _copy_model(model, target)
     (target / "model.safetensors").unlink()
@@ -193,6 +203,7 @@ def _without_weights(model: Path, target: Path) -> Path:
 INPUT_CASES = ["missing data", "binary data", "empty data", "data without the field", "corrupt json data",
                "data folder without texts", "missing val data", "binary val data", "missing model",
                "model without config", "corrupt model config", "corrupt model record", "model without weights",
+               "weights short of the config",
                "missing teacher", "out is the model", "out inside the model", "model inside out",
                "out is the data file", "out inside the data file", "out inside a file", "out holds other files",
                "work folder is a file"]
@@ -371,22 +382,22 @@ def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_the_correc
 
 def test_force_keeps_the_old_result_until_the_new_one_is_complete(capsys, tmp_path, reference, tiny_checkpoint,
                                                                   tiny_corpus, monkeypatch):
-    heal_module = importlib.import_module("depthprune.heal")  # the package attribute `heal` is the function
+    recipe = importlib.import_module("depthprune.heal.recipe")
     out = shutil.copytree(reference, tmp_path / "out")
     config = json.loads((out / "heal_config.json").read_text())
     (out / "heal_config.json").write_text(json.dumps({**config, "seed": 99}))  # an older result, other settings
     old = snapshot(out)
-    real_finish = heal_module._finish
+    real_finish = recipe.finish
 
     def interrupted_finish(*args, **kwargs):
         raise KeyboardInterrupt  # Ctrl-C as the new model is about to be saved
 
-    monkeypatch.setattr(heal_module, "_finish", interrupted_finish)
+    monkeypatch.setattr(recipe, "finish", interrupted_finish)
     assert run(capsys, *heal_argv(tiny_checkpoint, tiny_corpus, out, "--force"))[0] == 130
     assert snapshot(out) == old
     work = tmp_path / "out.unfinished"
     assert json.loads((work / "checkpoint" / "state.json").read_text())["progress"]["step"] == 4
-    monkeypatch.setattr(heal_module, "_finish", real_finish)
+    monkeypatch.setattr(recipe, "finish", real_finish)
     assert run(capsys, *heal_argv(tiny_checkpoint, tiny_corpus, out, "--force"))[0] == 0
     assert_same_weights(out, reference)
     assert json.loads((out / "heal_config.json").read_text())["seed"] == 0
@@ -406,9 +417,10 @@ import importlib, json, os, sys, time
 from depthprune.cli import build_parser, main
 
 build_parser()
-heal = importlib.import_module("depthprune.heal")
+heal = importlib.import_module("depthprune.heal.recipe")
 report = {"bitsandbytes_before_heal": "bitsandbytes" in sys.modules, "runs": []}
-heal._quiet_bitsandbytes()  # as heal() does before transformers or peft import bitsandbytes
+from depthprune.models import quiet_bitsandbytes
+quiet_bitsandbytes()  # as heal() does before transformers or peft import bitsandbytes
 import peft, safetensors.torch, transformers  # noqa: E401,F401  (shared with the forked runs)
 
 def pause_at(point, count, signal_pause):

@@ -47,7 +47,7 @@ def test_flags_default_to_not_given_and_read_back():
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--seq-len", "abc"], "'seq_len' must be a whole number, got 'abc'"),
-    (["--sizes", "1,x"], "'sizes' must be a whole number, got 'x'"),
+    (["--sizes", "1,x"], "'sizes' must be a list of whole numbers, got 'x'"),
     (["--lr", "fast"], "'lr' must be a number"),
     (["--method", "dora"], "invalid choice"),
 ])
@@ -59,10 +59,10 @@ def test_bad_flags_are_parser_errors(argv, message):
 @pytest.mark.parametrize(("values", "message"), [
     ({"seq_len": 1.5}, "'seq_len' must be a whole number, got 1.5"),
     ({"seq_len": True}, "'seq_len' must be a whole number"),
-    ({"sizes": ["a"]}, "'sizes' must be a whole number, got 'a'"),
-    ({"name": ["x"]}, "'name' must be a text"),
+    ({"sizes": ["a"]}, "'sizes' must be a list of whole numbers, got 'a'"),
+    ({"name": ["x"]}, "'name' must be a string"),
     ({"extra": [1]}, "'extra' must be a mapping"),
-    ({"quiet": "maybe"}, "'quiet' must be a true/false"),
+    ({"quiet": "maybe"}, "'quiet' must be true or false"),
     ({"seq_len": None}, "'seq_len' must be a whole number, not empty"),
     ({"sequence": 3}, "unknown setting(s) sequence"),
 ])

@@ -26,9 +26,9 @@ from depthprune.store import connect, finished_keys, load_points, save_point, to
 L = 10
 
 
-def fake_sweep(tmp_path, mmlu=lambda n, strategy, heal: 0.70, boolq=lambda n, strategy, heal: 0.80,
+def fake_sweep(tmp_path, mmlu=lambda n, criterion, heal: 0.70, boolq=lambda n, criterion, heal: 0.80,
                prefill=lambda kept: 1 + 0.5 * kept, questions=100):
-    """A sweep store of a 10-layer model: n = 0, 2, 4, 6 by both strategies, LoRA healing at n = 4 only,
+    """A sweep store of a 10-layer model: n = 0, 2, 4, 6 by both criteria, LoRA healing at n = 4 only,
     MMLU against chance 0.25 and BoolQ against a majority class of 0.62, each on ``questions`` questions."""
     rng = np.random.default_rng(0)
     pairwise = np.abs(np.subtract.outer(np.arange(L + 1), np.arange(L + 1))) / (2 * L) + rng.uniform(0, .01, (L + 1,) * 2)
@@ -36,10 +36,10 @@ def fake_sweep(tmp_path, mmlu=lambda n, strategy, heal: 0.70, boolq=lambda n, st
     AngularDistances(pairwise, 4, "last", {"model": "fake"}).save(tmp_path / "analysis")
     db = connect(tmp_path)
     for n in [0, 2, 4, 6]:
-        for strategy in ["full"] if n == 0 else ["similarity", "deepest"]:
+        for criterion in ["full"] if n == 0 else ["similarity", "deepest"]:
             for heal in ["none", "lora"] if n == 4 else ["none"]:
                 kept = L - n
-                metrics = {"mmlu_acc": mmlu(n, strategy, heal), "mmlu_chance": 0.25, "boolq_acc": boolq(n, strategy, heal),
+                metrics = {"mmlu_acc": mmlu(n, criterion, heal), "mmlu_chance": 0.25, "boolq_acc": boolq(n, criterion, heal),
                            "boolq_chance": 0.62, "c4_loss": 3 + 0.2 * n, "c4_loss_norm": 0.3 + 0.02 * n,
                            "prefill_ms_per_token": prefill(kept), "decode_ms_per_token": 2 + kept,
                            "weight_bytes": 1e6 + 1e5 * kept, "peak_memory_bytes": 2e6 + 1e5 * kept,
@@ -47,7 +47,7 @@ def fake_sweep(tmp_path, mmlu=lambda n, strategy, heal: 0.70, boolq=lambda n, st
                 evaluation = {"model": "fake", "tasks": {"mmlu": {"num_questions": questions},
                                                          "boolq": {"majority_baseline": 0.62, "num_examples": questions},
                                                          "c4": {"vocab_size": 1000}}}
-                save_point(db, n=n, fraction=n / L, strategy=strategy, heal=heal, removed_layers=list(range(n)),
+                save_point(db, n=n, fraction=n / L, criterion=criterion, heal=heal, removed_layers=list(range(n)),
                            distance=None if n == 0 else 0.1 * n, metrics=metrics,
                            details={"evaluation": evaluation, "cost": {"num_layers": kept, "settings": {"repeats": 3}}})
     db.close()
@@ -97,7 +97,7 @@ def test_collapse_points_of_a_sweep(tmp_path):
     # the majority class (0.62) and the cut models rise to it: uninformative, whatever they do.
     fake_sweep(tmp_path, mmlu=lambda n, s, h: 0.55 if h == "lora" else 0.70,
                boolq=lambda n, s, h: 0.60 if n == 0 else 0.62)
-    verdicts = {(v["task"], v["strategy"], v["heal"]): v for v in collapse_points(load_points(tmp_path))}
+    verdicts = {(v["task"], v["criterion"], v["heal"]): v for v in collapse_points(load_points(tmp_path))}
     assert verdicts["mmlu", "similarity", "none"]["status"] == "no collapse"
     assert verdicts["mmlu", "similarity", "none"]["fractions"] == [0.2, 0.4, 0.6]
     assert (verdicts["mmlu", "deepest", "lora"]["status"], verdicts["mmlu", "deepest", "lora"]["collapse_fraction"]) == ("collapse", 0.4)
@@ -179,7 +179,7 @@ def test_store_round_trip(tmp_path):
     points = load_points(tmp_path)
     assert len(points) == 9 and points[0]["n"] == 0 and points[-1]["removed_layers"] == list(range(6))
     assert "n=4/deepest/lora" in finished_keys(connect(tmp_path))
-    assert to_csv(points).splitlines()[0].startswith("n,fraction,strategy,heal,removed_layers,distance,mmlu_acc")
+    assert to_csv(points).splitlines()[0].startswith("n,fraction,criterion,heal,removed_layers,distance,mmlu_acc")
 
 
 def test_report_has_every_figure_tables_csv_and_the_fits(tmp_path):
@@ -193,7 +193,7 @@ def test_report_has_every_figure_tables_csv_and_the_fits(tmp_path):
     fit = summary["cost_fits"]["prefill_ms_per_token"]
     assert fit["per_unit"] == pytest.approx(0.5) and fit["r2"] == pytest.approx(1.0) and fit["problems"] == []
     assert fit["slope_over_measured"] == pytest.approx(1.0)
-    mmlu = {(c["strategy"], c["heal"]): c["collapse_fraction"] for c in summary["collapse"] if c["task"] == "mmlu"}
+    mmlu = {(c["criterion"], c["heal"]): c["collapse_fraction"] for c in summary["collapse"] if c["task"] == "mmlu"}
     assert mmlu == {("similarity", "none"): 0.6, ("deepest", "none"): 0.6, ("similarity", "lora"): None,
                     ("deepest", "lora"): None}
     assert summary["sample_sizes"] == {"mmlu": 100, "boolq": 100} and "2 standard errors" in summary["collapse_definition"]

@@ -21,7 +21,7 @@ def _distances(L: int = 8) -> AngularDistances:
 
 def test_similarity_picks_the_argmin():
     sel = choose_block("similarity", 3, 8, _distances())
-    assert sel.layers == (4, 5, 6) and sel.strategy == "similarity"
+    assert sel.layers == (4, 5, 6) and sel.criterion == "similarity"
     assert sel.distance == pytest.approx(0.15)
 
 
@@ -71,4 +71,4 @@ def test_explicit_selection_distance_only_when_contiguous():
     d = _distances()
     assert explicit_selection("4-6", 8, d).distance == pytest.approx(0.15)
     assert explicit_selection("1,5", 8, d).distance is None
-    assert explicit_selection("1,5", 8, d).strategy == "explicit"
+    assert explicit_selection("1,5", 8, d).criterion == "explicit"

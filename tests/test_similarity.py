@@ -51,7 +51,7 @@ def naive_distances(model, sequences, tokens: str) -> np.ndarray:
 def test_streaming_equals_naive(arch, tokens, padding_side):
     model = tiny_model(arch)
     sequences = _sequences()
-    fast = measure_distances(model, sequences, batch_size=3, tokens=tokens, padding_side=padding_side,
+    fast = measure_distances(model, sequences, batch_size=3, token_mode=tokens, padding_side=padding_side,
                              progress=False)
     reference = naive_distances(model, sequences, tokens)
     np.testing.assert_allclose(fast.pairwise, reference, atol=1e-5)
@@ -99,4 +99,4 @@ def test_save_and_load_round_trip(tmp_path):
 
 def test_bad_token_mode():
     with pytest.raises(DepthpruneError, match="token mode"):
-        measure_distances(tiny_model("llama"), _sequences(), tokens="first", progress=False)
+        measure_distances(tiny_model("llama"), _sequences(), token_mode="first", progress=False)

@@ -15,12 +15,11 @@ from test_similarity import _sequences
 from depthprune.data import batches
 from depthprune.errors import DepthpruneError
 from depthprune.models import decoder_layout
-from depthprune.similarity import compute_distances, measure_distances
+from depthprune.similarity import measure_distances
 from depthprune.stream import (
     Checkpoint,
     StreamPlan,
     _Skeleton,
-    compute_distances_streamed,
     estimate_memory,
     local_checkpoint,
     parse_memory,
@@ -54,9 +53,9 @@ def saved(tmp_path_factory):
 def test_streamed_equals_in_memory(saved, arch, tokens, padding_side):
     path, model = saved(arch)
     sequences = _sequences()  # 7 sequences of mixed lengths: padded batches of 3
-    expected = measure_distances(model, sequences, batch_size=3, tokens=tokens, padding_side=padding_side,
+    expected = measure_distances(model, sequences, batch_size=3, token_mode=tokens, padding_side=padding_side,
                                  progress=False)
-    streamed = stream_distances(path, sequences, batch_size=3, tokens=tokens, padding_side=padding_side,
+    streamed = stream_distances(path, sequences, batch_size=3, token_mode=tokens, padding_side=padding_side,
                                 progress=False)
     np.testing.assert_allclose(streamed.pairwise, expected.pairwise, atol=1e-6, rtol=0)
     assert streamed.num_samples == 7 and streamed.tokens == tokens
@@ -246,8 +245,8 @@ def test_cli_analyze_stream_equals_in_memory(tiny_checkpoint, tiny_corpus, tmp_p
 
     # Few short samples: the tiny model's activations must stay below its weights for a budget to choose.
     common = [str(tiny_checkpoint), "--data", str(tiny_corpus), "--samples", "5", "--seq-len", "8",
-              "--batch-size", "2", "--tokens", "all"]
-    estimate = estimate_memory(tiny_checkpoint, [8] * 5, batch_size=2, tokens="all")
+              "--batch-size", "2", "--token-mode", "all"]
+    estimate = estimate_memory(tiny_checkpoint, [8] * 5, batch_size=2, token_mode="all")
     assert estimate.streamed() < 200_000 < estimate.in_memory
     assert main(["analyze", *common, "--out", str(tmp_path / "memory")]) == 0
     assert main(["analyze", *common, "--stream", "--out", str(tmp_path / "stream")]) == 0
@@ -308,15 +307,11 @@ def test_cli_stream_needs_local_safetensors(saved, tiny_corpus, tmp_path, capsys
 def test_gemma3_270m_streamed_equals_in_memory(shared_data):
     """Gemma 3: sliding and global attention, two rotary embeddings, a 262k-row embedding read by rows.
     The alias streams from its converted safetensors cache."""
-    from depthprune.data import load_texts
-    from depthprune.models import load_model
+    from depthprune import DataOptions, analyze
 
-    texts = load_texts(str(shared_data / "c4" / "validation.jsonl"), 6, seed=0)
-    model, tokenizer = load_model("gemma3-270m")
-    expected = compute_distances(model, tokenizer, texts, seq_len=96, batch_size=4, tokens="all", progress=False)
-    del model
-    streamed = compute_distances_streamed("gemma3-270m", texts, tokenizer=tokenizer, seq_len=96, batch_size=4,
-                                          tokens="all", progress=False)
+    data = DataOptions(str(shared_data / "c4" / "validation.jsonl"), samples=6, seq_len=96)
+    expected = analyze("gemma3-270m", data, batch_size=4, token_mode="all", progress=False)
+    streamed = analyze("gemma3-270m", data, batch_size=4, token_mode="all", stream=True, progress=False)
     np.testing.assert_allclose(streamed.pairwise, expected.pairwise, atol=1e-6, rtol=0)
     assert streamed.meta["num_tokens"] == expected.meta["num_tokens"] and streamed.num_layers == 18
-    assert json.loads(json.dumps(streamed.to_json()))["num_samples"] == 6
+    assert streamed.meta["streamed"] is True and "streamed" not in expected.meta

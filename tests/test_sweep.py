@@ -14,21 +14,21 @@ from depthprune.sweep import resolve_config, run_sweep
 def _config(tiny_checkpoint, tiny_corpus, shared_data, out, **changes):
     settings = dict(
         model=str(tiny_checkpoint), out=str(out), data=str(tiny_corpus), samples=8, seq_len=16, n="0,2,4",
-        tasks="mmlu,boolq,c4", mmlu=str(shared_data / "mmlu"), subjects="astronomy", limit=3, shots=1,
+        tasks="mmlu,boolq,c4", mmlu=str(shared_data / "mmlu"), subjects="astronomy", mmlu_limit=3, limit=3, shots=1,
         boolq=str(shared_data / "boolq" / "dev.jsonl"), c4=str(tiny_corpus), c4_sequences=2, c4_seq_len=16,
         cost_prefill_len=8, cost_decode_tokens=2, cost_repeats=1)
     return resolve_config(**{**settings, **changes})
 
 
 def _quality(points):
-    return {(p["n"], p["strategy"], p["heal"]): {k: v for k, v in p["metrics"].items() if k.startswith(("mmlu", "boolq", "c4"))}
+    return {(p["n"], p["criterion"], p["heal"]): {k: v for k, v in p["metrics"].items() if k.startswith(("mmlu", "boolq", "c4"))}
             for p in points}
 
 
 def test_sweep_rows_report_and_resume(tiny_checkpoint, tiny_corpus, shared_data, tmp_path, monkeypatch, capsys):
     whole = run_sweep(_config(tiny_checkpoint, tiny_corpus, shared_data, tmp_path / "whole"), log=lambda _: None)
     points = load_points(whole)
-    assert [(p["n"], p["strategy"]) for p in points] == [(0, "full"), (2, "deepest"), (2, "similarity"),
+    assert [(p["n"], p["criterion"]) for p in points] == [(0, "full"), (2, "deepest"), (2, "similarity"),
                                                           (4, "deepest"), (4, "similarity")]
     for p in points:
         assert {"mmlu_acc", "boolq_acc", "c4_loss", "c4_loss_norm", "prefill_ms_per_token", "weight_bytes"} <= set(p["metrics"])
@@ -62,32 +62,30 @@ def test_sweep_rows_report_and_resume(tiny_checkpoint, tiny_corpus, shared_data,
     for name in ("accuracy.png", "c4_loss.png", "heatmap.png", "best_block.png", "cost.png", "report.html"):
         assert (whole / "report" / name).is_file()
     with pytest.raises(DepthpruneError, match="other settings"):
-        run_sweep(_config(tiny_checkpoint, tiny_corpus, shared_data, tmp_path / "whole", limit=2), log=lambda _: None)
+        run_sweep(_config(tiny_checkpoint, tiny_corpus, shared_data, tmp_path / "whole", limit=2, mmlu_limit=2), log=lambda _: None)
 
 
 def test_sweep_with_healing_resumes_an_interrupted_heal(tiny_checkpoint, tiny_corpus, shared_data, tmp_path,
                                                         monkeypatch):
-    import importlib
-
-    heal_module = importlib.import_module("depthprune.heal")  # the attribute depthprune.heal is the function
+    from depthprune import heal as heal_module
 
     heal_options = dict(steps=4, batch_size=2, seq_len=16, rank=2, warmup=1, eval_every=2, save_every=1,
                         val_sequences=2)
-    config = _config(tiny_checkpoint, tiny_corpus, shared_data, tmp_path / "s", n="0,2,4", strategies="deepest",
+    config = _config(tiny_checkpoint, tiny_corpus, shared_data, tmp_path / "s", n="0,2,4", criteria="deepest",
                      heal="none,lora", heal_fractions=[0.3], tasks="c4", heal_data=str(tiny_corpus), heal_val_data=str(tiny_corpus),
                      heal_options=heal_options, cost=False)
-    real_heal = heal_module.heal
+    real_heal = heal_module.heal_loaded
 
     def killed_heal(*args, **kwargs):  # the first healing dies after 2 of its 4 steps
         assert kwargs["dtype"] == config.dtype  # healing follows the sweep's dtype
         real_heal(*args, stop_after=2, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(heal_module, "heal", killed_heal)
+    monkeypatch.setattr(heal_module, "heal_loaded", killed_heal)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(config, log=lambda _: None)
     assert (tmp_path / "s" / "points" / "n002-deepest-lora" / "healed" / "checkpoint").is_dir()
-    monkeypatch.setattr(heal_module, "heal", real_heal)
+    monkeypatch.setattr(heal_module, "heal_loaded", real_heal)
     run_sweep(config, log=lambda _: None)
     points = {(p["n"], p["heal"]): p for p in load_points(tmp_path / "s")}
     assert set(points) == {(0, "none"), (2, "none"), (2, "lora"), (4, "none")}  # only n = round(0.3 * 6) healed

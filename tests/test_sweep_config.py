@@ -12,9 +12,9 @@ from depthprune.sweep import block_sizes, flatten_metrics, resolve_config, setti
 
 def test_yaml_then_flags(tmp_path):
     path = tmp_path / "sweep.yaml"
-    path.write_text("model: gemma3-270m\ndata: c4.jsonl\nfractions: 0:0.3:0.1\nstrategies: [deepest]\nlimit: 5\n")
+    path.write_text("model: gemma3-270m\ndata: c4.jsonl\nfractions: 0:0.3:0.1\ncriteria: [deepest]\nlimit: 5\n")
     c = resolve_config(path, limit=7, heal=None)
-    assert c.model == "gemma3-270m" and c.fractions == [0.0, 0.1, 0.2, 0.3] and c.strategies == ["deepest"]
+    assert c.model == "gemma3-270m" and c.fractions == [0.0, 0.1, 0.2, 0.3] and c.criteria == ["deepest"]
     assert c.limit == 7 and c.heal == ["none"]
     assert block_sizes(c, 18) == [0, 2, 4, 5]
     assert block_sizes(resolve_config(data="x", n="0,4,2,4"), 18) == [0, 2, 4]
@@ -24,7 +24,7 @@ def test_yaml_then_flags(tmp_path):
     ({"data": "x", "fractions": "0,1.2"}, "out of range"),
     ({"data": "x", "fractions": "0:0.5"}, "start:stop:step"),
     ({"data": "x", "heal_fractions": "-0.1"}, "out of range"),
-    ({"data": "x", "strategies": "similarity,random"}, "unknown strategy 'random'"),
+    ({"data": "x", "criteria": "similarity,random"}, "unknown criterion 'random'"),
     ({"data": "x", "heal": "qlora"}, "needs training text"),
     ({"data": "x", "tasks": "mmlu,squad"}, "unknown task 'squad'"),
     ({}, "needs calibration data"),
@@ -32,6 +32,29 @@ def test_yaml_then_flags(tmp_path):
 def test_bad_settings(settings, message):
     with pytest.raises(DepthpruneError, match=message):
         resolve_config(**settings)
+
+
+@pytest.mark.parametrize("old,new", [("strategies", "criteria"), ("tokens", "token_mode")])
+def test_renamed_keys_say_their_new_name(tmp_path, old, new):
+    path = tmp_path / "old.yaml"
+    path.write_text(f"data: x\n{old}: [deepest]\n")
+    with pytest.raises(DepthpruneError, match=f"^sweep setting '{old}' was renamed '{new}'"):
+        resolve_config(path)
+
+
+def test_task_data_keys_come_from_the_registry(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("data: x\ntasks: [boolq]\nboolq: b.jsonl\nmmlu: m\n")
+    c = resolve_config(path, mmlu="m2")
+    assert c.task_data == {"boolq": "b.jsonl", "mmlu": "m2"}
+    record = settings_record(c)
+    assert record["boolq"] == "b.jsonl" and record["c4"] is None and "task_data" not in record
+
+
+def test_heal_options_merge_file_and_flags(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("data: x\nheal_options: {rank: 2, steps: 4}\n")
+    assert resolve_config(path, heal_options={"steps": "6"}).heal_options == {"rank": 2, "steps": 6}
 
 
 def test_unknown_key_in_yaml(tmp_path):
@@ -56,7 +79,9 @@ def test_n_beyond_the_model():
     ({"heal_options": {"rank": 2.5}}, "'heal_options.rank' must be a whole number, got 2.5"),
     ({"heal_options": "steps=4"}, "'heal_options' must be a mapping"),
     ({"lm_eval": "hellaswag_local", "tasks": "hellaswag", "hellaswag": "h.jsonl"}, "both a native task and an lm_eval"),
-    ({"strategies": ""}, "at least one strategy"),
+    ({"criteria": ""}, "at least one criterion"),
+    ({"token_mode": "middle"}, "sweep setting 'token_mode': unknown value 'middle', choose one of last, all"),
+    ({"mmlu_limit": 0}, "sweep setting 'mmlu_limit' must be at least 1, got 0"),
     ({"n": "", "fractions": []}, "no points"),
 ])
 def test_wrong_types_and_combinations(settings, message):

@@ -30,7 +30,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 def _settings(checkpoint: Path, corpus: Path, **changes) -> dict:
     """A sweep of two points on the 6-layer tiny model that runs in seconds."""
-    return {**dict(model=str(checkpoint), data=str(corpus), samples=4, seq_len=16, n=[0, 2], strategies=["deepest"],
+    return {**dict(model=str(checkpoint), data=str(corpus), samples=4, seq_len=16, n=[0, 2], criteria=["deepest"],
                    tasks=["c4"], c4=str(corpus), c4_sequences=2, c4_seq_len=16, batch_size=4, cost=False), **changes}
 
 
@@ -91,14 +91,17 @@ CASES = [
     # wrong types in the YAML
     Case("yaml-n-float", yaml={"n": 1.5}, message="'n' must be a list of whole numbers, got 1.5"),
     Case("yaml-samples-text", yaml={"samples": "many"}, message="'samples' must be a whole number, got 'many'"),
-    Case("yaml-strategies-number", yaml={"strategies": 3}, message="'strategies' must be a list of strings, got 3"),
+    Case("yaml-criteria-number", yaml={"criteria": 3}, message="unknown criterion '3'"),
+    Case("yaml-criteria-mapping", yaml={"criteria": {"a": 1}}, message="'criteria' must be a list of strings"),
+    Case("yaml-strategies-renamed", yaml={"strategies": ["deepest"]}, message="'strategies' was renamed 'criteria'"),
     Case("yaml-heal-options-list", yaml={"heal_options": [1]}, message="'heal_options' must be a mapping"),
     Case("yaml-model-list", yaml={"model": ["a", "b"]}, message="'model' must be a string"),
     Case("yaml-seq-len-list", yaml={"seq_len": [16, 32]}, message="'seq_len' must be a whole number, got [16, 32]"),
     Case("yaml-cost-text", yaml={"cost": "sometimes"}, message="'cost' must be true or false"),
     Case("yaml-fractions-mapping", yaml={"n": None, "fractions": {"a": 1}}, message="'fractions' must be a list of numbers"),
     Case("yaml-unknown-key", yaml={"fractons": [0.1]}, message="unknown sweep setting(s) fractons"),
-    Case("yaml-tokens", yaml={"tokens": "middle"}, message="unknown tokens 'middle'"),
+    Case("yaml-token-mode", yaml={"token_mode": "middle"}, message="'token_mode': unknown value 'middle'"),
+    Case("yaml-tokens-renamed", yaml={"tokens": "all"}, message="'tokens' was renamed 'token_mode'"),
     Case("yaml-heal-lr-text", HEALING, {"heal_options": {"lr": "fast"}}, "'heal_options.lr' must be a number"),
     Case("yaml-heal-lr-negative", HEALING, {"heal_options": {"lr": -1}}, "--lr"),
     Case("yaml-heal-method", HEALING, {"heal_options": {"method": "full"}}, "cannot set 'method'"),
@@ -114,7 +117,10 @@ CASES = [
     Case("n-beyond-the-model", ("--n", "0,6", "--out", "{new}"), message="n=6 out of range: the model has 6 layers"),
     Case("samples-zero", ("--samples", "0"), message="'samples' must be at least 1, got 0"),
     Case("limit-text", ("--limit", "abc"), message="'limit' must be a whole number"),
-    Case("unknown-strategy", ("--strategies", "random"), message="unknown strategy 'random'"),
+    Case("unknown-criterion", ("--criteria", "random"), message="unknown criterion 'random'"),
+    Case("heal-option-not-key-value", ("--heal-option", "steps"), message="'steps' is not KEY=VALUE"),
+    Case("heal-option-unknown", (*HEALING, "--heal-option", "speed=2"), message="unknown healing option(s) speed"),
+    Case("heal-option-bad-value", (*HEALING, "--heal-option", "rank=2.5"), message="'heal_options.rank' must be a whole"),
     Case("unknown-task", ("--tasks", "squad"), message="unknown task 'squad'"),
     Case("unknown-heal-method", ("--heal", "magic"), message="unknown healing method 'magic'"),
     Case("unknown-heal-preset", (*HEALING, "--heal-preset", "turbo"), message="unknown preset 'turbo'"),
@@ -237,7 +243,7 @@ def test_moved_sweep_resumes_whatever_the_path_spelling(finished, tmp_path, tiny
     shutil.copytree(finished[0], moved)
     before = load_points(moved)
     monkeypatch.setattr(sweep_module, "_evaluate", _fail)
-    monkeypatch.setattr(sweep_module, "measure", _fail)
+    monkeypatch.setattr(sweep_module, "_measure_texts", _fail)
     monkeypatch.chdir(moved.parent)
     relative_data = os.path.relpath(tiny_corpus, moved.parent)
     for flags in (["--out", "moved"], ["--out", "moved/"], ["--out", "./moved"], ["--out", str(moved)],
@@ -290,7 +296,7 @@ def uninterrupted(tmp_path_factory, tiny_checkpoint, tiny_corpus) -> list[dict]:
 
 
 def _table(points: list[dict]) -> list[tuple]:
-    return [(p["n"], p["strategy"], p["heal"], p["removed_layers"], p["distance"],
+    return [(p["n"], p["criterion"], p["heal"], p["removed_layers"], p["distance"],
              {k: v if v is None else pytest.approx(v, rel=1e-5) for k, v in p["metrics"].items()}) for p in points]
 
 

@@ -1,41 +1,73 @@
 """depthprune: remove whole transformer layers from causal LMs (Gromov et al. 2024, "The Unreasonable
-Ineffectiveness of the Deeper Layers"), then heal and evaluate the smaller model."""
+Ineffectiveness of the Deeper Layers"), then heal and evaluate the smaller model.
 
-from .api import DataOptions, analyze, measure, prune
-from .data import load_texts
+The names below are loaded on first use (PEP 562), so ``import depthprune`` and ``depthprune --help`` do
+not import torch. ``depthprune.heal`` and ``depthprune.evaluate`` are the subpackages; their main
+functions are exported as :func:`heal_model` and :func:`evaluate_model`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from .errors import DepthpruneError
-
-# `depthprune.evaluate` is the function, not the subpackage of the same name: this import loads the
-# subpackage (binding the name to it), then rebinds the name to the function, so `from depthprune import
-# evaluate` gives the function while `from depthprune.evaluate.mmlu import ...` still finds the modules.
-from .evaluate.suite import evaluate
-from .heal import HealOptions, heal
-from .models import EMBEDDED_MODELS, count_parameters, decoder_layout, load_model, num_layers
-from .select import Selection, choose_block, explicit_selection, parse_layers
-from .similarity import AngularDistances, compute_distances, load_distances, measure_distances
-from .surgery import read_record, remove_layers, save_pruned
 
 __version__ = "0.1.0"
 
+# public name -> (module, attribute)
+_EXPORTS = {
+    "AngularDistances": ("similarity", "AngularDistances"),
+    "DataOptions": ("config", "DataOptions"),
+    "AnalysisOptions": ("config", "AnalysisOptions"),
+    "EvalOptions": ("config", "EvalOptions"),
+    "EMBEDDED_MODELS": ("models", "EMBEDDED_MODELS"),
+    "CRITERIA": ("select", "CRITERIA"),
+    "EVAL_TASKS": ("evaluate.registry", "EVAL_TASKS"),
+    "HealOptions": ("heal", "HealOptions"),
+    "Selection": ("select", "Selection"),
+    "analyze": ("api", "analyze"),
+    "choose": ("select", "choose"),
+    "choose_block": ("select", "choose_block"),
+    "count_parameters": ("models", "count_parameters"),
+    "decoder_layout": ("models", "decoder_layout"),
+    "evaluate_model": ("evaluate.suite", "evaluate"),
+    "explicit_selection": ("select", "explicit_selection"),
+    "heal_model": ("heal", "heal"),
+    "load_distances": ("similarity", "load_distances"),
+    "load_model": ("models", "load_model"),
+    "load_texts": ("data", "load_texts"),
+    "measure_distances": ("similarity", "measure_distances"),
+    "num_layers": ("models", "num_layers"),
+    "parse_layers": ("select", "parse_layers"),
+    "prune": ("api", "prune"),
+    "read_record": ("surgery", "read_record"),
+    "remove_layers": ("surgery", "remove_layers"),
+    "save_pruned": ("surgery", "save_pruned"),
+}
+
 __all__ = [
-    "AngularDistances",
-    "DataOptions",
     "DepthpruneError",
+    "AngularDistances",
+    "AnalysisOptions",
+    "CRITERIA",
+    "DataOptions",
     "EMBEDDED_MODELS",
+    "EVAL_TASKS",
+    "EvalOptions",
     "HealOptions",
     "Selection",
     "analyze",
+    "choose",
     "choose_block",
-    "compute_distances",
     "count_parameters",
-    "evaluate",
     "decoder_layout",
+    "evaluate_model",
     "explicit_selection",
-    "heal",
+    "heal_model",
     "load_distances",
     "load_model",
     "load_texts",
-    "measure",
     "measure_distances",
     "num_layers",
     "parse_layers",
@@ -44,3 +76,30 @@ __all__ = [
     "remove_layers",
     "save_pruned",
 ]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'depthprune' has no attribute '{name}'")
+    module, attribute = _EXPORTS[name]
+    value = getattr(importlib.import_module(f".{module}", __name__), attribute)
+    globals()[name] = value  # once loaded, a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from .api import analyze, prune
+    from .config import AnalysisOptions, DataOptions, EvalOptions
+    from .data import load_texts
+    from .evaluate.registry import EVAL_TASKS
+    from .evaluate.suite import evaluate as evaluate_model
+    from .heal import HealOptions
+    from .heal import heal as heal_model
+    from .models import EMBEDDED_MODELS, count_parameters, decoder_layout, load_model, num_layers
+    from .select import CRITERIA, Selection, choose, choose_block, explicit_selection, parse_layers
+    from .similarity import AngularDistances, load_distances, measure_distances
+    from .surgery import read_record, remove_layers, save_pruned

@@ -3,48 +3,36 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from pathlib import Path
 
-from .data import check_int, load_texts
+from .config import AnalysisOptions, DataOptions
+from .data import load_texts, pad_id, tokenize
 from .errors import DepthpruneError
-from .models import check_checkpoint, check_length, count_parameters, load_model, num_layers
+from .models import (
+    check_checkpoint,
+    check_length,
+    count_parameters,
+    load_model,
+    model_fingerprint,
+    num_layers,
+)
 from .outputs import atomic_output_dir, check_output_dir
-from .report import plot_heatmap
 from .select import (
-    STRATEGIES,
+    CRITERIA,
     Selection,
+    SelectionContext,
     block_size,
     check_block_request,
-    choose_block,
+    choose,
     explicit_selection,
     layer_ranges,
     parse_layers,
 )
-from .similarity import TOKEN_MODES, AngularDistances, compute_distances, load_distances
+from .similarity import AngularDistances, load_distances, measure_distances
 from .stream import StreamPlan, compute_distances_streamed, plan_streaming
 from .surgery import layers_removed, pruning_record, read_record, remove_layers, save_pruned
 
-
-@dataclass
-class DataOptions:
-    """Calibration text: where from and how much of it (checked when made)."""
-
-    source: str
-    samples: int = 128
-    seq_len: int = 512
-    seed: int = 0
-    text_field: str = "text"
-    config: str | None = None  # Hugging Face dataset config, e.g. 'en' for allenai/c4
-    split: str = "train"
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.source, (str, Path)):
-            raise DepthpruneError(f"data source must be a path or a dataset id, got {self.source!r}")
-        self.source = str(self.source)
-        check_int(self.samples, "--samples", 1)
-        check_int(self.seq_len, "--seq-len", 2)
-        check_int(self.seed, "--seed")
+__all__ = ["DataOptions", "analyze", "check_model", "load_calibration", "prune"]
 
 
 def check_model(model, trust_remote_code: bool = False):
@@ -61,10 +49,8 @@ def check_model(model, trust_remote_code: bool = False):
     return config
 
 
-def _check_measuring(batch_size: int, tokens: str) -> None:
-    check_int(batch_size, "--batch-size", 1)
-    if tokens not in TOKEN_MODES:
-        raise DepthpruneError(f"unknown token mode '{tokens}': choose one of {', '.join(TOKEN_MODES)}")
+def _check_measuring(batch_size: int, token_mode: str) -> AnalysisOptions:
+    return AnalysisOptions(batch_size, token_mode)  # checks itself: one-line errors naming the flags
 
 
 def _input_paths(*given) -> list:
@@ -85,26 +71,38 @@ def load_calibration(data: DataOptions) -> list[str]:
     return load_texts(data.source, data.samples, data.seed, data.text_field, data.config, data.split)
 
 
-def measure(model, tokenizer, data: DataOptions, texts: list[str] | None = None, batch_size: int = 8,
-            tokens: str = "last", progress: bool = True) -> AngularDistances:
-    """Measure the angular distances of a loaded model on the calibration texts of ``data``."""
-    texts = load_calibration(data) if texts is None else texts
+def _measure_texts(model, tokenizer, data: DataOptions, texts: list[str], analysis: AnalysisOptions,
+                 progress: bool = True) -> AngularDistances:
+    """The angular distances of a loaded model on calibration ``texts`` (tokenized here), with how they were measured.
+
+    The core shared by :func:`analyze`, :func:`prune` and the sweep; users call :func:`analyze` (from text)
+    or :func:`depthprune.similarity.measure_distances` (from token ids).
+    """
     check_length(model.config, data.seq_len, "--seq-len")
-    result = compute_distances(model, tokenizer, texts, seq_len=data.seq_len, batch_size=batch_size,
-                               tokens=tokens, progress=progress)
+    sequences = tokenize(texts, tokenizer, data.seq_len)
+    result = measure_distances(model, sequences, batch_size=analysis.batch_size, token_mode=analysis.token_mode,
+                               pad_token_id=pad_id(tokenizer), progress=progress)
+    result.meta.update(model=str(model.config.name_or_path), model_fingerprint=model_fingerprint(model.config),
+                       seq_len=data.seq_len, num_tokens=int(sum(len(s) for s in sequences)), data=data.source,
+                       seed=data.seed)
+    return result
+
+
+def _measure_streamed(plan: StreamPlan, data: DataOptions, texts: list[str], analysis: AnalysisOptions, dtype: str,
+                      trust_remote_code: bool, progress: bool = True) -> AngularDistances:
+    """:func:`_measure_texts` with one decoder layer in memory at a time (see :mod:`depthprune.stream`)."""
+    result = compute_distances_streamed(plan.spec, texts, seq_len=data.seq_len, batch_size=analysis.batch_size,
+                                        token_mode=analysis.token_mode, dtype=dtype, device=plan.device,
+                                        offload=plan.offload, trust_remote_code=trust_remote_code, progress=progress)
     result.meta.update(data=data.source, seed=data.seed)
     return result
 
 
-def measure_streamed(plan: StreamPlan, data: DataOptions, texts: list[str], batch_size: int = 8,
-                     tokens: str = "last", dtype: str = "float32", trust_remote_code: bool = False,
-                     progress: bool = True) -> AngularDistances:
-    """:func:`measure`, one decoder layer in memory at a time (see :mod:`depthprune.stream`)."""
-    result = compute_distances_streamed(plan.spec, texts, seq_len=data.seq_len, batch_size=batch_size, tokens=tokens,
-                                        dtype=dtype, device=plan.device, offload=plan.offload,
-                                        trust_remote_code=trust_remote_code, progress=progress)
-    result.meta.update(data=data.source, seed=data.seed)
-    return result
+def _plan(model, data: DataOptions, analysis: AnalysisOptions, stream: bool, max_memory, device: str, dtype: str,
+          trust_remote_code: bool) -> StreamPlan | None:
+    return plan_streaming(model, data.samples, data.seq_len, stream=stream, max_memory=max_memory,
+                          batch_size=analysis.batch_size, token_mode=analysis.token_mode, device=device, dtype=dtype,
+                          trust_remote_code=trust_remote_code)
 
 
 def analyze(
@@ -114,7 +112,7 @@ def analyze(
     *,
     tokenizer=None,
     batch_size: int = 8,
-    tokens: str = "last",
+    token_mode: str = "last",
     device: str = "cpu",
     dtype: str = "float32",
     trust_remote_code: bool = False,
@@ -123,32 +121,34 @@ def analyze(
     force: bool = False,
     progress: bool = True,
 ) -> AngularDistances:
-    """Measure D[n][ℓ] for every block size and start; with ``out``, write distances.json/.csv and heatmap.png.
+    """Measure D[n][ℓ] for every block size and start; with ``out``, write distances.json/.csv and heatmap.png
+    (``out=None`` writes nothing and only returns the distances).
 
     ``model`` is anything :func:`depthprune.load_model` takes, or a loaded model (then pass ``tokenizer``).
+    ``token_mode``: 'last' (each sample's last real token, the paper's) or 'all' (the mean over its tokens).
     ``stream`` reads one decoder layer at a time instead of loading the model; ``max_memory`` ('2GiB', '24GB'
     or bytes) streams only when the model would not fit it. Every input is checked before the model loads;
     a bad one raises :class:`DepthpruneError` and writes nothing.
     """
     if not isinstance(data, DataOptions):
         raise DepthpruneError("data must be DataOptions(source, samples, seq_len, ...)")
-    _check_measuring(batch_size, tokens)
+    analysis = _check_measuring(batch_size, token_mode)
     config = check_model(model, trust_remote_code)
     if config is not None:
         check_length(config, data.seq_len, "--seq-len")
     inputs = _input_paths(model, data.source)
     if out is not None:
         check_output_dir(out, force, inputs)  # fail before the slow part
-    plan = plan_streaming(model, data.samples, data.seq_len, stream=stream, max_memory=max_memory,
-                          batch_size=batch_size, tokens=tokens, device=device, dtype=dtype,
-                          trust_remote_code=trust_remote_code)
+    plan = _plan(model, data, analysis, stream, max_memory, device, dtype, trust_remote_code)
     texts = load_calibration(data)
     if plan is not None:
-        result = measure_streamed(plan, data, texts, batch_size, tokens, dtype, trust_remote_code, progress)
+        result = _measure_streamed(plan, data, texts, analysis, dtype, trust_remote_code, progress)
     else:
         model, tokenizer = _loaded(model, tokenizer, device, dtype, trust_remote_code)
-        result = measure(model, tokenizer, data, texts, batch_size, tokens, progress)
+        result = _measure_texts(model, tokenizer, data, texts, analysis, progress)
     if out is not None:
+        from .report import plot_heatmap
+
         with atomic_output_dir(out, force, inputs) as tmp:
             result.save(tmp)
             plot_heatmap(result, tmp / "heatmap.png")
@@ -176,12 +176,12 @@ def prune(
     n: int | None = None,
     fraction: float | None = None,
     layers: str | None = None,
-    strategy: str = "similarity",
+    criterion: str = "similarity",
     distances: str | Path | AngularDistances | None = None,
     data: DataOptions | None = None,
     tokenizer=None,
     batch_size: int = 8,
-    tokens: str = "last",
+    token_mode: str = "last",
     device: str = "cpu",
     dtype: str = "float32",
     trust_remote_code: bool = False,
@@ -194,47 +194,49 @@ def prune(
     """Remove a block of layers and save the pruned checkpoint with its ``depthprune.json``; returns that record.
 
     Give the block as ``n`` layers, a ``fraction`` of them, or an explicit ``layers`` spec ('20-27',
-    '3,7,9'). ``strategy='similarity'`` needs ``distances`` (a directory from :func:`analyze`) or
-    ``data`` to measure them now. A loaded ``model`` is cut only while it is saved and then restored,
-    unless ``inplace=True`` leaves it cut (its removed layers can then be freed). ``stream`` and
+    '3,7,9'). ``criterion`` is a name of the criteria registry (``depthprune.CRITERIA``): 'similarity'
+    needs ``distances`` (a directory from :func:`analyze`) or ``data`` to measure them now; a criterion
+    that needs calibration text needs ``data``. A loaded ``model`` is cut only while it is saved and then
+    restored, unless ``inplace=True`` leaves it cut (its removed layers can then be freed). ``stream`` and
     ``max_memory`` choose how the distances are measured, as in :func:`analyze` (the cut itself loads the
     model). Every input is checked before the model loads.
     """
     if sum(x is not None for x in (n, fraction, layers)) != 1:
         raise DepthpruneError("give exactly one of --n, --fraction or --layers")
-    if strategy not in STRATEGIES:
-        raise DepthpruneError(f"unknown strategy '{strategy}': choose one of {', '.join(STRATEGIES)}")
+    needs = CRITERIA.get(criterion).needs if layers is None else "nothing"
     if layers is not None:
         layer_ranges(layers)
     else:
         check_block_request(n, fraction)
-    if data is not None:
-        _check_measuring(batch_size, tokens)
+    analysis = _check_measuring(batch_size, token_mode) if data is not None else None
     config = check_model(model, trust_remote_code)
     check_output_dir(out, force, _input_paths(model, distances, data.source if data else None))
     if isinstance(distances, (str, Path)):
         distances = load_distances(distances)
-    measuring = distances is None and strategy == "similarity" and layers is None
+    measuring = distances is None and needs == "distances"
     if measuring and data is None:
-        raise DepthpruneError("strategy 'similarity' needs --distances DIR (from `depthprune analyze`) or --data SRC")
+        raise DepthpruneError(f"criterion '{criterion}' needs --distances DIR (from `depthprune analyze`) or --data SRC")
+    if needs == "calibration" and data is None:
+        raise DepthpruneError(f"criterion '{criterion}' needs calibration text: pass --data SRC")
+    reads_data = measuring or needs == "calibration"
     if config is not None:
-        _check_cut(config, n, fraction, layers, distances, data if measuring else None)
-    plan = plan_streaming(model, data.samples, data.seq_len, stream=stream, max_memory=max_memory,
-                          batch_size=batch_size, tokens=tokens, device=device, dtype=dtype,
-                          trust_remote_code=trust_remote_code) if measuring else None
-    texts = load_calibration(data) if measuring else None
+        _check_cut(config, n, fraction, layers, distances, data if reads_data else None)
+    plan = _plan(model, data, analysis, stream, max_memory, device, dtype, trust_remote_code) if measuring else None
+    texts = load_calibration(data) if reads_data else None
     if plan is not None:  # before the model loads, so the two peaks do not add up
-        distances = measure_streamed(plan, data, texts, batch_size, tokens, dtype, trust_remote_code, progress)
+        distances = _measure_streamed(plan, data, texts, analysis, dtype, trust_remote_code, progress)
     source = model if isinstance(model, str) else str(model.config.name_or_path)
     model, tokenizer = _loaded(model, tokenizer, device, dtype, trust_remote_code)
-    _check_cut(model.config, n, fraction, layers, distances, data if measuring else None)  # hub ids, GGUF: now
+    _check_cut(model.config, n, fraction, layers, distances, data if reads_data else None)  # hub ids, GGUF: now
     total = num_layers(model)
     if measuring and plan is None:
-        distances = measure(model, tokenizer, data, texts, batch_size, tokens, progress)
+        distances = _measure_texts(model, tokenizer, data, texts, analysis, progress)
     if layers is not None:
         selection: Selection = explicit_selection(layers, total, distances)
     else:
-        selection = choose_block(strategy, block_size(total, n=n, fraction=fraction), total, distances)
+        sequences = tokenize(texts, tokenizer, data.seq_len) if needs == "calibration" else None
+        context = SelectionContext(total, distances, model, tokenizer, sequences)
+        selection = choose(criterion, block_size(total, n=n, fraction=fraction), context)
     params_before = count_parameters(model)
     cut = contextlib.nullcontext(remove_layers(model, selection.layers)) if inplace else \
         layers_removed(model, selection.layers)

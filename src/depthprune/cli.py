@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import os
 import signal
@@ -14,51 +15,63 @@ MODEL_HELP = (
     "Hugging Face id, checkpoint directory, .gguf file, or embedded alias (smollm2-135m, gemma3-270m)"
 )
 
+# The flags of analyze, prune, eval and sweep come from the stage options (depthprune.config) and the
+# registries (criteria, tasks): this module declares only what belongs to one command. It imports
+# nothing heavy at the top, so `depthprune --help` answers at once.
+
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
+    from .config import ModelOptions
+    from .options import add_options
+
     p.add_argument("model", help=MODEL_HELP)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
-                   help="cpu, cuda (one GPU) or auto (spread over all GPUs with accelerate)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--trust-remote-code", action="store_true", help="allow the model repo's own Python code")
+    add_options(p, ModelOptions, title="model")
+
+
+def _model_kwargs(args) -> dict:
+    from .config import ModelOptions
+    from .options import given_options
+
+    return dataclasses.asdict(ModelOptions(**given_options(args, ModelOptions)))
 
 
 def _add_data_options(p: argparse.ArgumentParser, required: bool) -> None:
-    g = p.add_argument_group("calibration data")
-    g.add_argument("--data", required=required,
-                   help="text source: .jsonl/.json/.txt/.parquet file, a directory of them, or a Hugging Face dataset id")
-    g.add_argument("--data-config", default=None, help="Hugging Face dataset config (e.g. 'en' for allenai/c4)")
-    g.add_argument("--data-split", default="train", help="Hugging Face dataset split (default: train)")
-    g.add_argument("--text-field", default="text", help="field holding the text (default: text)")
-    g.add_argument("--samples", type=int, default=128, help="number of documents (default: 128)")
-    g.add_argument("--seq-len", type=int, default=512, help="tokens per document, truncated (default: 512)")
-    g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--tokens", default="last", choices=["last", "all"],
-                   help="compare the last real token (paper default) or the mean over all tokens")
-    g.add_argument("--seed", type=int, default=0, help="seed of the document sample (default: 0)")
-    g.add_argument("--stream", action="store_true",
-                   help="measure one decoder layer at a time, read from the safetensors files, instead of "
-                        "loading the whole model (same result, a fraction of the memory)")
-    g.add_argument("--max-memory", metavar="SIZE",
-                   help="memory the measurement may use on its device, e.g. 24GiB or 2GB; streams when the "
-                        "whole model would not fit (units: KB/MB/GB/TB in 1000s, KiB/MiB/GiB/TiB in 1024s)")
+    from .config import AnalysisOptions, DataOptions, MemoryOptions
+    from .options import add_options
+
+    add_options(p, DataOptions, title="calibration data", required=["source"] if required else ())
+    add_options(p, AnalysisOptions, title="analysis")
+    add_options(p, MemoryOptions, title="memory")
 
 
 def _data_options(args):
-    from .api import DataOptions
+    from .config import DataOptions
+    from .options import given_options
 
-    if args.data is None:
+    if args.source is None:
         return None
-    return DataOptions(args.data, args.samples, args.seq_len, args.seed, args.text_field, args.data_config,
-                       args.data_split)
+    return DataOptions(**given_options(args, DataOptions))
+
+
+def _analysis_kwargs(args) -> dict:
+    from .config import AnalysisOptions
+    from .options import given_options
+
+    return dataclasses.asdict(AnalysisOptions(**given_options(args, AnalysisOptions)))
+
+
+def _memory_kwargs(args) -> dict:
+    from .config import MemoryOptions
+    from .options import given_options
+
+    return dataclasses.asdict(MemoryOptions(**given_options(args, MemoryOptions)))
 
 
 def _run_analyze(args) -> None:
     from .api import analyze
 
-    result = analyze(args.model, _data_options(args), args.out, batch_size=args.batch_size, tokens=args.tokens,
-                     device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                     stream=args.stream, max_memory=args.max_memory, force=args.force)
+    result = analyze(args.model, _data_options(args), args.out, force=args.force, **_analysis_kwargs(args),
+                     **_memory_kwargs(args), **_model_kwargs(args))
     print(f"\n{result.meta['model']}: {result.num_layers} layers, {result.num_samples} samples, "
           f"{result.tokens} token(s)")
     print(f"{'n':>4}  {'best block':>12}  {'distance':>8}")
@@ -73,10 +86,8 @@ def _run_prune(args) -> None:
     from .api import prune
 
     record = prune(args.model, args.out, n=args.n, fraction=args.fraction, layers=args.layers,
-                   strategy=args.strategy, distances=args.distances, data=_data_options(args),
-                   batch_size=args.batch_size, tokens=args.tokens, device=args.device, dtype=args.dtype,
-                   trust_remote_code=args.trust_remote_code, stream=args.stream, max_memory=args.max_memory,
-                   force=args.force)
+                   criterion=args.criterion, distances=args.distances, data=_data_options(args), force=args.force,
+                   **_analysis_kwargs(args), **_memory_kwargs(args), **_model_kwargs(args))
     from .select import format_layers
 
     distance = record["angular_distance"]
@@ -89,17 +100,14 @@ def _run_prune(args) -> None:
 
 
 def _run_eval(args) -> None:
+    from .config import EvalOptions
+    from .evaluate.registry import given_sources
     from .evaluate.suite import evaluate, summary_rows
+    from .options import given_options
 
-    subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
-    result = evaluate(args.model, args.tasks, mmlu=args.mmlu, boolq=args.boolq, c4=args.c4, arc_easy=args.arc_easy,
-                      hellaswag=args.hellaswag, shots=args.shots,
-                      subjects=subjects, limit=args.limit, boolq_limit=args.boolq_limit, batch_size=args.batch_size,
-                      max_length=args.max_length, c4_sequences=args.c4_sequences, c4_seq_len=args.c4_seq_len,
-                      c4_config=args.c4_config, seed=args.seed, lm_eval=args.lm_eval,
-                      lm_eval_include=args.lm_eval_include, lm_eval_data=args.lm_eval_data,
-                      lm_eval_fewshot=args.lm_eval_fewshot, details=args.details, out=args.out, device=args.device,
-                      dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    options = EvalOptions(**given_options(args, EvalOptions))
+    result = evaluate(args.model, args.tasks, options=options, details=args.details, out=args.out,
+                      **_model_kwargs(args), **given_sources(args))
     removed = result.get("removed_layers")
     print(f"\n{result['model']}: {result['num_layers']} layers"
           + (f" ({len(removed)} removed from {result['layers_before']})" if removed else ""))
@@ -111,17 +119,10 @@ def _run_eval(args) -> None:
         print(f"\nwrote {args.out}")
 
 def _run_heal(args) -> None:
-    from .heal import heal
+    from .heal import HealOptions, heal
+    from .options import given_options
 
-    targets = args.target_modules.split(",") if args.target_modules else None
-    options = dict(method=args.method, steps=args.steps, tokens=args.tokens, batch_size=args.batch_size,
-                   grad_accum=args.grad_accum, seq_len=args.seq_len, lr=args.lr, rank=args.rank, alpha=args.alpha,
-                   dropout=args.dropout, target_modules=targets, warmup=args.warmup, schedule=args.schedule,
-                   weight_decay=args.weight_decay, teacher=args.teacher, kd_weight=args.kd_weight,
-                   kd_temperature=args.kd_temperature, eval_every=args.eval_every, save_every=args.save_every,
-                   val_sequences=args.val_sequences, seed=args.seed, text_field=args.text_field,
-                   data_config=args.data_config, data_split=args.data_split,
-                   gradient_checkpointing=args.gradient_checkpointing or None)
+    options = given_options(args, HealOptions)
     result = heal(args.model, args.data, args.out, val_data=args.val_data, preset=args.preset, device=args.device,
                   dtype=args.dtype, save_adapter=args.save_adapter, force=args.force, restart=args.restart,
                   stop_after=args.stop_after, trust_remote_code=args.trust_remote_code, **options)
@@ -142,17 +143,16 @@ def _run_heal(args) -> None:
 
 
 def _add_heal_parser(commands) -> None:
-    from .heal import METHODS, PRESETS, SCHEDULES
+    from .heal import HEAL_METHODS, PRESETS, HealOptions
+    from .options import add_options
 
-    p = commands.add_parser("heal", help="fine-tune a pruned model on C4 (QLoRA, LoRA, full, distillation); resumable")
+    p = commands.add_parser("heal", help="fine-tune a pruned model on C4 (" + ", ".join(HEAL_METHODS.names())
+                            + ", distillation); resumable")
     p.add_argument("model", help="the pruned checkpoint directory (or any model: " + MODEL_HELP + ")")
     p.add_argument("--data", required=True, help="training text: .jsonl/.json/.txt/.parquet file, directory, or "
                                                  "Hugging Face dataset id (e.g. allenai/c4 --data-config en)")
     p.add_argument("--val-data", help="held-out text scored with the C4-loss evaluator (default: the validation "
                                       "split of a Hugging Face --data)")
-    p.add_argument("--data-config", help="Hugging Face dataset config (e.g. 'en' for allenai/c4)")
-    p.add_argument("--data-split", help="Hugging Face split of --data (default: train)")
-    p.add_argument("--text-field", help="field holding the text (default: text)")
     p.add_argument("--out", required=True, help="output directory: checkpoints and log while running, the merged "
                                                 "model at the end; rerun the same command to resume")
     p.add_argument("--force", action="store_true", help="replace what --out holds (an older result, other files) "
@@ -162,30 +162,7 @@ def _add_heal_parser(commands) -> None:
                                                           "log) and start over")
     p.add_argument("--preset", choices=list(PRESETS), help="paper: the paper's recipe (default); cpu-small: a run "
                                                            "that finishes in minutes on a CPU. Options below win.")
-    p.add_argument("--method", choices=METHODS, help="qlora (4-bit base + LoRA; default), lora, or full")
-    p.add_argument("--teacher", help="the unpruned model, for logit distillation (KL to its next-token distribution)")
-    p.add_argument("--kd-weight", type=float, help="weight of the distillation loss against the LM loss (default 0.5)")
-    p.add_argument("--kd-temperature", type=float, help="softmax temperature of the distillation (default 1)")
-    length = p.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, help="optimizer steps (default 5000)")
-    length.add_argument("--tokens", type=int, help="training tokens instead of --steps (rounded up to whole steps)")
-    p.add_argument("--batch-size", type=int, help="global batch in sequences per step (default 16)")
-    p.add_argument("--grad-accum", type=int, help="micro-batches per step and process (default 1)")
-    p.add_argument("--seq-len", type=int, help="tokens per packed sequence (default 2048)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 3e-4)")
-    p.add_argument("--rank", type=int, help="LoRA rank (default 64)")
-    p.add_argument("--alpha", type=float, help="LoRA alpha (default: = rank)")
-    p.add_argument("--dropout", type=float, help="LoRA dropout (default 0.05)")
-    p.add_argument("--target-modules", help="comma-separated module names for LoRA, or all-linear "
-                                            "(default: the MLP projections, e.g. gate_proj,up_proj,down_proj)")
-    p.add_argument("--warmup", type=int, help="warm-up steps (default 100)")
-    p.add_argument("--schedule", choices=list(SCHEDULES), help="learning-rate schedule after warm-up (default cosine)")
-    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
-    p.add_argument("--eval-every", type=int, help="validation every N steps (default 500)")
-    p.add_argument("--save-every", type=int, help="checkpoint every N steps (default 500)")
-    p.add_argument("--val-sequences", type=int, help="validation sequences of --seq-len tokens (default 64)")
-    p.add_argument("--seed", type=int, help="seed of data order, LoRA init and dropout (default 0)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
+    p.add_argument("--method", choices=HEAL_METHODS.names(), help=HEAL_METHODS.help() + " (default: qlora)")
     p.add_argument("--stop-after", type=int, help="stop this invocation after N steps, with a checkpoint")
     p.add_argument("--save-adapter", action="store_true", help="also save the LoRA adapter alone in OUT/adapter")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
@@ -193,20 +170,30 @@ def _add_heal_parser(commands) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="weights and compute (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model repo's own Python code")
+    add_options(p, HealOptions, exclude=["method"], title="healing options (--steps or --train-tokens)")
     p.set_defaults(run=_run_heal)
 
 
 def _run_sweep(args) -> None:
+    from .config import SweepConfig
+    from .evaluate.registry import given_sources
+    from .options import given_options
     from .report import write_report
     from .sweep import resolve_config, run_sweep
 
-    names = ("model", "out", "data", "fractions", "n", "strategies", "heal", "heal_fractions", "tasks", "lm_eval",
-             "mmlu", "boolq", "c4", "arc_easy", "hellaswag", "subjects", "limit", "heal_data", "heal_val_data",
-             "heal_preset", "samples", "device", "dtype")
-    overrides = {name: getattr(args, name) for name in names}
+    overrides = {**given_options(args, SweepConfig), "model": args.model, **given_sources(args)}
+    if args.heal_option:
+        overrides["heal_options"] = dict(args.heal_option)
     config = resolve_config(args.config, **overrides)
-    out = run_sweep(config, force=args.force)
+    out = run_sweep(config, force=args.force, quiet=args.quiet)
     print(f"report: {write_report(out)}")
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"'{text}' is not KEY=VALUE (e.g. steps=20)")
+    return key.strip().replace("-", "_"), value.strip()
 
 
 def _run_results(args) -> None:
@@ -256,6 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an unexpected error")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from .config import EvalOptions, SweepConfig
+    from .evaluate.registry import EVAL_TASKS, add_task_data_options
+    from .options import add_options
+    from .select import CRITERIA
+
     p = commands.add_parser("analyze", help="measure angular distances between layers; write distances and heatmap")
     _add_model_options(p)
     _add_data_options(p, required=True)
@@ -269,9 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--n", type=int, help="number of layers to remove")
     how.add_argument("--fraction", type=float, help="fraction of the layers to remove, e.g. 0.25")
     how.add_argument("--layers", help="explicit 0-based layers, inclusive ranges: '20-27' or '3,7,9'")
-    p.add_argument("--strategy", default="similarity", choices=["similarity", "deepest"],
-                   help="similarity: the block with the smallest angular distance; deepest: the n layers "
-                        "before the final one (default: similarity)")
+    p.add_argument("--criterion", default="similarity", choices=CRITERIA.names(),
+                   help="which layers to remove (default: similarity). " + CRITERIA.help())
     p.add_argument("--distances", help="directory written by `depthprune analyze` (else measured from --data)")
     _add_data_options(p, required=False)
     p.add_argument("--out", required=True, help="output directory for the pruned checkpoint")
@@ -280,65 +271,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_heal_parser(commands)
 
-    p = commands.add_parser("eval", help="evaluate a model: MMLU (k-shot), BoolQ (0-shot), C4 loss, lm-eval tasks")
+    p = commands.add_parser("eval", help="evaluate a model: " + ", ".join(t.name for t in EVAL_TASKS)
+                                         + ", lm-eval tasks")
     _add_model_options(p)
-    p.add_argument("--tasks", help="comma-separated: mmlu,boolq,c4,arc_easy,hellaswag (default: the tasks given a "
+    p.add_argument("--tasks", help=f"comma-separated: {','.join(EVAL_TASKS.names())} (default: the tasks given a "
                                    "data option)")
-    p.add_argument("--mmlu", help="MMLU: directory with dev/ and test/ CSVs, or a Hugging Face id (cais/mmlu)")
-    p.add_argument("--boolq", help="BoolQ: .jsonl file, or a Hugging Face id (google/boolq, super_glue/boolq)")
-    p.add_argument("--c4", help="C4: .jsonl file or directory of documents, or a Hugging Face id (allenai/c4)")
-    p.add_argument("--arc-easy", help="ARC-Easy (0-shot): original .jsonl file, or a Hugging Face id (allenai/ai2_arc)")
-    p.add_argument("--hellaswag", help="HellaSwag (0-shot): original .jsonl file, or a Hugging Face id (Rowan/hellaswag)")
-    p.add_argument("--shots", type=int, default=5, help="MMLU examples in the prompt (default: 5)")
-    p.add_argument("--subjects", help="comma-separated MMLU subjects (default: all)")
-    p.add_argument("--limit", type=int, help="first N questions per MMLU subject, BoolQ examples, lm-eval examples")
-    p.add_argument("--boolq-limit", type=int, help="first N BoolQ examples (default: --limit, else all)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, help="context limit in tokens (default: the model's)")
-    p.add_argument("--c4-sequences", type=int, default=64, help="C4: packed sequences to score (default: 64)")
-    p.add_argument("--c4-seq-len", type=int, default=512, help="C4: tokens per sequence (default: 512)")
-    p.add_argument("--c4-config", help="C4: Hugging Face dataset config (default: 'en' for allenai/c4)")
-    p.add_argument("--seed", type=int, default=0, help="C4: seed of the document sample (default: 0)")
-    p.add_argument("--lm-eval", help="comma-separated lm-evaluation-harness tasks to run too (e.g. hellaswag,arc_easy;"
-                                     " arc_easy_local reads a local copy)")
-    p.add_argument("--lm-eval-include", help="directory of your own lm-eval task YAMLs")
-    p.add_argument("--lm-eval-data", help="data directory for the bundled local lm-eval tasks "
-                                          "(default: $DEPTHPRUNE_DATA)")
-    p.add_argument("--lm-eval-fewshot", type=int, help="override the lm-eval tasks' number of shots")
+    add_task_data_options(p, title="task data")
+    add_options(p, EvalOptions, title="evaluation")
     p.add_argument("--details", action="store_true", help="also record each question's scores in --out")
     p.add_argument("--out", help="write the results as JSON to this file")
     p.set_defaults(run=_run_eval)
 
     p = commands.add_parser("sweep", help="the paper's experiment: evaluate cuts of growing size, healed or not")
     p.add_argument("model", nargs="?", help=MODEL_HELP + " (or `model:` in --config)")
-    p.add_argument("--config", help="YAML file of sweep settings (keys as the options below, with underscores)")
-    p.add_argument("--out", help="output directory; rerun with the same settings to resume (also after moving it)")
+    p.add_argument("--config", help="YAML file of sweep settings: the options below, with underscores "
+                                    "(flags win over the file)")
     p.add_argument("--force", action="store_true",
                    help="start over: the new sweep runs in a hidden folder beside --out (.OUT.depthprune-force) "
                         "that replaces --out only once complete, so the old sweep stays intact until then; "
                         "after an interruption, rerun with --force to continue the new sweep")
-    # Numbers are taken as text and checked with the YAML settings, so every bad value gets one message.
-    p.add_argument("--data", help="calibration text for the angular distances")
-    p.add_argument("--fractions", help="fractions of layers to drop: start:stop:step (stop included) or a list")
-    p.add_argument("--n", help="numbers of layers to drop instead of fractions, e.g. 0,2,4,8")
-    p.add_argument("--strategies", help="similarity,deepest (default both)")
-    p.add_argument("--heal", help="healing per point: none,qlora,lora,full (default none)")
-    p.add_argument("--tasks", help="native tasks: mmlu,boolq,c4,arc_easy,hellaswag (default mmlu,boolq,c4)")
-    p.add_argument("--lm-eval", help="lm-evaluation-harness tasks to run as well, e.g. arc_easy_local,hellaswag")
-    p.add_argument("--mmlu", help="MMLU directory (dev/, test/) or Hugging Face id")
-    p.add_argument("--boolq", help="BoolQ .jsonl or Hugging Face id")
-    p.add_argument("--c4", help="C4 validation text for the loss")
-    p.add_argument("--arc-easy", help="ARC-Easy .jsonl or Hugging Face id")
-    p.add_argument("--hellaswag", help="HellaSwag .jsonl or Hugging Face id")
-    p.add_argument("--subjects", help="MMLU subjects, comma-separated (default all)")
-    p.add_argument("--limit", help="at most this many questions per MMLU subject / BoolQ / lm-eval task")
-    p.add_argument("--heal-data", help="training text for healing")
-    p.add_argument("--heal-val-data", help="validation text scored during healing")
-    p.add_argument("--heal-preset", help="healing preset (paper, cpu-small)")
-    p.add_argument("--heal-fractions", help="heal only the cuts of these fractions (default: every cut)")
-    p.add_argument("--samples", help="calibration documents (default 128)")
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"])
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars: one line per stage (and one a minute while a long stage runs), for logs")
+    add_options(p, SweepConfig, exclude={"model"}, title="settings (each also a key of --config)")
+    add_task_data_options(p, title="task data (YAML: the task's name, e.g. `mmlu: DIR`)")
+    p.add_argument("--heal-option", action="append", type=_key_value, metavar="KEY=VALUE",
+                   help="an option of `depthprune heal` for every healed point (repeatable; YAML: heal_options), "
+                        "e.g. --heal-option steps=20 --heal-option rank=8")
     p.set_defaults(run=_run_sweep)
 
     p = commands.add_parser("results", help="print the results table of a sweep directory")

@@ -3,6 +3,11 @@
 Measured the same way for the full and every pruned model, so savings are shown, not assumed. The
 per-layer time comes from hooks around each decoder layer during the same prefill pass, which is what
 the ideal "fixed part + per-layer part" line is checked against.
+
+A model's cost depends only on its number of layers (which layers were removed, and whether it was
+healed, changes no shape), so a sweep times each distinct layer count of one loaded model, cut in memory,
+in :func:`interleaved_costs`: round after round over every count, so machine noise hits all alike, and
+keeps the median and the spread of the rounds.
 """
 
 from __future__ import annotations
@@ -11,12 +16,19 @@ import inspect
 import resource
 import threading
 import time
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 
 import numpy as np
 import torch
 
 from .models import count_parameters, decoder_layout
+from .surgery import layers_removed
+
+# The numbers of a cost record that the results table, the report and a point's metrics carry.
+COST_METRICS = ("parameters", "weight_bytes", "peak_memory_bytes", "prefill_tokens_per_s", "decode_tokens_per_s",
+                "prefill_ms_per_token", "decode_ms_per_token", "layer_prefill_ms_per_token",
+                "layer_decode_ms_per_token", "layer_weight_bytes")
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -160,3 +172,43 @@ def linear_fit(x, y) -> dict:
     spread = ((y - y.mean()) ** 2).sum()
     r2 = 1.0 - (residual**2).sum() / spread if spread > 0 else 1.0
     return {"fixed": float(intercept), "per_unit": float(slope), "r2": float(r2)}
+
+
+def round_order(sizes: Iterable[int], rounds: int) -> list[tuple[int, int]]:
+    """(round, n) in the order they are timed: every n once per round, ascending in even rounds and
+    descending in odd ones, so a machine that grows busier or quieter during the phase favours no end."""
+    ordered = sorted(set(sizes))
+    return [(r, n) for r in range(rounds) for n in (ordered if r % 2 == 0 else ordered[::-1])]
+
+
+def summarize_rounds(samples: list[dict]) -> dict:
+    """One record from the rounds' records of one layer count: the median of every number in
+    :data:`COST_METRICS`, its spread over the rounds (``spread[key] = [min, max]``) and the values themselves."""
+    first = samples[0]
+    record = {key: value for key, value in first.items() if key not in COST_METRICS}
+    values = {key: [s[key] for s in samples] for key in COST_METRICS}
+    record.update({key: float(np.median(v)) if key not in ("parameters", "weight_bytes") else v[0]
+                   for key, v in values.items()})
+    record["spread"] = {key: [min(v), max(v)] for key, v in values.items()}
+    record["rounds"] = len(samples)
+    record["samples"] = values
+    record["settings"] = {**first.get("settings", {}), "rounds": len(samples)}
+    return record
+
+
+@torch.no_grad()
+def interleaved_costs(model, removals: dict[int, Iterable[int]], rounds: int = 3,
+                      on_measure: Callable[[int, int, int], None] | None = None, **options) -> dict[int, dict]:
+    """Time ``model`` with each block of ``removals`` (n -> the layers to remove) cut out in memory,
+    ``rounds`` times in :func:`round_order`; returns n -> :func:`summarize_rounds` of its rounds.
+
+    ``options`` go to :func:`measure_cost` (each round's number is itself the best of its ``repeats``);
+    ``on_measure(index, round, n)`` is called before each timing, ``index`` counting from 0.
+    """
+    samples: dict[int, list[dict]] = {n: [] for n in removals}
+    for index, (r, n) in enumerate(round_order(removals, rounds)):
+        if on_measure is not None:
+            on_measure(index, r, n)
+        with layers_removed(model, removals[n]) as cut:
+            samples[n].append(measure_cost(cut, **options))
+    return {n: summarize_rounds(s) for n, s in sorted(samples.items())}

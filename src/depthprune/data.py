@@ -11,10 +11,12 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import DepthpruneError
+
+if TYPE_CHECKING:
+    import torch
 
 TEXT_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
 
@@ -225,6 +227,8 @@ def collate(sequences: Sequence[Sequence[int]], pad_token_id: int, padding_side:
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
     width = max(len(s) for s in sequences)
+    import torch
+
     ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 import re
 import shutil
@@ -238,27 +239,39 @@ def _check_loading_info(spec: str, info: dict) -> None:
                           "num_hidden_layers and the sizes in config.json, or save the checkpoint again")
 
 
+QUANTIZATIONS = ("nf4",)
+
+
 def load_model(
     spec: str,
     device: str = "cpu",
     dtype: str = "float32",
     trust_remote_code: bool = False,
+    *,
+    quantize: str | None = None,
 ):
     """Load ``(model, tokenizer)`` from a hub id, a checkpoint directory, a .gguf file or an embedded alias.
 
-    ``device`` is 'cpu', 'cuda' or 'auto' (accelerate's device_map over all GPUs, for models larger than
-    one). Weights are only ever read from safetensors, never from pickles, and must match the config
-    exactly (no weight missing, none left over). The model is in eval mode.
+    ``device`` is 'cpu', 'cuda' (also 'cuda:N', one given GPU) or 'auto' (accelerate's device_map over all
+    GPUs, for models larger than one). Weights are only ever read from safetensors, never from pickles,
+    and must match the config exactly (no weight missing, none left over). The model is in eval mode.
+
+    ``quantize='nf4'`` loads the linear layers 4-bit (bitsandbytes NF4, computing in ``dtype``), as QLoRA
+    trains on; on CPUs with AVX512-BF16 the weights are kept in bitsandbytes' standard layout, so that
+    de-quantizing them later gives exactly the weights the model computed with.
     """
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
         raise DepthpruneError(f"unknown dtype '{dtype}': choose one of {', '.join(DTYPES)}")
-    if device not in DEVICES:
+    if device not in DEVICES and not re.fullmatch(r"cuda:\d+", device):
         raise DepthpruneError(f"unknown device '{device}': choose one of {', '.join(DEVICES)}")
-    if device in ("cuda", "auto") and not torch.cuda.is_available():
-        raise DepthpruneError(f"--device {device} needs a CUDA GPU and none is visible: use --device cpu")
+    if device.startswith("cuda") or device == "auto":
+        if not torch.cuda.is_available():
+            raise DepthpruneError(f"--device {device} needs a CUDA GPU and none is visible: use --device cpu")
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise DepthpruneError(f"unknown quantization '{quantize}': choose one of {', '.join(QUANTIZATIONS)}")
     source = resolve_model_source(spec)
     location = str(convert_gguf(source.location)) if source.kind in ("alias", "gguf") else source.location
     check_checkpoint(location, trust_remote_code)
@@ -266,6 +279,9 @@ def load_model(
                   output_loading_info=True)
     if device == "auto":
         kwargs["device_map"] = "auto"
+    if quantize is not None:
+        kwargs["quantization_config"] = _nf4_config(DTYPES[dtype])
+        kwargs.setdefault("device_map", {"": torch.cuda.current_device() if device == "cuda" else device})
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
         model, info = AutoModelForCausalLM.from_pretrained(location, **kwargs)
@@ -278,11 +294,58 @@ def load_model(
                               "than the config gives; check the sizes in config.json, or save the checkpoint again"
                               ) from None
     _check_loading_info(spec, info)
-    if device == "cuda":
-        model.to("cuda")
+    if quantize is not None:
+        disable_cpu_repacking(model)
+    elif device.startswith("cuda"):
+        model.to(device)
     model.eval()
     model.config.name_or_path = spec  # so pruned checkpoints record the model the user named
     return model, tokenizer
+
+
+def _nf4_config(compute_dtype: torch.dtype):
+    quiet_bitsandbytes()
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise DepthpruneError("4-bit loading (--method qlora) needs bitsandbytes: pip install 'depthprune[qlora]'"
+                              ) from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
+                              bnb_4bit_use_double_quant=False)
+
+
+def disable_cpu_repacking(model: nn.Module) -> None:
+    """Keep bitsandbytes' standard 4-bit layout on CPUs with AVX512-BF16.
+
+    There bitsandbytes repacks 4-bit weights at the first no-grad forward into a bf16 layout that
+    ``dequantize_4bit`` cannot read and that computes in bf16: validation, training and a final merge
+    would not all see the same de-quantized weights.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _without_missing_kernels_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+def quiet_bitsandbytes() -> None:
+    """Silence bitsandbytes' warning about the optional ``kernels`` package, before bitsandbytes is imported.
+
+    Importing transformers' optimization module or peft imports bitsandbytes whenever it is installed
+    (so also for lora and full healing), and on CPUs with AVX512-BF16 it then warns that ``kernels`` is
+    missing. That kernel only serves the repacked 4-bit layout, which :func:`disable_cpu_repacking` turns
+    off, so the warning is noise. The filter sits on bitsandbytes' own logger, which getLogger creates
+    before bitsandbytes is imported.
+    """
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if _without_missing_kernels_warning not in logger.filters:
+        logger.addFilter(_without_missing_kernels_warning)
 
 
 def position_limit(config) -> int | None:

@@ -26,17 +26,19 @@ _MISSING = dataclasses.MISSING
 
 def option(default: Any = _MISSING, *, help: str, flag: str | None = None, choices: Iterable[str] | Callable | None = None,
            metavar: str | None = None, minimum: float | None = None, maximum: float | None = None,
-           below: float | None = None, parse: Callable[[str], Any] | None = None, cli: bool = True,
+           below: float | None = None, above: float | None = None, parse: Callable[[str], Any] | None = None, cli: bool = True,
            default_factory: Callable[[], Any] | None = None) -> Any:
     """A dataclass field with what the CLI and the checks need.
 
-    ``minimum``/``maximum`` are inclusive bounds, ``below`` an exclusive upper bound (floats must also be
+    ``minimum``/``maximum`` are inclusive bounds, ``below``/``above`` exclusive ones (floats must also be
     finite). ``choices`` is a list, or a function returning one (a registry's ``names``, read late so
-    plug-ins registered after import count). ``parse`` turns one CLI or YAML string into the value (e.g.
-    'start:stop:step' fractions). ``cli=False`` keeps an option out of the flags (YAML/API only).
+    plug-ins registered after import count); ``{choices}`` in the help text is replaced by them when the
+    flags are made. ``parse`` turns one CLI or YAML string into the value (e.g. 'start:stop:step'
+    fractions), or returns ``NotImplemented`` to leave it to the usual conversion. ``cli=False`` keeps an
+    option out of the flags (YAML/API only).
     """
     metadata = dict(help=help, flag=flag, choices=choices, metavar=metavar, minimum=minimum, maximum=maximum,
-                    below=below, parse=parse, cli=cli)
+                    below=below, above=above, parse=parse, cli=cli)
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -56,11 +58,17 @@ def _unwrap(tp) -> tuple[Any, bool]:
     return tp, False
 
 
-def _describe(tp) -> str:
+_WORDS = {int: ("a whole number", "whole numbers"), float: ("a number", "numbers"), str: ("a string", "strings"),
+          bool: ("true or false", "true/false values"), dict: ("a mapping", "mappings")}
+
+
+def _describe(tp, plural: bool = False) -> str:
+    """'a whole number', 'a list of numbers', ... for messages."""
     base, _ = _unwrap(tp)
     if typing.get_origin(base) is list:
-        return f"a list of {_describe(typing.get_args(base)[0])}s"
-    return {int: "whole number", float: "number", str: "text", bool: "true/false", dict: "mapping"}.get(base, str(base))
+        return _describe(typing.get_args(base)[0], plural=True)
+    single, many = _WORDS.get(base, (str(base), str(base)))
+    return f"a list of {many}" if plural else single
 
 
 def _choices(meta) -> list[str] | None:
@@ -68,11 +76,13 @@ def _choices(meta) -> list[str] | None:
     return list(choices()) if callable(choices) else (list(choices) if choices is not None else None)
 
 
-def _scalar(value, tp, name: str, where: str):
-    """``value`` as a ``tp`` (int, float, str, bool), from YAML or a CLI string; a one-line error otherwise."""
-    def wrong():
-        return DepthpruneError(f"{where} '{name}' must be a {_describe(tp)}, got {value!r}")
+def _scalar(value, tp, name: str, where: str, plural: bool = False):
+    """``value`` as a ``tp`` (int, float, str, bool), from YAML or a CLI string; a one-line error otherwise.
 
+    ``plural``: the value is an item of a list, and the message says so ('must be a list of numbers').
+    """
+    def wrong():
+        return DepthpruneError(f"{where} '{name}' must be {_describe(tp, plural)}, got {value!r}")
 
     if tp is bool:
         if isinstance(value, bool):
@@ -126,17 +136,19 @@ def convert(value, tp, name: str, where: str = "setting", meta: dict | None = No
     if value is None:
         if optional:
             return None
-        raise DepthpruneError(f"{where} '{name}' must be a {_describe(tp)}, not empty")
+        raise DepthpruneError(f"{where} '{name}' must be {_describe(tp)}, not empty")
     parse = meta.get("parse")
     if parse is not None and isinstance(value, str):
-        return parse(value)
+        parsed = parse(value)  # NotImplemented: not its syntax, convert as usual (e.g. '0,0.1' for fractions)
+        if parsed is not NotImplemented:
+            return parsed
     if typing.get_origin(base) is list:
         item = typing.get_args(base)[0]
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         elif not isinstance(value, (list, tuple)):
             value = [value]
-        return [_scalar(v, item, name, where) for v in value]
+        return [_scalar(v, item, name, where, plural=True) for v in value]
     return _scalar(value, base, name, where)
 
 
@@ -148,6 +160,38 @@ def coerce(cls, values: dict, where: str = "setting") -> dict:
         raise DepthpruneError(f"unknown {where}(s) {', '.join(unknown)}: valid keys are {', '.join(sorted(fields))}")
     hints = _hints(cls)
     return {k: convert(v, hints[k], k, where, dict(fields[k].metadata)) for k, v in values.items()}
+
+
+def _is_a(value, tp) -> bool:
+    """Whether ``value`` already has type ``tp`` (no conversion: the Python API gets no strings for numbers)."""
+    base, optional = _unwrap(tp)
+    if value is None:
+        return optional
+    if typing.get_origin(base) is list:
+        item = typing.get_args(base)[0]
+        return isinstance(value, list) and all(_is_a(v, item) for v in value)
+    if base is Any:
+        return True
+    if base is bool:
+        return isinstance(value, bool)
+    if base is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if base is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, base)
+
+
+def check_types(obj, where: str | None = None) -> None:
+    """Refuse a field of the dataclass instance ``obj`` whose value is not of its declared type (no conversion).
+
+    Messages name the flag (``--seq-len must be a whole number, got '16'``), or with ``where`` the key.
+    """
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if not _is_a(value, hints[f.name]):
+            label = flag_name(f) if where is None else f"{where} '{f.name}'"
+            raise DepthpruneError(f"{label} must be {_describe(hints[f.name])}, got {value!r}")
 
 
 def check_ranges(obj, where: str | None = None) -> None:
@@ -179,6 +223,9 @@ def _check_one(value, meta, label: str) -> None:
         raise DepthpruneError(f"{label} must be at most {high:g}, got {value:g}")
     if below is not None and value >= below:
         raise DepthpruneError(f"{label} must be below {below:g}, got {value:g}")
+    above = meta.get("above")
+    if above is not None and value <= above:
+        raise DepthpruneError(f"{label} must be above {above:g}, got {value:g}")
 
 
 def flag_name(f: dataclasses.Field, prefix: str = "") -> str:
@@ -212,15 +259,15 @@ def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls, 
         if f.name in exclude or not f.metadata.get("cli", True) or "help" not in f.metadata:
             continue
         meta, tp = f.metadata, hints[f.name]
-        kwargs: dict[str, Any] = dict(dest=prefix.replace("-", "_") + f.name, default=None,
-                                      help=meta["help"] + _default_text(f))
+        choices = _choices(meta)
+        text = meta["help"].replace("{choices}", ", ".join(choices or ())) + _default_text(f)
+        kwargs: dict[str, Any] = dict(dest=prefix.replace("-", "_") + f.name, default=None, help=text.replace("%", "%%"))
         base, _ = _unwrap(tp)
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = _cli_type(tp, f.name, dict(meta))
             kwargs["metavar"] = meta.get("metavar") or ("LIST" if typing.get_origin(base) is list else None)
-            choices = _choices(meta)
             if choices is not None and typing.get_origin(base) is not list:
                 kwargs["choices"] = choices
         if f.name in required:

@@ -34,6 +34,17 @@ def _umask() -> int:
     return mask
 
 
+def follow_umask(directory: str | Path) -> None:
+    """Give everything under ``directory`` the modes the user's umask asks for.
+
+    safetensors (and some other writers) create files with mode 0600; call this on a finished output
+    folder (before it is moved into place) so model files are as readable as everything else a run writes.
+    """
+    mask = _umask()
+    for path in Path(directory).rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def _temp_prefix(target: Path) -> str:
     return f".{target.name}{TEMP_MARK}{os.getpid()}-"
 

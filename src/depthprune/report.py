@@ -25,9 +25,32 @@ from .store import load_points, table, to_csv
 
 Z95 = 1.959964  # two-sided 95 % quantile of the normal distribution
 MIN_R2 = 0.9  # below this the linear cost model explains too little of the timings to draw it as "ideal"
-STRATEGY_STYLE = {"similarity": ("tab:blue", "o"), "deepest": ("tab:orange", "s")}
-TASK_TITLES = {"mmlu": "MMLU (5-shot)", "boolq": "BoolQ (0-shot)", "arc_easy": "ARC-Easy", "hellaswag": "HellaSwag",
-               "arc_challenge": "ARC-Challenge"}
+# Criteria get colours and markers in registry order, so any number of them can be told apart.
+COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive",
+          "tab:cyan")
+MARKERS = ("o", "s", "D", "v", "^", "P", "X", "<", ">")
+# Titles of lm-eval tasks that are not registered tasks (the registered ones carry their own).
+LM_EVAL_TITLES = {"arc_challenge": "ARC-Challenge"}
+
+
+def criterion_style(criterion: str) -> tuple[str, str]:
+    """(colour, marker) of a criterion's curves: by its place in the registry; the full model is a black star."""
+    from .select import CRITERIA
+
+    if criterion == "full":
+        return "black", "*"
+    names = CRITERIA.names()
+    if criterion not in names:  # a criterion of an older store, or of a plug-in not loaded now
+        return "tab:gray", "^"
+    i = names.index(criterion)
+    return COLORS[i % len(COLORS)], MARKERS[i % len(MARKERS)]
+
+
+def task_title(task: str) -> str:
+    """The report's name of a task: its registry title, else lm-eval's usual name, else the task name."""
+    from .evaluate.registry import EVAL_TASKS
+
+    return EVAL_TASKS.get(task).title if task in EVAL_TASKS else LM_EVAL_TITLES.get(task, task)
 
 
 # --- uncertainty and collapse ---------------------------------------------------------------------------
@@ -81,16 +104,20 @@ def collapse_definition(sigmas: float) -> str:
 
 
 def accuracy_tasks(points: list[dict]) -> dict[str, str]:
-    """Task -> the metric that is its headline: acc_norm for HellaSwag, plain acc otherwise, whichever of
-    ``{task}_acc`` / ``{task}_acc_norm`` the store has (older stores have only ``{task}_acc``)."""
+    """Task -> the metric that is its headline: the registered task's ``headline`` (acc_norm for HellaSwag),
+    plain acc otherwise, whichever of ``{task}_acc`` / ``{task}_acc_norm`` the store has (older stores have
+    only ``{task}_acc``)."""
+    from .evaluate.registry import EVAL_TASKS
+
     names = list(dict.fromkeys(k for p in points for k in p["metrics"]))
     tasks: dict[str, str] = {}
     for name in names:
         if not name.endswith(("_acc", "_acc_norm")):
             continue
         task = name.removesuffix("_norm").removesuffix("_acc")
-        order = ["_acc_norm", "_acc"] if task == "hellaswag" else ["_acc", "_acc_norm"]
-        tasks.setdefault(task, next(task + s for s in order if task + s in names))
+        headline = EVAL_TASKS.get(task).headline if task in EVAL_TASKS else task + "_acc"
+        order = [headline, task + "_acc", task + "_acc_norm"]
+        tasks.setdefault(task, next(m for m in order if m in names))
     return tasks
 
 
@@ -109,12 +136,18 @@ def sample_size(point: dict, task: str) -> int | None:
 
 
 def baseline(points: list[dict], task: str) -> tuple[float | None, str]:
-    """The level a model reaches without knowing anything, and its name: 'majority class' or 'chance'."""
+    """The level a model reaches without knowing anything, and its name: 'majority class' or 'chance' (as the
+    task registry says; older records say it by their key)."""
+    from .evaluate.registry import EVAL_TASKS
+
+    declared = EVAL_TASKS.get(task).baseline_kind if task in EVAL_TASKS else None
     for p in points:
         record = _record(p, task)
         value = p["metrics"].get(f"{task}_chance", record.get("majority_baseline", record.get("chance")))
         if value is not None:
-            return value, "majority class" if "majority_baseline" in record else "chance"
+            return value, declared or ("majority class" if "majority_baseline" in record else "chance")
+    if task in EVAL_TASKS and EVAL_TASKS.get(task).chance is not None:
+        return EVAL_TASKS.get(task).chance, declared
     return None, "chance"
 
 
@@ -124,13 +157,13 @@ def _reference(points: list[dict]) -> dict | None:
 
 
 def _curves(points: list[dict], metric: str) -> dict[tuple[str, str], list[dict]]:
-    """(strategy, healing) -> its points that have ``metric``, by fraction. An unhealed curve starts at the
+    """(criterion, healing) -> its points that have ``metric``, by fraction. An unhealed curve starts at the
     full model (nothing removed, nothing to heal); a healed one has only the fractions that were healed."""
     full = _reference(points)
     curves: dict[tuple[str, str], list[dict]] = {}
     for p in sorted(points, key=lambda p: p["fraction"]):
         if p is not full and p["metrics"].get(metric) is not None:
-            curves.setdefault((p["strategy"], p["heal"]), []).append(p)
+            curves.setdefault((p["criterion"], p["heal"]), []).append(p)
     if full is not None and full["metrics"].get(metric) is not None:
         for (_, heal), curve in curves.items():
             if heal == "none":
@@ -146,12 +179,12 @@ def _metric_name(points: list[dict], task: str, metric: str) -> str:
     return "acc"
 
 
-def _curve_label(strategy: str, heal: str) -> str:
-    return f"{strategy}, {'not healed' if heal == 'none' else heal + '-healed'}"
+def _curve_label(criterion: str, heal: str) -> str:
+    return f"{criterion}, {'not healed' if heal == 'none' else heal + '-healed'}"
 
 
 def collapse_points(points: list[dict], sigmas: float = 2.0) -> list[dict]:
-    """The verdict on every (task, strategy, healing) curve: 'collapse' at a fraction, 'no collapse' within
+    """The verdict on every (task, criterion, healing) curve: 'collapse' at a fraction, 'no collapse' within
     the measured fractions, 'uninformative' task, or 'unknown sample size'."""
     full = _reference(points)
     found = []
@@ -160,10 +193,10 @@ def collapse_points(points: list[dict], sigmas: float = 2.0) -> list[dict]:
             continue
         level, kind = baseline(points, task)
         accuracy, n_full = full["metrics"][metric], sample_size(full, task)
-        for (strategy, heal), curve in _curves(points, metric).items():
+        for (criterion, heal), curve in _curves(points, metric).items():
             judged = [p for p in curve if p is not full]
             sizes = [sample_size(p, task) for p in judged]
-            verdict = {"task": task, "metric": metric, "strategy": strategy, "heal": heal, "full_accuracy": accuracy,
+            verdict = {"task": task, "metric": metric, "criterion": criterion, "heal": heal, "full_accuracy": accuracy,
                        "num_questions": n_full, "baseline": level, "baseline_kind": kind,
                        "fractions": [p["fraction"] for p in judged], "collapse_fraction": None}
             if n_full is None or None in sizes or level is None:
@@ -238,11 +271,11 @@ def plot_best_block(distances: AngularDistances, path: str | Path) -> Path:
 
 
 def _draw_curves(ax, points: list[dict], metric: str, scale: float = 1.0, task: str | None = None) -> None:
-    """One line per (strategy, healing), Wilson 95 % bars when ``task`` gives the sample sizes, and the full
+    """One line per (criterion, healing), Wilson 95 % bars when ``task`` gives the sample sizes, and the full
     model as a black star. Curves with bars are nudged sideways a little so the bars do not hide each other."""
     curves = _curves(points, metric)
-    for i, ((strategy, heal), curve) in enumerate(curves.items()):
-        color, marker = STRATEGY_STYLE.get(strategy, ("tab:gray", "^"))
+    for i, ((criterion, heal), curve) in enumerate(curves.items()):
+        color, marker = criterion_style(criterion)
         nudge = (i - (len(curves) - 1) / 2) * 0.008 if task is not None else 0.0
         xs = [p["fraction"] + (nudge if p["n"] else 0) for p in curve]
         ys = np.array([p["metrics"][metric] for p in curve])
@@ -252,7 +285,7 @@ def _draw_curves(ax, points: list[dict], metric: str, scale: float = 1.0, task: 
             intervals = [wilson_interval(y, n) if n else (y, y) for y, n in zip(ys, sizes, strict=True)]
             bars = np.abs(np.array(intervals).T - ys) * scale
         ax.errorbar(xs, ys * scale, yerr=bars, color=color, marker=marker, markersize=4, capsize=2, elinewidth=0.8,
-                    linestyle="--" if heal == "none" else "-", linewidth=1.3, label=_curve_label(strategy, heal),
+                    linestyle="--" if heal == "none" else "-", linewidth=1.3, label=_curve_label(criterion, heal),
                     markerfacecolor="white" if heal == "none" else color)
     full = _reference(points)
     if full is not None and full["metrics"].get(metric) is not None:
@@ -289,7 +322,7 @@ def plot_accuracy(points: list[dict], path: str | Path, sigmas: float = 2.0) -> 
                 ax.axhspan(100 * level - noise, 100 * level + noise, color="0.88", zorder=0, linewidth=0)
         _draw_curves(ax, points, metric, scale=100, task=task)
         ax.set_ylabel(f"{_metric_name(points, task, metric)} (%)")
-        title = f"{TASK_TITLES.get(task, task)}: {n or '?'} questions"
+        title = f"{task_title(task)}: {n or '?'} questions"
         title += f", dotted: {kind} {100 * level:.1f} %" if level is not None else ""
         if any(v["task"] == task and v["status"] == "uninformative" for v in verdicts):  # in the title: hides no point
             ax.set_title(f"{title}\nuninformative: the full model is not above the {kind} by {sigmas:g} SE",
@@ -334,10 +367,32 @@ COST_PANELS = [("prefill_ms_per_token", "prefill time per token", "ms", 1.0, "la
                ("peak_memory_bytes", "peak memory", "MiB", 1 / 2**20, None)]
 
 
+def timed_together(points: list[dict]) -> bool:
+    """Whether the sweep's cost comes from its final cost phase: every layer count timed in the same
+    interleaved rounds, one record per count with the median and spread (min, max) of the rounds. Older
+    sweeps timed each point once, whenever it ran."""
+    return any("spread" in (p["details"].get("cost") or {}) for p in points)
+
+
 def _cost_points(points: list[dict]) -> list[dict]:
-    # Unhealed models only, so a fit describes one condition: healed models are extra timings of the same
-    # architectures, taken at other moments of the sweep.
-    return [p for p in points if p["heal"] == "none" and p["metrics"].get("prefill_ms_per_token") is not None]
+    """The points the cost figure and fits use: one per layer count timed in the cost phase (its cost is
+    the same for every point with that count, healed or not); in older sweeps, every unhealed point."""
+    measured = [p for p in points if p["metrics"].get("prefill_ms_per_token") is not None]
+    if not timed_together(measured):
+        # Unhealed models only, so a fit describes one condition: healed models are extra timings of the
+        # same architectures, taken at other moments of the sweep.
+        return [p for p in measured if p["heal"] == "none"]
+    by_count: dict[int, dict] = {}
+    for p in sorted(measured, key=lambda p: (p["n"], p["heal"] != "none", p["criterion"])):
+        by_count.setdefault(p["details"]["cost"]["num_layers"], p)
+    return list(by_count.values())
+
+
+def _cost_timing(measured: list[dict]) -> dict:
+    """How the timings were taken: rounds and repeats, from the first cost record."""
+    settings = measured[0]["details"]["cost"].get("settings") or {}
+    return {"together": timed_together(measured), "rounds": settings.get("rounds", "?"),
+            "repeats": settings.get("repeats", "?")}
 
 
 def fit_problems(fit: dict, scale: float = 1.0, unit: str = "") -> list[str]:
@@ -382,6 +437,18 @@ def timing_spread(points: list[dict], metric: str) -> float | None:
     return max(spreads) if spreads else None
 
 
+def _spread_bars(measured: list[dict], metric: str, scale: float) -> np.ndarray | None:
+    """Error bars from the median down to the fastest round and up to the slowest (None without spreads)."""
+    bars = []
+    for p in measured:
+        low, high = (p["details"]["cost"].get("spread") or {}).get(metric) or (None, None)
+        if low is None:
+            return None
+        value = p["metrics"][metric]
+        bars.append((max(0.0, value - low) * scale, max(0.0, high - value) * scale))
+    return np.array(bars).T
+
+
 def plot_cost(points: list[dict], path: str | Path) -> Path | None:
     """Measured cost against the fraction removed, with the line fixed + per-layer × layers kept only where it
     describes the measurements; otherwise the panel says why not."""
@@ -390,14 +457,24 @@ def plot_cost(points: list[dict], path: str | Path) -> Path | None:
         return None
     measured = _cost_points(points)
     total = max(p["details"]["cost"]["num_layers"] for p in measured)
-    repeats = (measured[0]["details"]["cost"].get("settings") or {}).get("repeats", "?")
+    timing = _cost_timing(measured)
     fig = _figure(10.4, 7.4)
     for ax, (metric, label, unit, scale, _) in zip(fig.subplots(2, 2).flat, COST_PANELS, strict=True):
-        for strategy in sorted({p["strategy"] for p in measured}):
-            color, marker = STRATEGY_STYLE.get(strategy, ("black", "*"))
-            chosen = [p for p in measured if p["strategy"] == strategy]
+        if timing["together"]:
+            ax.errorbar([p["fraction"] for p in measured], [p["metrics"][metric] * scale for p in measured],
+                        yerr=_spread_bars(measured, metric, scale), color="tab:green", marker="o", markersize=4,
+                        capsize=3, elinewidth=0.9, linestyle="none", zorder=3,
+                        label=f"median of {timing['rounds']} rounds; bars: fastest–slowest")
+            full = _reference(measured)
+            if full is not None:
+                ax.scatter([0], [full["metrics"][metric] * scale], color="black", marker="*", s=60, zorder=4,
+                           label="full model")
+        for criterion in [] if timing["together"] else sorted({p["criterion"] for p in measured}):
+            color, marker = criterion_style(criterion)
+            chosen = [p for p in measured if p["criterion"] == criterion]
             ax.scatter([p["fraction"] for p in chosen], [p["metrics"][metric] * scale for p in chosen], color=color,
-                       marker=marker, s=60 if strategy == "full" else 24, label="full model" if strategy == "full" else strategy,
+                       marker=marker, s=60 if criterion == "full" else 24,
+                       label="full model" if criterion == "full" else criterion,
                        zorder=3)
         fit = fits[metric]
         if fit["problems"]:  # said above the panel, where it cannot hide a point
@@ -411,12 +488,18 @@ def plot_cost(points: list[dict], path: str | Path) -> Path | None:
         ax.set_ylabel(f"{label} ({unit})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper right")
-    spreads = {m.split("_")[0]: timing_spread(points, m) for m, *_ in COST_PANELS[:2]}
-    spread_text = " and ".join(f"{100 * v:.0f} % ({name})" for name, v in spreads.items() if v is not None)
-    fig.suptitle("Measured cost of the unhealed models; line: fixed part (embeddings, LM head) + equal part per layer, "
-                 f"drawn only if R² ≥ {MIN_R2}, fixed ≥ 0, per layer > 0\nTimings: one per point, the best of {repeats} "
-                 "repeats (their spread is not stored)"
-                 + (f"; models of the same size differ by up to {spread_text}" if spread_text else ""), fontsize=9)
+    line = (f"line: fixed part (embeddings, LM head) + equal part per layer, drawn only if R² ≥ {MIN_R2}, fixed ≥ 0, "
+            "per layer > 0")
+    if timing["together"]:
+        fig.suptitle(f"Measured cost per number of layers (healed or not: the same shapes); {line}\nTimings: every "
+                     f"layer count timed at the end of the sweep in {timing['rounds']} interleaved rounds, each the best "
+                     f"of {timing['repeats']} repeats; points: median, bars: fastest and slowest round", fontsize=9)
+    else:
+        spreads = {m.split("_")[0]: timing_spread(points, m) for m, *_ in COST_PANELS[:2]}
+        spread_text = " and ".join(f"{100 * v:.0f} % ({name})" for name, v in spreads.items() if v is not None)
+        fig.suptitle(f"Measured cost of the unhealed models; {line}\nTimings: one per point, the best of "
+                     f"{timing['repeats']} repeats (their spread is not stored)"
+                     + (f"; models of the same size differ by up to {spread_text}" if spread_text else ""), fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -436,17 +519,17 @@ def _layers(removed: list[int]) -> str:
 
 
 def main_table(points: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """The columns people compare, formatted: fraction, layers, strategy, healing, each task's headline
+    """The columns people compare, formatted: fraction, layers, criterion, healing, each task's headline
     accuracy ± SE (%), C4 loss (nats), speed-ups against the full model, weight memory (MiB)."""
     tasks = accuracy_tasks(points)
     full = _reference(points)
-    header = ["removed", "layers (0-based)", "strategy", "healing"]
-    header += [f"{TASK_TITLES.get(t, t)} {_metric_name(points, t, m)} (%)" for t, m in tasks.items()]
+    header = ["removed", "layers (0-based)", "criterion", "healing"]
+    header += [f"{task_title(t)} {_metric_name(points, t, m)} (%)" for t, m in tasks.items()]
     header += ["C4 loss (nats)", "prefill speed-up", "decode speed-up", "weights (MiB)"]
     rows = []
     for p in points:
         m = p["metrics"]
-        row = [f"{p['fraction']:.2f}", _layers(p["removed_layers"]), p["strategy"], p["heal"]]
+        row = [f"{p['fraction']:.2f}", _layers(p["removed_layers"]), p["criterion"], p["heal"]]
         row += ["" if m.get(k) is None else _accuracy_cell(m[k], sample_size(p, t)) for t, k in tasks.items()]
         row.append("" if m.get("c4_loss") is None else f"{m['c4_loss']:.2f}")
         for key in ("prefill_ms_per_token", "decode_ms_per_token"):
@@ -498,16 +581,16 @@ def _collapse_html(verdicts: list[dict], sigmas: float) -> str:
     """One row per task: the full model and its baseline, then one cell per curve (or one uninformative cell)."""
     if not verdicts:
         return "<p>No accuracy was measured on the full model.</p>"
-    curves = list(dict.fromkeys((v["strategy"], v["heal"]) for v in verdicts))
-    measured = {(v["strategy"], v["heal"]): v["fractions"] for v in verdicts}
+    curves = list(dict.fromkeys((v["criterion"], v["heal"]) for v in verdicts))
+    measured = {(v["criterion"], v["heal"]): v["fractions"] for v in verdicts}
     header = ["task", "full model (%)", "baseline (%)"]
     header += [f"{_curve_label(*c)} (at {', '.join(f'{f:.2f}' for f in measured[c])})" for c in curves]
     rows = []
     for task in dict.fromkeys(v["task"] for v in verdicts):
-        mine = {(v["strategy"], v["heal"]): v for v in verdicts if v["task"] == task}
+        mine = {(v["criterion"], v["heal"]): v for v in verdicts if v["task"] == task}
         first = next(iter(mine.values()))
         n, level = first["num_questions"], first["baseline"]
-        cells = [f"{TASK_TITLES.get(task, task)} ({n or '?'} questions)", _accuracy_cell(first["full_accuracy"], n),
+        cells = [f"{task_title(task)} ({n or '?'} questions)", _accuracy_cell(first["full_accuracy"], n),
                  "?" if level is None else f"{100 * level:.1f} ({first['baseline_kind']})"]
         if first["status"] == "uninformative":
             note = (f"uninformative: the full model is not above the {first['baseline_kind']} by {sigmas:g} SE, so "
@@ -537,6 +620,36 @@ def _cost_html(fits: dict) -> str:
                      "" if one is None else f"{f['slope_over_measured']:.2f}",
                      "yes" if not f["problems"] else "no: " + "; ".join(f["problems"])])
     return _html_table(header, rows)
+
+
+def _criteria_html(points: list[dict]) -> str:
+    """What each criterion of the sweep does, from the registry (layers are 0-based, ranges inclusive)."""
+    from .select import CRITERIA
+
+    used = [name for name in dict.fromkeys(p["criterion"] for p in points) if name != "full"]
+    described = [f"<em>{html.escape(name)}</em>: {html.escape(CRITERIA.get(name).description)}"
+                 + ("" if CRITERIA.get(name).contiguous else " (not one block)")
+                 for name in used if name in CRITERIA]
+    return ("<p>Layers are 0-based and ranges inclusive. Criteria: " + "; ".join(described) + ".</p>") if described \
+        else "<p>Layers are 0-based and ranges inclusive.</p>"
+
+
+def cost_table(points: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """One row per layer count timed in the cost phase: medians and [fastest–slowest round] ([] for older sweeps)."""
+    measured = _cost_points(points)
+    if not timed_together(measured):
+        return [], []
+    header = ["removed (n)", "layers kept", "prefill (ms/token)", "decode (ms/token)", "weights (MiB)",
+              "peak memory (MiB)", "one layer, prefill (ms/token)"]
+
+    def cell(p: dict, metric: str, scale: float = 1.0, digits: int = 4) -> str:
+        value, (low, high) = p["metrics"][metric], p["details"]["cost"]["spread"][metric]
+        return f"{value * scale:,.{digits}g} [{low * scale:,.{digits}g}–{high * scale:,.{digits}g}]"
+
+    rows = [[str(p["n"]), str(p["details"]["cost"]["num_layers"]), cell(p, "prefill_ms_per_token"),
+             cell(p, "decode_ms_per_token"), f"{p['metrics']['weight_bytes'] / 2**20:,.1f}",
+             cell(p, "peak_memory_bytes", 1 / 2**20), cell(p, "layer_prefill_ms_per_token")] for p in measured]
+    return header, rows
 
 
 def _image(path: Path | None, caption: str) -> str:
@@ -579,7 +692,10 @@ def write_report(directory: str | Path, sigmas: float = 2.0) -> Path:
          "Angular distance d(x^(l), x^(l+n)) for every block; dots: the optimal first layer l*(n)"),
         (plot_best_block(distances, folder / "best_block.png") if distances else None,
          "Optimal first layer l*(n) and its distance vs block size n"),
-        (plot_cost(points, folder / "cost.png"), "Measured cost of the unhealed models vs a fixed part plus an equal part per layer"),
+        (plot_cost(points, folder / "cost.png"),
+         "Measured cost per number of layers (median and spread of interleaved rounds) vs a fixed part plus an equal "
+         "part per layer" if timed_together(points) else
+         "Measured cost of the unhealed models vs a fixed part plus an equal part per layer"),
     ]
     verdicts = collapse_points(points, sigmas)
     fits = cost_fits(points)
@@ -594,7 +710,11 @@ def write_report(directory: str | Path, sigmas: float = 2.0) -> Path:
 
     model = points[0]["details"]["evaluation"].get("model", "") if points else ""
     csv_uri = "data:text/csv;base64," + base64.b64encode(csv_text.encode()).decode()
-    size_text = ", ".join(f"{TASK_TITLES.get(t, t)} {n or '?'}" for t, n in sizes.items())
+    measured = _cost_points(points)
+    speed_note = (f"medians of {_cost_timing(measured)['rounds']} interleaved rounds timed together at the end of the "
+                  "sweep; their spread is under Measured cost" if timed_together(measured)
+                  else "one timing each, so noisy")
+    size_text = ", ".join(f"{task_title(t)} {n or '?'}" for t, n in sizes.items())
     largest = sorted({round(50 / math.sqrt(n), 1) for n in sizes.values() if n})  # the SE at p = 50 %
     worst = "" if not largest else f" (at p = 50 %: {largest[0]} points here)" if len(largest) == 1 else \
         f" (at p = 50 %: {largest[0]}–{largest[-1]} points here)"
@@ -602,9 +722,7 @@ def write_report(directory: str | Path, sigmas: float = 2.0) -> Path:
         f"<!doctype html><html><head><meta charset='utf-8'><title>depthprune report: {html.escape(str(model))}</title>"
         f"<style>{STYLE}</style></head><body>",
         f"<h1>depthprune sweep: {html.escape(str(model))}</h1>",
-        "<p>Layers are removed as one contiguous block (0-based, inclusive ranges). <em>similarity</em>: the block"
-        " with the smallest angular distance between its input and output; <em>deepest</em>: the layers just"
-        " before the final one.</p>",
+        _criteria_html(points),
         f"<p><strong>Sample sizes</strong> (questions per task): {html.escape(size_text)}. An accuracy p on n "
         f"questions has a standard error √(p(1−p)/n){worst}. Tables give accuracy "
         "± one standard error; figures draw Wilson 95 % intervals.</p>" if sizes else "",
@@ -612,16 +730,23 @@ def write_report(directory: str | Path, sigmas: float = 2.0) -> Path:
         f"<p>{html.escape(collapse_definition(sigmas))} The columns name the fractions measured on each curve.</p>",
         f"<div class='scroll'>{_collapse_html(verdicts, sigmas)}</div>",
         "<h2>Results</h2>",
-        "<p>Speed-ups are the full model's time per token over the cut model's (one timing each, so noisy). "
+        f"<p>Speed-ups are the full model's time per token over the cut model's ({speed_note}). "
         f"Every column: <a href='results.csv'>results.csv</a> beside this file, or "
         f"<a download='results.csv' href='{csv_uri}'>the copy embedded in this page</a>.</p>",
         f"<div class='scroll'>{_html_table(*main_table(points), table_id='main-table')}</div>",
         *[_image(path, caption) for path, caption in figures],
     ]
     if fits:
+        over = (f"{next(iter(fits.values()))['num_points']} layer counts (the median of each)" if timed_together(points)
+                else f"{next(iter(fits.values()))['num_points']} unhealed points")
         parts += ["<h2>Cost fits</h2><p>cost = fixed + per layer × layers kept, least squares over the "
-                  f"{next(iter(fits.values()))['num_points']} unhealed points; drawn only when R² ≥ {MIN_R2}, the fixed "
+                  f"{over}; drawn only when R² ≥ {MIN_R2}, the fixed "
                   "part ≥ 0 and the per-layer part > 0.</p>", f"<div class='scroll'>{_cost_html(fits)}</div>"]
+    cost_header, cost_rows = cost_table(points)
+    if cost_rows:
+        parts += ["<h2>Measured cost</h2><p>Each number of layers timed at the end of the sweep, all in the same "
+                  "interleaved rounds: the median, and in brackets the fastest and the slowest round.</p>",
+                  f"<div class='scroll'>{_html_table(cost_header, cost_rows, table_id='cost-table')}</div>"]
     parts += [f"<details><summary>All {len(full_header)} columns of the {len(points)} points</summary>",
               f"<div class='scroll'>{_html_table(full_header, full_rows, table_id='full-table')}</div></details>",
               "</body></html>"]

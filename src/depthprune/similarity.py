@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import batches, pad_id, read_json, tokenize
+from .config import TOKEN_MODES
+from .data import batches, read_json
 from .errors import DepthpruneError
 from .models import FINGERPRINT_KEYS, decoder_layout, model_fingerprint, num_layers
 from .outputs import atomic_write_text
 
-TOKEN_MODES = ("last", "all")
 FORMAT = "depthprune.distances/1"
 DEFINITION = (
     "distance[n][l] = mean over samples of arccos(cos(x_l, x_{l+n}))/pi, where x_l is the input of "
@@ -188,7 +188,7 @@ def measure_distances(
     sequences: Sequence[Sequence[int]],
     *,
     batch_size: int = 8,
-    tokens: str = "last",
+    token_mode: str = "last",
     pad_token_id: int = 0,
     padding_side: str = "right",
     token_chunk: int = 1024,
@@ -196,11 +196,13 @@ def measure_distances(
 ) -> AngularDistances:
     """Average pairwise angular distances between all layer inputs over ``sequences`` (token id lists).
 
-    ``tokens='last'`` uses each sequence's last real token (the paper's default); ``'all'`` averages
-    over its real tokens first, then over sequences. Padding side does not change the result.
+    The core of the analysis (:func:`depthprune.analyze` tokenizes text and calls it). ``token_mode='last'``
+    uses each sequence's last real token (the paper's default); ``'all'`` averages over its real tokens
+    first, then over sequences. Padding side does not change the result.
     """
-    if tokens not in TOKEN_MODES:
-        raise DepthpruneError(f"unknown token mode '{tokens}': choose one of {', '.join(TOKEN_MODES)}")
+    if token_mode not in TOKEN_MODES:
+        raise DepthpruneError(f"unknown token mode '{token_mode}': choose one of {', '.join(TOKEN_MODES)}")
+    tokens = token_mode
     if not sequences:
         raise DepthpruneError("no calibration sequences to measure")
     layout = decoder_layout(model)
@@ -259,29 +261,3 @@ def measure_distances(
         for handle in handles:
             handle.remove()
     return AngularDistances((total / len(ordered)).cpu().numpy(), len(ordered), tokens)
-
-
-def compute_distances(
-    model,
-    tokenizer,
-    texts: Sequence[str],
-    *,
-    seq_len: int = 1024,
-    batch_size: int = 8,
-    tokens: str = "last",
-    padding_side: str = "right",
-    progress: bool = True,
-) -> AngularDistances:
-    """Tokenize ``texts`` (truncated to ``seq_len``) and measure the distances; records the settings."""
-    sequences = tokenize(texts, tokenizer, seq_len)
-    result = measure_distances(
-        model, sequences, batch_size=batch_size, tokens=tokens, pad_token_id=pad_id(tokenizer),
-        padding_side=padding_side, progress=progress,
-    )
-    result.meta.update(
-        model=str(model.config.name_or_path),
-        model_fingerprint=model_fingerprint(model.config),
-        seq_len=seq_len,
-        num_tokens=int(sum(len(s) for s in sequences)),
-    )
-    return result

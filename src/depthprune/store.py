@@ -1,7 +1,11 @@
 """The sweep's results store: one SQLite row per finished point, written in a transaction.
 
-A point is (block size n, strategy, healing). Its row holds the settings it ran with and every figure
+A point is (block size n, selection criterion, healing). Its row holds the settings it ran with and every figure
 it produced, as JSON, so a rerun of the same sweep can skip it and a report can be drawn from the table.
+
+The ``cost`` table holds one row per distinct layer count: the cost timed in the sweep's final phase (median
+and spread over interleaved rounds). It is rewritten whole, in the same transaction that copies each
+record into the points of that layer count, every time a sweep finishes.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ CREATE TABLE IF NOT EXISTS points (
     key TEXT PRIMARY KEY,      -- 'n=8/similarity/qlora'
     n INTEGER NOT NULL,        -- layers removed
     fraction REAL NOT NULL,    -- n / layers of the full model
-    strategy TEXT NOT NULL,    -- 'full', 'similarity' or 'deepest'
+    criterion TEXT NOT NULL,   -- 'full', or a selection criterion: 'similarity', 'deepest', ...
     heal TEXT NOT NULL,        -- 'none', 'qlora', 'lora' or 'full'
     removed_layers TEXT NOT NULL,  -- JSON list, 0-based
     distance REAL,             -- angular distance of the removed block
@@ -33,11 +37,23 @@ CREATE TABLE IF NOT EXISTS points (
 """
 
 
-COLUMNS = ("key", "n", "fraction", "strategy", "heal", "removed_layers", "distance", "metrics", "details", "finished")
+COLUMNS = ("key", "n", "fraction", "criterion", "heal", "removed_layers", "distance", "metrics", "details", "finished")
+# Before issue 9 the criterion column was called 'strategy': such tables are read as they are and renamed
+# (in one transaction) when a sweep opens them to write.
+LEGACY_COLUMNS = tuple("strategy" if c == "criterion" else c for c in COLUMNS)
+_COST_SCHEMA = """
+CREATE TABLE IF NOT EXISTS cost (
+    n INTEGER PRIMARY KEY,     -- layers removed
+    num_layers INTEGER NOT NULL,  -- layers kept
+    record TEXT NOT NULL,      -- JSON: medians, spread [min, max] and values of the rounds, settings, phase
+    measured TEXT NOT NULL
+)
+"""
 
 
-def point_key(n: int, strategy: str, heal: str) -> str:
-    return f"n={n}/{strategy}/{heal}"
+
+def point_key(n: int, criterion: str, heal: str) -> str:
+    return f"n={n}/{criterion}/{heal}"
 
 
 def _damaged(path: Path, why: str) -> DepthpruneError:
@@ -57,10 +73,26 @@ def _open_existing(path: Path) -> sqlite3.Connection:
     if check != "ok":
         db.close()
         raise _damaged(path, check)
-    if columns and columns != COLUMNS:
+    if columns and columns not in (COLUMNS, LEGACY_COLUMNS):
         db.close()
         raise _damaged(path, f"its points table has the columns {', '.join(columns)}")
     return db
+
+
+def _is_legacy(db: sqlite3.Connection) -> bool:
+    return tuple(row[1] for row in db.execute("PRAGMA table_info(points)")) == LEGACY_COLUMNS
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Rename the old 'strategy' column 'criterion', in one transaction: the table is either old or new."""
+    if _is_legacy(db):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("ALTER TABLE points RENAME COLUMN strategy TO criterion")
+        except BaseException:
+            db.rollback()
+            raise
+        db.commit()
 
 
 def read_finished(directory: str | Path) -> set[str]:
@@ -83,7 +115,9 @@ def connect(directory: str | Path) -> sqlite3.Connection:
     """Open (creating if needed) the results of ``directory``; an existing file must be a results table."""
     path = Path(directory) / DB_NAME
     db = _open_existing(path) if path.is_file() else sqlite3.connect(path)
+    _migrate(db)
     db.execute(_SCHEMA)
+    db.execute(_COST_SCHEMA)
     db.commit()
     return db
 
@@ -92,28 +126,38 @@ def finished_keys(db: sqlite3.Connection) -> set[str]:
     return {row[0] for row in db.execute("SELECT key FROM points")}
 
 
-def save_point(db: sqlite3.Connection, *, n: int, fraction: float, strategy: str, heal: str, removed_layers,
+def save_point(db: sqlite3.Connection, *, n: int, fraction: float, criterion: str, heal: str, removed_layers,
                distance: float | None, metrics: dict, details: dict) -> None:
     """Insert one finished point atomically (a crash leaves either the whole row or none)."""
     with db:
         db.execute(
             "INSERT OR REPLACE INTO points VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (point_key(n, strategy, heal), n, fraction, strategy, heal, json.dumps(list(removed_layers)), distance,
+            (point_key(n, criterion, heal), n, fraction, criterion, heal, json.dumps(list(removed_layers)), distance,
              json.dumps(metrics), json.dumps(details), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
         )
 
 
-def load_points(directory: str | Path) -> list[dict]:
-    """All finished points of a sweep directory, sorted by n, strategy, healing."""
-    path = Path(directory) / DB_NAME
-    if not path.is_file():
-        raise DepthpruneError(f"no {DB_NAME} in '{directory}': is it the --out of a `depthprune sweep`?")
-    db = _open_existing(path)
+def point_seconds(db: sqlite3.Connection) -> dict[str, float]:
+    """Key -> the seconds each finished point took (as its ``details`` record them; points without: left out)."""
+    seconds = {}
+    for key, details in db.execute("SELECT key, details FROM points"):
+        try:
+            value = json.loads(details).get("seconds")
+        except (TypeError, ValueError, AttributeError):
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            seconds[key] = float(value)
+    return seconds
+
+
+def _points_of(db: sqlite3.Connection, path: Path) -> list[dict]:
     db.row_factory = sqlite3.Row
     try:
-        rows = db.execute("SELECT * FROM points ORDER BY n, strategy, heal").fetchall() if _has_table(db) else []
+        column = "strategy AS criterion" if _has_table(db) and _is_legacy(db) else "criterion"
+        query = f"SELECT {', '.join(column if c == 'criterion' else c for c in COLUMNS)} FROM points"
+        rows = db.execute(query + " ORDER BY n, criterion, heal").fetchall() if _has_table(db) else []
     finally:
-        db.close()
+        db.row_factory = None
     try:
         return [
             {**dict(row), "removed_layers": json.loads(row["removed_layers"]), "metrics": json.loads(row["metrics"]),
@@ -124,7 +168,61 @@ def load_points(directory: str | Path) -> list[dict]:
         raise _damaged(path, f"a row does not hold JSON: {exc}") from None
 
 
-FIXED_COLUMNS = ["n", "fraction", "strategy", "heal", "removed_layers", "distance"]
+def read_points(db: sqlite3.Connection) -> list[dict]:
+    """All finished points of an open results table, as :func:`load_points` gives them."""
+    return _points_of(db, Path(db.execute("PRAGMA database_list").fetchone()[2] or DB_NAME))
+
+
+def load_points(directory: str | Path) -> list[dict]:
+    """All finished points of a sweep directory, sorted by n, criterion, healing (an old table is only read)."""
+    path = Path(directory) / DB_NAME
+    if not path.is_file():
+        raise DepthpruneError(f"no {DB_NAME} in '{directory}': is it the --out of a `depthprune sweep`?")
+    db = _open_existing(path)
+    try:
+        return _points_of(db, path)
+    finally:
+        db.close()
+
+
+def save_cost(db: sqlite3.Connection, costs: dict[int, dict], points: dict[str, tuple[dict, dict]]) -> None:
+    """Replace the cost table by ``costs`` (n -> record) and set the ``metrics`` and ``details`` of the points
+    in ``points`` (key -> (metrics, details)), all in one transaction: a kill leaves the old or the new."""
+    measured = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    with db:
+        db.execute(_COST_SCHEMA)
+        db.execute("DELETE FROM cost")
+        db.executemany("INSERT INTO cost VALUES (?,?,?,?)",
+                       [(n, record["num_layers"], json.dumps(record), measured) for n, record in sorted(costs.items())])
+        db.executemany("UPDATE points SET metrics = ?, details = ? WHERE key = ?",
+                       [(json.dumps(metrics), json.dumps(details), key) for key, (metrics, details) in points.items()])
+
+
+def read_cost(db: sqlite3.Connection) -> dict[int, dict]:
+    """n -> the cost record of the sweep's last cost phase, from an open results table ({} when none finished)."""
+    if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'cost'").fetchone() is None:
+        return {}
+    try:
+        return {n: {**json.loads(record), "measured": measured}
+                for n, record, measured in db.execute("SELECT n, record, measured FROM cost ORDER BY n")}
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise DepthpruneError(f"the cost table of a results file does not hold JSON ({exc}): rerun the sweep "
+                              "to time the cost again") from None
+
+
+def load_cost(directory: str | Path) -> dict[int, dict]:
+    """n -> the cost record of the sweep's last cost phase in ``directory`` ({} when none has finished)."""
+    path = Path(directory) / DB_NAME
+    if not path.is_file():
+        return {}
+    db = _open_existing(path)
+    try:
+        return read_cost(db)
+    finally:
+        db.close()
+
+
+FIXED_COLUMNS = ["n", "fraction", "criterion", "heal", "removed_layers", "distance"]
 
 
 def table(points: list[dict]) -> tuple[list[str], list[list]]:

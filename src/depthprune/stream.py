@@ -407,15 +407,15 @@ class _DistanceCollector:
     """Keeps, per batch and layer input x⁽ˡ⁾, the token vectors the distances need; then averages as
     :func:`~depthprune.similarity.measure_distances` does, on the same values in the same float64 arithmetic."""
 
-    def __init__(self, batch_list: Sequence[Batch], num_layers: int, tokens: str, token_chunk: int = 1024):
+    def __init__(self, batch_list: Sequence[Batch], num_layers: int, token_mode: str, token_chunk: int = 1024):
         self.masks = [b.attention_mask.bool() for b in batch_list]
         self.last = [torch.where(m, torch.arange(m.shape[1]), -1).max(dim=1).values for m in self.masks]
-        self.tokens, self.token_chunk = tokens, token_chunk
+        self.token_mode, self.token_chunk = token_mode, token_chunk
         self.kept: list[list[torch.Tensor | None]] = [[None] * (num_layers + 1) for _ in batch_list]
 
     def _keep(self, index: int, b: int, hidden: torch.Tensor) -> None:
         mask = self.masks[b].to(hidden.device)
-        if self.tokens == "last":
+        if self.token_mode == "last":
             selected = hidden[torch.arange(hidden.shape[0], device=hidden.device), self.last[b].to(hidden.device)]
         else:
             selected = hidden[mask]  # (real tokens of the batch, H), row after row
@@ -432,7 +432,7 @@ class _DistanceCollector:
         total = torch.zeros((size, size), dtype=torch.float64)
         for b, states in enumerate(self.kept):
             unit = torch.nn.functional.normalize(torch.stack([s.to(torch.float64) for s in states], dim=-2), dim=-1)
-            if self.tokens == "last":
+            if self.token_mode == "last":
                 total += _pairwise_angles(unit).sum(dim=0)
                 continue
             for real in unit.split(self.masks[b].sum(dim=1).tolist()):  # one sample's tokens: (T_real, L+1, H)
@@ -448,7 +448,7 @@ def stream_distances(
     sequences: Sequence[Sequence[int]],
     *,
     batch_size: int = 8,
-    tokens: str = "last",
+    token_mode: str = "last",
     pad_token_id: int = 0,
     padding_side: str = "right",
     dtype: str = "float32",
@@ -459,8 +459,8 @@ def stream_distances(
 ) -> AngularDistances:
     """:func:`~depthprune.similarity.measure_distances` of the checkpoint in ``checkpoint`` (a directory),
     streamed one layer at a time: the same batches, the same result."""
-    if tokens not in TOKEN_MODES:
-        raise DepthpruneError(f"unknown token mode '{tokens}': choose one of {', '.join(TOKEN_MODES)}")
+    if token_mode not in TOKEN_MODES:
+        raise DepthpruneError(f"unknown token mode '{token_mode}': choose one of {', '.join(TOKEN_MODES)}")
     if not sequences:
         raise DepthpruneError("no calibration sequences to measure")
     if not isinstance(checkpoint, Checkpoint):
@@ -468,10 +468,10 @@ def stream_distances(
     # Longest first, as measure_distances batches them: the same padding, so the same numbers.
     ordered = sorted(sequences, key=len, reverse=True)
     batch_list = list(batches(ordered, batch_size, pad_token_id, padding_side))
-    collector = _DistanceCollector(batch_list, _num_layers(checkpoint, trust_remote_code), tokens)
+    collector = _DistanceCollector(batch_list, _num_layers(checkpoint, trust_remote_code), token_mode)
     stream_layers(checkpoint, batch_list, collector, dtype=dtype, device=device, offload=offload,
                   trust_remote_code=trust_remote_code, progress=progress)
-    return AngularDistances((collector.total() / len(ordered)).numpy(), len(ordered), tokens)
+    return AngularDistances((collector.total() / len(ordered)).numpy(), len(ordered), token_mode)
 
 
 def _num_layers(checkpoint: Checkpoint, trust_remote_code: bool) -> int:
@@ -488,7 +488,7 @@ def compute_distances_streamed(
     tokenizer=None,
     seq_len: int = 1024,
     batch_size: int = 8,
-    tokens: str = "last",
+    token_mode: str = "last",
     padding_side: str = "right",
     dtype: str = "float32",
     device: str = "cpu",
@@ -497,7 +497,7 @@ def compute_distances_streamed(
     progress: bool = True,
 ) -> AngularDistances:
     """Tokenize ``texts`` and measure the distances of model ``spec`` streamed; records the settings as
-    :func:`~depthprune.similarity.compute_distances` does. ``tokenizer``: the checkpoint's own if None."""
+    ``depthprune.analyze`` does. ``tokenizer``: the checkpoint's own if None."""
     from transformers import AutoConfig, AutoTokenizer
 
     directory = local_checkpoint(spec)
@@ -507,7 +507,7 @@ def compute_distances_streamed(
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
     sequences = tokenize(texts, tokenizer, seq_len)
-    result = stream_distances(checkpoint, sequences, batch_size=batch_size, tokens=tokens,
+    result = stream_distances(checkpoint, sequences, batch_size=batch_size, token_mode=token_mode,
                               pad_token_id=pad_id(tokenizer), padding_side=padding_side, dtype=dtype, device=device,
                               offload=offload, trust_remote_code=trust_remote_code, progress=progress)
     result.meta.update(model=spec, model_fingerprint=model_fingerprint(config), seq_len=seq_len,
@@ -554,7 +554,7 @@ def estimate_memory(
     lengths: Sequence[int],
     *,
     batch_size: int = 8,
-    tokens: str = "last",
+    token_mode: str = "last",
     dtype: str = "float32",
     trust_remote_code: bool = False,
 ) -> MemoryEstimate:
@@ -584,12 +584,12 @@ def estimate_memory(
     inner = getattr(config, "intermediate_size", None) or 4 * hidden
     kinds = len(set(getattr(config, "layer_types", None) or ["full"]))
     L = len(layers)
-    kept_vectors = (len(ordered) if tokens == "last" else sum(ordered)) * (L + 1) * hidden * size
+    kept_vectors = (len(ordered) if token_mode == "last" else sum(ordered)) * (L + 1) * hidden * size
     # Per batch and kind of layer: a (B, 1, T, T) mask and the rotary cos/sin (B, T, head_dim) each.
     arguments = sum(kinds * (b * t * t * size + 2 * b * t * head_dim * 4) for b, t in shapes)
     b, t = shapes[0]
     one_pass = b * t * (2 * heads * t + 3 * inner + 4 * hidden) * size
-    distance_maths = 2 * (b if tokens == "last" else b * t) * (L + 1) * hidden * 8
+    distance_maths = 2 * (b if token_mode == "last" else b * t) * (L + 1) * hidden * 8
     return MemoryEstimate(
         model=checkpoint.nbytes(list(entries), DTYPES[dtype]), layer=layer_bytes,
         embedding_rows=min(vocab_size, sum(ordered)) * hidden * size, extras=extras,
@@ -630,7 +630,7 @@ def plan_streaming(
     stream: bool = False,
     max_memory: int | str | None = None,
     batch_size: int = 8,
-    tokens: str = "last",
+    token_mode: str = "last",
     device: str = "cpu",
     dtype: str = "float32",
     trust_remote_code: bool = False,
@@ -649,7 +649,7 @@ def plan_streaming(
                               "not an already loaded model")
     budget = None if max_memory is None else parse_memory(max_memory)
     directory = local_checkpoint(model)
-    estimate = estimate_memory(directory, [seq_len] * samples, batch_size=batch_size, tokens=tokens, dtype=dtype,
+    estimate = estimate_memory(directory, [seq_len] * samples, batch_size=batch_size, token_mode=token_mode, dtype=dtype,
                                trust_remote_code=trust_remote_code)
     if budget is not None and not stream and estimate.in_memory <= budget:
         return None

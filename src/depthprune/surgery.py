@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -14,7 +13,7 @@ from torch import nn
 from .data import read_json
 from .errors import DepthpruneError
 from .models import count_parameters, decoder_layout, num_layers
-from .outputs import atomic_output_dir
+from .outputs import atomic_output_dir, follow_umask
 
 RECORD_FILE = "depthprune.json"
 
@@ -102,14 +101,6 @@ def read_record(model_dir: str | Path) -> dict | None:
     return record
 
 
-def _follow_umask(directory: Path) -> None:
-    # safetensors writes model files with mode 0600; everything else a run writes follows the umask.
-    mask = os.umask(0)
-    os.umask(mask)
-    for path in directory.rglob("*"):
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
-
-
 def save_pruned(model, tokenizer, out: str | Path, record: dict, force: bool = False) -> Path:
     """Save the model, tokenizer and ``depthprune.json`` to ``out`` atomically (nothing left on failure)."""
     record = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **record}
@@ -117,20 +108,24 @@ def save_pruned(model, tokenizer, out: str | Path, record: dict, force: bool = F
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        _follow_umask(tmp)
+        follow_umask(tmp)
     return Path(out)
 
 
 def pruning_record(source: str, layers_before: int, params_before: int, model, selection) -> dict:
-    """What ``depthprune.json`` says about a cut: source, removed layers and why, sizes before and after."""
-    return {
+    """What ``depthprune.json`` says about a cut: source, removed layers and why (the criterion and its own
+    scores), sizes before and after."""
+    record = {
         "source_model": source,
         "removed_layers": list(selection.layers),
         "removed_layers_note": "0-based indices into the source model's layers, inclusive",
-        "criterion": selection.strategy,
+        "criterion": selection.criterion,
         "angular_distance": selection.distance,
         "layers_before": layers_before,
         "layers_after": num_layers(model),
         "parameters_before": params_before,
         "parameters_after": count_parameters(model),
     }
+    if selection.scores:
+        record["criterion_scores"] = selection.scores
+    return record

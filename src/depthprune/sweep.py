@@ -1,9 +1,19 @@
 """The paper's experiment in one call: evaluate the model with more and more of its layers removed.
 
-One analysis feeds every point. A point is (n layers removed, strategy, healing). Unhealed points are
-cut from the one loaded model in memory (``layers_removed``: no copy, no reload); healed points save the
-cut checkpoint, heal it (resumable) and evaluate the merged result. Every finished point is one row of
+One analysis feeds every point. A point is (n layers removed, selection criterion, healing). Unhealed points
+are cut from the one loaded model in memory (``layers_removed``: no copy, no reload); healed points heal the
+cut in memory (a copy of it; resumable) and evaluate the merged result. Every finished point is one row of
 ``results.sqlite``; a rerun of the same command skips finished points and resumes an interrupted healing.
+The cost of every layer count is timed in one phase at the end of each run that finishes (interleaved
+rounds, all under the same conditions) and copied into the points.
+
+Each point says its stages as they start (cut, heal, each task, with tqdm bars unless ``quiet``), counts
+``[k/N]`` over all points of the sweep, finished ones of earlier runs included, and estimates the time left
+from the stored time of the finished points.
+
+The settings are :class:`depthprune.config.SweepConfig`: the stage options plus the sweep's own keys, one
+flag each. Criteria, tasks and their data come from the registries (``select.CRITERIA``,
+``evaluate.registry.EVAL_TASKS``), so a new criterion or task is a new point or column with no change here.
 
 A run first checks everything it will read (settings, model, data of every task, healing options, the
 state of ``OUT``), then loads the model, and only then writes: a bad input never leaves a folder behind.
@@ -11,6 +21,7 @@ state of ``OUT``), then loads the model, and only then writes: a bad input never
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -21,18 +32,14 @@ from pathlib import Path
 
 import yaml
 
-from .api import DataOptions, load_calibration, measure
-from .data import load_texts
+from .api import _measure_texts, load_calibration
+from .config import AnalysisOptions, CostOptions, DataOptions, EvalOptions, SweepConfig
+from .data import load_texts, tokenize
 from .errors import DepthpruneError
-from .models import (
-    DEVICES,
-    DTYPES,
-    EMBEDDED_MODELS,
-    count_parameters,
-    load_model,
-    num_layers,
-    resolve_model_source,
-)
+from .evaluate.registry import EVAL_TASKS
+from .heal import HEAL_METHODS as HEALING
+from .models import DTYPES, EMBEDDED_MODELS, count_parameters, load_model, num_layers, resolve_model_source
+from .options import check_ranges, coerce, convert
 from .outputs import (
     TEMP_MARK,
     atomic_output_dir,
@@ -42,145 +49,42 @@ from .outputs import (
     remove_stale_temporaries,
     replace_dir,
 )
-from .select import STRATEGIES, choose_block
+from .progress import SweepProgress, duration, kind, library_bars_off
+from .select import CRITERIA, SelectionContext, choose, needs_of
 from .similarity import AngularDistances, load_distances
-from .store import connect, point_key, read_finished, save_point
-from .surgery import layers_removed, pruning_record, read_record, save_pruned
+from .store import (
+    connect,
+    point_key,
+    point_seconds,
+    read_cost,
+    read_finished,
+    read_points,
+    save_cost,
+    save_point,
+)
+from .surgery import layers_removed, pruning_record, read_record
 
-HEAL_METHODS = ("none", "qlora", "lora", "full")
-NATIVE_TASKS = ("mmlu", "boolq", "c4", "arc_easy", "hellaswag")
+__all__ = ["SweepConfig", "block_sizes", "flatten_metrics", "resolve_config", "run_sweep", "settings_record"]
+
 SETTINGS_FILE = "sweep.yaml"
 ANALYSIS_DIR = "analysis"
 
-
-@dataclass
-class SweepConfig:
-    """Every setting of a sweep; a YAML file with these keys (and CLI flags) fills it."""
-
-    model: str = "smollm2-135m"
-    out: str = "runs/sweep"
-    device: str = "cpu"
-    dtype: str = "float32"
-    # calibration data for the angular distances
-    data: str = ""
-    data_config: str | None = None
-    data_split: str = "train"
-    text_field: str = "text"
-    samples: int = 128
-    seq_len: int = 256
-    tokens: str = "last"
-    seed: int = 0
-    # points: fractions of the layers to remove (or explicit counts n), strategies, healing methods
-    fractions: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
-    n: list[int] | None = None
-    strategies: list[str] = field(default_factory=lambda: ["similarity", "deepest"])
-    heal: list[str] = field(default_factory=lambda: ["none"])
-    heal_fractions: list[float] | None = None  # heal only the cuts of these fractions (None: every cut)
-    # evaluation: native tasks (mmlu, boolq, c4, arc_easy, hellaswag) and lm-evaluation-harness tasks
-    tasks: list[str] = field(default_factory=lambda: ["mmlu", "boolq", "c4"])
-    lm_eval: list[str] = field(default_factory=list)
-    lm_eval_include: str | None = None
-    lm_eval_data: str | None = None
-    mmlu: str | None = None
-    boolq: str | None = None
-    c4: str | None = None
-    arc_easy: str | None = None
-    hellaswag: str | None = None
-    shots: int = 5
-    subjects: list[str] | None = None
-    limit: int | None = None
-    boolq_limit: int | None = None
-    c4_sequences: int = 64
-    c4_seq_len: int = 512
-    batch_size: int = 8
-    # healing: the data and any option of depthprune.heal (method comes from `heal` above)
-    heal_data: str | None = None
-    heal_val_data: str | None = None
-    heal_preset: str | None = None
-    heal_options: dict = field(default_factory=dict)
-    # cost measurement
-    cost: bool = True
-    cost_prefill_len: int = 256
-    cost_decode_tokens: int = 32
-    cost_repeats: int = 3
-    keep_models: bool = False
-
-
-# Settings naming local files or folders (or hub ids): compared and recorded resolved, so that the
-# spelling of a path (relative, trailing slash) never decides whether a sweep resumes.
-PATH_SETTINGS = ("model", "data", "mmlu", "boolq", "c4", "arc_easy", "hellaswag", "lm_eval_include", "lm_eval_data",
-                 "heal_data", "heal_val_data")
-# Settings that may change between a run and its resumption: they do not change any result.
-RESUMABLE_SETTINGS = {"out", "keep_models"}
-# Lower bounds of the whole-number settings.
-MINIMUM = {"samples": 1, "seq_len": 2, "shots": 0, "limit": 1, "boolq_limit": 1, "c4_sequences": 1, "c4_seq_len": 2,
-           "batch_size": 1, "cost_prefill_len": 1, "cost_decode_tokens": 1, "cost_repeats": 1}
-CHOICES = {"tokens": ("last", "all"), "device": DEVICES, "dtype": tuple(DTYPES)}
+# Settings naming local files or folders (or hub ids), besides the tasks' data: compared and recorded
+# resolved, so that the spelling of a path (relative, trailing slash) never decides whether a sweep resumes.
+PATH_SETTINGS = ("model", "data", "lm_eval_include", "lm_eval_data", "heal_data", "heal_val_data")
+# Settings that may change between a run and its resumption: they do not change any result. (The cost is
+# timed again, with the settings of the run, every time a sweep finishes.)
+RESUMABLE_SETTINGS = {"out", "keep_models", "cost", "cost_prefill_len", "cost_decode_tokens", "cost_repeats",
+                      "cost_rounds"}
+# Keys renamed since: an old config names the new key in its error; an old sweep.yaml is read as renamed.
+RENAMED = {"strategies": "criteria", "tokens": "token_mode"}
 
 # ------------------------------------------------------------------------------------------ settings
 
-_KINDS = {bool: ("true or false", "true/false values"), int: ("a whole number", "whole numbers"),
-          float: ("a number", "numbers"), str: ("a string", "strings")}
 
-
-def _bad_type(name: str, value, kind: type, plural: bool = False) -> DepthpruneError:
-    single, many = _KINDS[kind]
-    return DepthpruneError(f"sweep setting '{name}' must be {'a list of ' + many if plural else single}, got {value!r}")
-
-
-def _scalar(name: str, value, kind: type, plural: bool = False):
-    """``value`` as ``kind``; flags arrive as text, so numbers may be given as strings."""
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        raise _bad_type(name, value, kind, plural)
-    if kind is str:
-        if isinstance(value, str):
-            return value
-        raise _bad_type(name, value, kind, plural)
-    if isinstance(value, str):
-        try:
-            return kind(value.strip())
-        except ValueError:
-            raise _bad_type(name, value, kind, plural) from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-        raise _bad_type(name, value, kind, plural)
-    return kind(value)
-
-
-def _fraction_range(name: str, text: str) -> list[float]:
-    """'start:stop:step', stop included."""
-    try:
-        start, stop, step = (float(part) for part in text.split(":"))
-    except ValueError:
-        raise DepthpruneError(f"bad {name} '{text}': use start:stop:step with numbers, e.g. 0:0.6:0.1") from None
-    if step <= 0 or start > stop:
-        raise DepthpruneError(f"bad {name} '{text}': the step must be positive and start not above stop")
-    count = int(round((stop - start) / step)) + 1
-    return [round(start + i * step, 10) for i in range(count) if start + i * step <= stop + 1e-9]
-
-
-def _coerce(name: str, value, hint):
-    """Check ``value`` against the type ``hint`` of setting ``name``; lists may be given as 'a,b,c'."""
-    args = typing.get_args(hint)
-    if type(None) in args:
-        if value is None:
-            return None
-        hint = next(a for a in args if a is not type(None))
-    if typing.get_origin(hint) is list:
-        (kind,) = typing.get_args(hint)
-        if kind is float and isinstance(value, str) and ":" in value:
-            return _fraction_range(name, value)
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        elif not isinstance(value, list):
-            value = [value]  # one value where a list is expected: a list of one
-        return [_scalar(name, v, kind, plural=True) for v in value]
-    if hint is dict:
-        if not isinstance(value, dict):
-            raise DepthpruneError(f"sweep setting '{name}' must be a mapping of options, got {value!r}")
-        return value
-    return _scalar(name, value, hint)
+def heal_methods() -> tuple[str, ...]:
+    """'none' and every registered healing method (read when asked, so plug-ins registered later count)."""
+    return ("none", *HEALING.names())
 
 
 def _read_settings_file(path: Path) -> dict:
@@ -195,16 +99,37 @@ def _read_settings_file(path: Path) -> dict:
     return loaded
 
 
+def _task_keys(settings: dict) -> dict:
+    """Move the tasks' data (``mmlu: DIR`` in YAML, ``--mmlu DIR``) into ``task_data``."""
+    task_data = dict(settings.pop("task_data", None) or {})
+    for name in EVAL_TASKS.names():
+        if name in settings:
+            value = settings.pop(name)
+            if value is not None:
+                task_data[name] = convert(value, str, name, "sweep setting")
+    if task_data:
+        settings["task_data"] = task_data
+    return settings
+
+
 def resolve_config(config_file: str | Path | None = None, **overrides) -> SweepConfig:
-    """Defaults, then the YAML file, then ``overrides`` (None values ignored); every value type- and range-checked."""
+    """Defaults, then the YAML file, then ``overrides`` (None values ignored); every value type- and range-checked.
+
+    Keys are the fields of :class:`SweepConfig`, plus one per registered task for its data (``mmlu: DIR``).
+    ``heal_options`` given in both places are merged key by key (the overrides win).
+    """
     settings = _read_settings_file(Path(config_file)) if config_file is not None else {}
-    settings.update({k: v for k, v in overrides.items() if v is not None})
-    hints = typing.get_type_hints(SweepConfig)
-    unknown = sorted(set(settings) - set(hints), key=str)
-    if unknown:
-        raise DepthpruneError(f"unknown sweep setting(s) {', '.join(map(str, unknown))}: valid keys are "
-                              f"{', '.join(sorted(hints))}")
-    config = SweepConfig(**{key: _coerce(key, value, hints[key]) for key, value in settings.items()})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    renamed = [k for k in [*settings, *given] if k in RENAMED]
+    if renamed:
+        raise DepthpruneError(f"sweep setting '{renamed[0]}' was renamed '{RENAMED[renamed[0]]}': use "
+                              f"`{RENAMED[renamed[0]]}:` in the config (--{RENAMED[renamed[0]].replace('_', '-')})")
+    if isinstance(settings.get("heal_options"), dict) and isinstance(given.get("heal_options"), dict):
+        given["heal_options"] = {**settings["heal_options"], **given["heal_options"]}
+    settings = _task_keys(settings)
+    settings = {**settings, **_task_keys(given), "task_data": {**settings.get("task_data", {}),
+                                                                **_task_keys(given).get("task_data", {})}}
+    config = SweepConfig(**coerce(SweepConfig, settings, "sweep setting"))
     config.heal_options = _checked_heal_options(config.heal_options)
     _check(config)
     return config
@@ -221,7 +146,7 @@ def _checked_heal_options(options: dict) -> dict:
     if unknown:
         raise DepthpruneError(f"unknown healing option(s) {', '.join(map(str, unknown))} in heal_options: valid keys "
                               f"are {', '.join(sorted(set(hints) - {'method'}))}")
-    return {key: _coerce(f"heal_options.{key}", value, hints[key]) for key, value in options.items()}
+    return {key: convert(value, hints[key], f"heal_options.{key}", "sweep setting") for key, value in options.items()}
 
 
 def _check(c: SweepConfig) -> None:
@@ -229,24 +154,21 @@ def _check(c: SweepConfig) -> None:
     if not c.data:
         raise DepthpruneError("the sweep needs calibration data: pass --data SRC (or `data:` in the config)")
     _check_points(c)
-    for name, low in MINIMUM.items():
-        value = getattr(c, name)
-        if value is not None and value < low:
-            raise DepthpruneError(f"sweep setting '{name}' must be at least {low}, got {value}")
-    for name, allowed in CHOICES.items():
-        if getattr(c, name) not in allowed:
-            raise DepthpruneError(f"unknown {name} '{getattr(c, name)}': choose from {', '.join(allowed)}")
     _check_tasks(c)
+    check_ranges(c, "sweep setting")
     _check_healing(c)
 
 
 def _check_points(c: SweepConfig) -> None:
-    for value, allowed, name in [(c.strategies, STRATEGIES, "strategy"), (c.heal, HEAL_METHODS, "healing method")]:
-        wrong = [v for v in value if v not in allowed]
-        if wrong:
-            raise DepthpruneError(f"unknown {name} '{wrong[0]}': choose from {', '.join(allowed)}")
-        if not value:
-            raise DepthpruneError(f"the sweep needs at least one {name}: choose from {', '.join(allowed)}")
+    CRITERIA.check(c.criteria)
+    if not c.criteria:
+        raise DepthpruneError(f"the sweep needs at least one criterion: choose from {', '.join(CRITERIA.names())}")
+    methods = heal_methods()
+    wrong = [h for h in c.heal if h not in methods]
+    if wrong:
+        raise DepthpruneError(f"unknown healing method '{wrong[0]}': choose from {', '.join(methods)}")
+    if not c.heal:
+        raise DepthpruneError(f"the sweep needs at least one healing method: choose from {', '.join(methods)}")
     bad = [f for f in c.fractions + (c.heal_fractions or []) if not 0 <= f < 1]
     if bad:
         raise DepthpruneError(f"fraction {bad[0]} out of range: fractions must be in [0, 1)")
@@ -257,9 +179,9 @@ def _check_points(c: SweepConfig) -> None:
 
 
 def _check_tasks(c: SweepConfig) -> None:
-    wrong = [t for t in c.tasks if t not in NATIVE_TASKS]
+    wrong = [t for t in c.tasks if t not in EVAL_TASKS]
     if wrong:
-        raise DepthpruneError(f"unknown task '{wrong[0]}': choose from {', '.join(NATIVE_TASKS)} "
+        raise DepthpruneError(f"unknown task '{wrong[0]}': choose from {', '.join(EVAL_TASKS.names())} "
                               "(or name lm-evaluation-harness tasks under lm_eval)")
     if not c.tasks and not c.lm_eval:
         raise DepthpruneError("the sweep has nothing to evaluate: give tasks (e.g. mmlu,boolq,c4) or lm_eval tasks")
@@ -302,20 +224,64 @@ def with_resolved_paths(c: SweepConfig) -> SweepConfig:
     options = dict(c.heal_options)
     if options.get("teacher"):
         options["teacher"] = _resolved_path(options["teacher"])
-    return dataclasses.replace(c, heal_options=options, **{k: _resolved_path(getattr(c, k)) for k in PATH_SETTINGS})
+    task_data = {task: _resolved_path(source) for task, source in c.task_data.items()}
+    return dataclasses.replace(c, heal_options=options, task_data=task_data,
+                               **{k: _resolved_path(getattr(c, k)) for k in PATH_SETTINGS})
 
 
 def settings_record(c: SweepConfig) -> dict:
-    """What ``sweep.yaml`` holds: every setting with local paths resolved, without ``out`` (the folder may move)."""
-    record = dataclasses.asdict(with_resolved_paths(c))
+    """What ``sweep.yaml`` holds: every setting with local paths resolved, each task's data under its own key
+    (``mmlu: DIR``), without ``out`` (the folder may move)."""
+    record = {}
+    for key, value in dataclasses.asdict(with_resolved_paths(c)).items():
+        if key == "task_data":
+            continue
+        record[key] = value
+        if key == "tasks":
+            record.update({task: _resolved_path(c.task_data.get(task)) for task in EVAL_TASKS.names()})
     del record["out"]
     return record
 
 
+def _as_now(saved: dict) -> dict:
+    """A ``sweep.yaml`` written by an older version, in today's keys and meanings: renamed keys, and settings
+    added since at their defaults."""
+    saved = {RENAMED.get(k, k): v for k, v in saved.items()}
+    if "mmlu_limit" not in saved and "mmlu" in (saved.get("tasks") or []):
+        saved["mmlu_limit"] = saved.get("limit")  # `limit` also capped each MMLU subject before issue 9
+    return {**settings_record(SweepConfig()), **saved}
+
+
 def _changed_settings(saved: dict, c: SweepConfig) -> list[str]:
     new = settings_record(c)
-    saved = {**saved, **{k: _resolved_path(saved[k]) for k in PATH_SETTINGS if isinstance(saved.get(k), str)}}
+    saved = _as_now(saved)
+    paths = (*PATH_SETTINGS, *EVAL_TASKS.names())
+    saved = {**saved, **{k: _resolved_path(saved[k]) for k in paths if isinstance(saved.get(k), str)}}
     return sorted(k for k in set(saved) | set(new) if k not in RESUMABLE_SETTINGS and saved.get(k) != new.get(k))
+
+
+# ------------------------------------------------------------------------------------------ stage options
+
+
+def _stage(cls, c: SweepConfig, **renamed):
+    """The options of one stage (``cls``) from the sweep's settings (``renamed``: field -> sweep key)."""
+    return cls(**{f.name: getattr(c, renamed.get(f.name, f.name)) for f in dataclasses.fields(cls)})
+
+
+def _data_options(c: SweepConfig) -> DataOptions:
+    return _stage(DataOptions, c, source="data", config="data_config", split="data_split")
+
+
+def _analysis_options(c: SweepConfig) -> AnalysisOptions:
+    return _stage(AnalysisOptions, c)
+
+
+def eval_options(c: SweepConfig) -> EvalOptions:
+    return _stage(EvalOptions, c)
+
+
+def _cost_options(c: SweepConfig) -> CostOptions:
+    return _stage(CostOptions, c, **{f.name: f"cost_{f.name}" for f in dataclasses.fields(CostOptions)})
 
 
 # ------------------------------------------------------------------------------------------ metrics
@@ -324,39 +290,32 @@ def _changed_settings(saved: dict, c: SweepConfig) -> list[str]:
 def flatten_metrics(evaluation: dict, cost: dict | None, healing: dict | None) -> dict:
     """One flat name -> number mapping per point: what the results table and the report plot.
 
-    Accuracy names say which measure they are, whichever route computed them: ``{task}_acc`` is the plain
-    accuracy, ``{task}_acc_norm`` the length-normalized one (lm-eval's ``acc_norm``; ARC and HellaSwag).
+    Each registered task flattens its own result (``EvalTask.flatten``). Accuracy names say which measure
+    they are, whichever route computed them: ``{task}_acc`` is the plain accuracy, ``{task}_acc_norm`` the
+    length-normalized one (lm-eval's ``acc_norm``; ARC and HellaSwag).
     """
     m: dict = {}
     for task, r in evaluation.get("tasks", {}).items():
-        if task == "c4":
-            m.update(c4_loss=r["loss"], c4_loss_norm=r["loss_over_log_vocab"], c4_ppl=r["perplexity"])
-        elif task == "hellaswag":  # the native HellaSwag reports acc_norm as its headline `accuracy`
-            m.update(hellaswag_acc=r["accuracy_unnormalized"], hellaswag_acc_norm=r["accuracy"])
-        else:
-            m[f"{task}_acc"] = r["accuracy"]
-            if "accuracy_norm" in r:
-                m[f"{task}_acc_norm"] = r["accuracy_norm"]
-        if task != "c4":
-            m[f"{task}_chance"] = r.get("chance", r.get("majority_baseline"))
+        if task in EVAL_TASKS:
+            m.update(EVAL_TASKS.get(task).flatten(r))
     for task, r in evaluation.get("lm_eval", {}).get("tasks", {}).items():
         name = task.removesuffix("_local")
         found = {f"{name}_{k}": r[k] for k in ("acc", "acc_norm") if r.get(k) is not None}
         if found:
             m.update(found)
-            m[f"{name}_chance"] = CHANCE.get(name)
+            m[f"{name}_chance"] = EVAL_TASKS.get(name).chance if name in EVAL_TASKS else LM_EVAL_CHANCE.get(name)
     if cost:
-        m.update({k: cost[k] for k in ("parameters", "weight_bytes", "peak_memory_bytes", "prefill_tokens_per_s",
-                                       "decode_tokens_per_s", "prefill_ms_per_token", "decode_ms_per_token",
-                                       "layer_prefill_ms_per_token", "layer_decode_ms_per_token", "layer_weight_bytes")})
+        from .cost import COST_METRICS
+
+        m.update({k: cost[k] for k in COST_METRICS})
     if healing:
         m.update(heal_train_loss=healing.get("final_train_loss"), heal_val_loss_before=healing.get("val_loss_before"),
                  heal_val_loss=healing.get("val_loss_after"))
     return m
 
 
-# Chance level of lm-eval multiple-choice tasks the report draws (4 choices each).
-CHANCE = {"arc_easy": 0.25, "arc_challenge": 0.25, "hellaswag": 0.25}
+# Chance level of lm-eval multiple-choice tasks that are not registered tasks (4 choices each).
+LM_EVAL_CHANCE = {"arc_challenge": 0.25}
 
 
 # ------------------------------------------------------------------------------------------ checks before work
@@ -370,30 +329,15 @@ def _readable(what: str, source: str, load, *args):
         raise DepthpruneError(f"{what} '{source}' is not UTF-8 text ({exc.reason}): check the path") from None
 
 
-def _data_options(c: SweepConfig) -> DataOptions:
-    return DataOptions(c.data, c.samples, c.seq_len, c.seed, c.text_field, c.data_config, c.data_split)
-
-
 def _check_task_data(c: SweepConfig) -> None:
     """Read every task's data once with the loaders the evaluation uses, so a bad source fails before any work."""
-    from .evaluate.arc import load_arc
-    from .evaluate.boolq import load_boolq
-    from .evaluate.hellaswag import load_hellaswag
-    from .evaluate.mmlu import load_mmlu
-
-    def c4_texts(source: str) -> list[str]:  # as evaluate.c4_loss reads it
-        local = Path(source).expanduser().exists()
-        return load_texts(source, None if local else c.c4_sequences * 8, c.seed,
-                          config="en" if source == "allenai/c4" else None, split="validation")
-
-    loaders = {"mmlu": lambda source: load_mmlu(source, c.subjects), "boolq": load_boolq, "arc_easy": load_arc,
-               "hellaswag": load_hellaswag, "c4": c4_texts}
-    for task in c.tasks:
-        source = getattr(c, task)
+    options = eval_options(c)
+    for name in c.tasks:
+        task, source = EVAL_TASKS.get(name), c.task_data.get(name)
         if source is None:
-            raise DepthpruneError(f"task '{task}' needs its data: pass --{task.replace('_', '-')} SRC "
-                                  f"(or `{task}:` in the config)")
-        _readable(f"{task} data", source, loaders[task], source)
+            raise DepthpruneError(f"task '{name}' needs its data: pass {task.flag} {task.metavar} "
+                                  f"(or `{name}:` in the config)")
+        _readable(f"{name} data", source, task.check, source, options)
     for name in ("lm_eval_include", "lm_eval_data"):
         folder = getattr(c, name)
         if folder is not None and not Path(folder).expanduser().is_dir():
@@ -427,7 +371,7 @@ def _check_inputs(c: SweepConfig) -> None:
 
 
 def _inputs(c: SweepConfig) -> list[str | None]:
-    return [getattr(c, k) for k in PATH_SETTINGS] + [c.heal_options.get("teacher")]
+    return [getattr(c, k) for k in PATH_SETTINGS] + list(c.task_data.values()) + [c.heal_options.get("teacher")]
 
 
 def force_dir(out: Path) -> Path:
@@ -508,12 +452,13 @@ def _check_analysis_fits(distances: AngularDistances | None, total: int, work: P
 # ------------------------------------------------------------------------------------------ the run
 
 
-def run_sweep(c: SweepConfig, log=print, force: bool = False) -> Path:
-    """Run every point of ``c`` not yet in ``results.sqlite``; returns the output directory.
+def run_sweep(c: SweepConfig, log=print, force: bool = False, quiet: bool = False) -> Path:
+    """Run every point of ``c`` not yet in ``results.sqlite``, then time the cost; returns the output directory.
 
     Everything is checked before the model is loaded and anything is written; the run holds a lock on
     ``c.out``. ``force``: start over in :func:`force_dir`, which replaces ``c.out`` only once complete
     (the old sweep stays intact until then; an interrupted --force run continues when rerun with --force).
+    ``log`` receives every progress line; ``quiet``: no tqdm bars (on standard error), only the lines.
     """
     c = with_resolved_paths(c)
     out = check_output_dir(Path(c.out), force=True, inputs=_inputs(c))
@@ -522,38 +467,49 @@ def run_sweep(c: SweepConfig, log=print, force: bool = False) -> Path:
         log(f"note: '{force_dir(out)}' holds an interrupted --force sweep; rerun with --force to continue it")
     _check_inputs(c)
     state = _read_state(c, work, force)
-    texts = None if state.distances else _readable("calibration data", c.data, load_calibration, _data_options(c))
-    with output_lock(out):
+    calibrating = "calibration" in needs_of(c.criteria)  # a criterion that reads the calibration text itself
+    texts = None if state.distances and not calibrating else \
+        _readable("calibration data", c.data, load_calibration, _data_options(c))
+    with output_lock(out), library_bars_off(quiet):
+        log(f"loading {c.model}")
         model, tokenizer = load_model(c.model, device=c.device, dtype=c.dtype)
         total = num_layers(model)
         points = _points(c, block_sizes(c, total), total)
         _check_analysis_fits(state.distances, total, work)
         db = _setup(c, work, state)
         try:
-            distances = state.distances or _analyse(model, tokenizer, c, work, texts, log)
+            distances = state.distances or _analyse(model, tokenizer, c, work, texts, log, progress=not quiet)
+            context = SelectionContext(total, distances, model, tokenizer,
+                                       tokenize(texts, tokenizer, c.seq_len) if calibrating else None)
+            progress = SweepProgress(log, [(point_key(*p), kind(p[2])) for p in points], point_seconds(db),
+                                     state.done, quiet=quiet, cost_phase=c.cost, cost_seconds=_last_cost_seconds(db))
+            progress.begin()
             todo = [p for p in points if point_key(*p) not in state.done]
-            log(f"{len(points)} points, {len(points) - len(todo)} already finished")
-            _run_points(model, tokenizer, c, work, db, todo, total, distances, log)
+            _run_points(model, tokenizer, c, work, db, todo, total, context, progress)
+            if c.cost:
+                _cost_phase(model, c, db, points, total, context, progress)
         finally:
             db.close()
         _finish(c, out, work, len(points), total)
+    log(f"sweep finished: {len(points)} points in {out}")
     return out
 
 
 def _run_points(model, tokenizer, c: SweepConfig, work: Path, db, todo: list[tuple[int, str, str]], total: int,
-                distances: AngularDistances, log) -> None:
-    for index, point in enumerate(todo, 1):
-        prefix = f"[{index}/{len(todo)}]"
-        metrics = _run_point(model, tokenizer, c, work, db, point, total, distances,
-                             lambda text, prefix=prefix: log(f"{prefix} {text}"))
-        log("    " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                                if isinstance(v, float) and not k.endswith("_chance")))
+                context: SelectionContext, progress: SweepProgress) -> None:
+    for point in todo:
+        key = point_key(*point)
+        with progress.point(key):
+            metrics, seconds = _run_point(model, tokenizer, c, work, db, point, total, context, progress)
+            progress.say(f"done in {duration(seconds)}: " + ", ".join(
+                f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and not k.endswith("_chance")))
+        progress.finished(key, seconds)
 
 
 def _points(c: SweepConfig, sizes: list[int], total: int) -> list[tuple[int, str, str]]:
     healed_sizes = set(sizes) if c.heal_fractions is None else {round(f * total) for f in c.heal_fractions}
     points = [(0, "full", "none")] if 0 in sizes else []
-    return points + [(n, s, h) for n in sizes if n > 0 for s in c.strategies for h in c.heal
+    return points + [(n, s, h) for n in sizes if n > 0 for s in c.criteria for h in c.heal
                      if h == "none" or n in healed_sizes]
 
 
@@ -574,101 +530,233 @@ def _setup(c: SweepConfig, work: Path, state: _State):
     return connect(work)
 
 
-def _analyse(model, tokenizer, c: SweepConfig, work: Path, texts: list[str], log) -> AngularDistances:
+def _analyse(model, tokenizer, c: SweepConfig, work: Path, texts: list[str], log, progress: bool = True
+             ) -> AngularDistances:
     """Measure the distances and write ``analysis/`` whole (a kill leaves none, never half of one)."""
     from .report import plot_heatmap
 
     log(f"measuring angular distances on {len(texts)} samples of {c.data}")
-    distances = measure(model, tokenizer, _data_options(c), texts=texts, batch_size=c.batch_size, tokens=c.tokens)
+    distances = _measure_texts(model, tokenizer, _data_options(c), texts, _analysis_options(c), progress=progress)
     with atomic_output_dir(work / ANALYSIS_DIR, force=True) as tmp:
         distances.save(tmp)
         plot_heatmap(distances, tmp / "heatmap.png")
     return distances
 
 
-def _evaluate(model, tokenizer, c: SweepConfig) -> dict:
-    from .evaluate import evaluate
-
-    return evaluate(model, c.tasks or None, tokenizer=tokenizer, mmlu=c.mmlu, boolq=c.boolq, c4=c.c4, arc_easy=c.arc_easy,
-                    hellaswag=c.hellaswag, shots=c.shots,
-                    subjects=c.subjects, limit=c.limit, boolq_limit=c.boolq_limit, batch_size=c.batch_size, c4_sequences=c.c4_sequences,
-                    c4_seq_len=c.c4_seq_len, seed=c.seed, lm_eval=c.lm_eval or None,
-                    lm_eval_include=c.lm_eval_include, lm_eval_data=c.lm_eval_data, progress=False)
+def _silent() -> SweepProgress:
+    return SweepProgress(lambda _: None, [], {}, set(), quiet=True)
 
 
-def _cost(model, c: SweepConfig) -> dict | None:
-    from .cost import measure_cost
+def _evaluate(model, tokenizer, c: SweepConfig, progress: SweepProgress | None = None) -> dict:
+    """Every task of ``c`` on ``model``, one after the other, each saying it starts (and drawing its bar)."""
+    from .evaluate.suite import evaluate
 
-    if not c.cost:
+    progress = progress or _silent()
+    runs = [([task], None) for task in c.tasks] + ([([], c.lm_eval)] if c.lm_eval else [])
+    result: dict | None = None
+    for index, (tasks, lm_eval) in enumerate(runs, 1):
+        name = tasks[0] if tasks else "lm-eval " + ",".join(lm_eval)
+        with progress.stage(f"evaluating {name} ({index}/{len(runs)})", has_bar=bool(tasks)):
+            options = dataclasses.replace(eval_options(c), lm_eval=lm_eval or [])  # lm-eval runs once, last
+            r = evaluate(model, tasks, tokenizer=tokenizer, options=options, progress=progress.bars,
+                         **{task: c.task_data[task] for task in tasks})
+        if result is None:
+            result = r
+        else:
+            result["tasks"].update(r["tasks"])
+            if "lm_eval" in r:
+                result["lm_eval"] = r["lm_eval"]
+    return result
+
+
+def _last_cost_seconds(db) -> float | None:
+    """How long the last cost phase of this sweep took (None before the first)."""
+    try:
+        record = next(iter(read_cost(db).values()), None)
+    except DepthpruneError:  # a damaged cost table: the phase rewrites it
         return None
-    return measure_cost(model, prefill_len=c.cost_prefill_len, decode_tokens=c.cost_decode_tokens,
-                        repeats=c.cost_repeats, seed=c.seed)
+    seconds = ((record or {}).get("phase") or {}).get("seconds")
+    return seconds if isinstance(seconds, (int, float)) else None
 
 
-def _point_dir(work: Path, n: int, strategy: str, heal: str) -> Path:
-    return work / "points" / f"n{n:03d}-{strategy}-{heal}"
+def _cost_phase(model, c: SweepConfig, db, points: list[tuple[int, str, str]], total: int,
+                context: SelectionContext, progress: SweepProgress) -> dict[int, dict]:
+    """Time every distinct layer count of the sweep, in interleaved rounds, and record it (one transaction).
+
+    A model's cost depends only on its layer count, so each count is cut once per round from the one loaded
+    model (healed points have the same shapes); every point's cost metrics are then the median of its count.
+    Runs at the end of every run that finishes, so all counts are timed under the same conditions, now.
+    """
+    from tqdm.auto import tqdm
+
+    from .cost import interleaved_costs, round_order
+
+    removals: dict[int, tuple[int, ...]] = {}
+    for n, criterion, _ in points:
+        if n not in removals:
+            removals[n] = tuple(choose(criterion, n, context).layers) if n else ()
+    order = round_order(removals, c.cost_rounds)
+    start = time.perf_counter()
+    with progress.stage(f"cost: timing {len(removals)} layer counts (n = {', '.join(map(str, sorted(removals)))}) in "
+                        f"{c.cost_rounds} interleaved rounds, each the best of {c.cost_repeats} repeats", has_bar=True):
+        bar = tqdm(total=len(order), unit="timing", desc="cost", disable=not progress.bars)
+
+        def on_measure(index: int, r: int, n: int) -> None:
+            if index:
+                bar.update(1)
+            bar.set_postfix_str(f"round {r + 1}/{c.cost_rounds}, n={n}")
+            if not progress.bars and (index == 0 or order[index - 1][0] != r):
+                progress.say(f"cost round {r + 1}/{c.cost_rounds}")
+
+        with bar:
+            o = _cost_options(c)
+            costs = interleaved_costs(model, removals, o.rounds, on_measure=on_measure, prefill_len=o.prefill_len,
+                                      decode_tokens=o.decode_tokens, repeats=o.repeats, seed=c.seed)
+            bar.update(1)
+    phase = {"seconds": round(time.perf_counter() - start, 1), "order": [n for _, n in order], "total_layers": total}
+    for record in costs.values():
+        record["phase"] = phase
+    updates = {}
+    for p in read_points(db):
+        record = costs.get(p["n"])
+        if record is not None:
+            details = {**p["details"], "cost": record}
+            updates[p["key"]] = (flatten_metrics(details["evaluation"], record, details.get("healing")), details)
+    save_cost(db, costs, updates)
+    for n, r in costs.items():
+        progress.say(_cost_line(n, r))
+    progress.say(f"cost timed in {duration(phase['seconds'])}; {len(updates)} points updated")
+    return costs
+
+
+def _cost_line(n: int, r: dict) -> str:
+    def ms(key: str) -> str:
+        low, high = r["spread"][key]
+        return f"{r[key]:.3g} ms/token [{low:.3g}–{high:.3g}]"
+
+    return (f"cost n={n} ({r['num_layers']} layers): prefill {ms('prefill_ms_per_token')}, decode "
+            f"{ms('decode_ms_per_token')}, weights {r['weight_bytes'] / 2**20:,.1f} MiB, peak "
+            f"{r['peak_memory_bytes'] / 2**20:,.1f} MiB")
+
+
+def _point_dir(work: Path, n: int, criterion: str, heal: str) -> Path:
+    return work / "points" / f"n{n:03d}-{criterion}-{heal}"
 
 
 def _run_point(model, tokenizer, c: SweepConfig, work: Path, db, point: tuple[int, str, str], total: int,
-               distances: AngularDistances, log) -> dict:
-    """Evaluate one point and record it in one transaction; returns its metrics."""
-    n, strategy, method = point
+               context: SelectionContext, progress: SweepProgress) -> tuple[dict, float]:
+    """Evaluate one point and record it in one transaction; returns its metrics and the seconds it took.
+    (Its cost metrics come later, from the cost phase.)"""
+    n, criterion, method = point
     start = time.perf_counter()
-    selection = choose_block(strategy, n, total, distances) if n > 0 else None
+    selection = choose(criterion, n, context) if n > 0 else None
     layers = selection.layers if selection else ()
-    log(f"{point_key(*point)}: removing layers {list(layers) if layers else 'none'}")
+    progress.say(f"cut: removing layers {list(layers) if layers else 'none'}")
     healing = None
     if method == "none":
         with layers_removed(model, layers) as cut:
-            evaluation, cost = _evaluate(cut, tokenizer, c), _cost(cut, c)
+            evaluation = _evaluate(cut, tokenizer, c, progress=progress)
     else:
-        healed, healing = _heal_point(model, tokenizer, c, work, point, selection, total)
-        evaluation, cost = _evaluate(healed, tokenizer, c), _cost(healed, c)
+        steps = _heal_steps(c, method)
+        with progress.stage(f"healing ({method}, {steps} steps)", detail=_heal_status(work, point, steps)):
+            healed, healing = _heal_point(model, tokenizer, c, work, point, selection, total)
+        progress.say(_healed_line(healing))
+        evaluation = _evaluate(healed, tokenizer, c, progress=progress)
         del healed
-    metrics = flatten_metrics(evaluation, cost, healing)
-    save_point(db, n=n, fraction=n / total, strategy=strategy, heal=method, removed_layers=layers,
+    metrics = flatten_metrics(evaluation, None, healing)
+    seconds = round(time.perf_counter() - start, 1)
+    save_point(db, n=n, fraction=n / total, criterion=criterion, heal=method, removed_layers=layers,
                distance=selection.distance if selection else None, metrics=metrics,
-               details={"evaluation": evaluation, "cost": cost, "healing": healing,
-                        "seconds": round(time.perf_counter() - start, 1)})
+               details={"evaluation": evaluation, "cost": None, "healing": healing, "seconds": seconds})
     if method != "none" and not c.keep_models:
         shutil.rmtree(_point_dir(work, *point), ignore_errors=True)
-    return metrics
+    return metrics, seconds
+
+
+def _heal_steps(c: SweepConfig, method: str) -> int | str:
+    from .heal import resolve_options
+
+    return getattr(resolve_options(c.heal_preset, **{**c.heal_options, "method": method}), "steps", "?")
+
+
+def _heal_status(work: Path, point: tuple[int, str, str], steps) -> typing.Callable[[], str | None]:
+    """What the healing's own log says last (step k/N, loss, tokens/s), for the lines said while it runs."""
+    import importlib
+
+    heal_module = importlib.import_module(f"{__package__}.heal")  # the attribute `heal` is the function
+    healed = _point_dir(work, *point) / "healed"
+    suffix = getattr(heal_module, "WORK_SUFFIX", None)
+    log_name = getattr(heal_module, "LOG_FILE", None)
+
+    def status() -> str | None:
+        if log_name is None:
+            return None
+        for folder in [healed.with_name(healed.name + suffix)] * bool(suffix) + [healed]:
+            try:
+                last = (folder / log_name).read_text(encoding="utf-8").splitlines()[-1]
+                record = json.loads(last)
+            except (OSError, IndexError, ValueError):
+                continue
+            parts = [f"step {record.get('step', '?')}/{steps}"]
+            if isinstance(record.get("loss"), (int, float)):
+                parts.append(f"loss {record['loss']:.4f}")
+            if isinstance(record.get("tokens_per_s"), (int, float)):
+                parts.append(f"{record['tokens_per_s']:,.0f} tokens/s")
+            return ", ".join(parts)
+        return None
+
+    return status
+
+
+def _healed_line(healing: dict | None) -> str:
+    healing = healing or {}
+    before, after = healing.get("val_loss_before"), healing.get("val_loss_after")
+    loss = f": validation loss {before:.4f} -> {after:.4f}" if isinstance(before, float) and isinstance(after, float) \
+        else ""
+    return f"healed{loss}"
 
 
 def _heal_point(model, tokenizer, c: SweepConfig, work: Path, point: tuple[int, str, str], selection, total: int):
-    """Save the cut (atomically), heal it (resuming a killed healing) and load the merged result."""
-    from .heal import heal
+    """Heal the cut in memory (resuming a killed healing from its checkpoint); returns the merged model.
 
-    folder = _point_dir(work, *point)
-    pruned, healed = folder / "pruned", folder / "healed"
-    if not (pruned / "config.json").is_file():
-        params_before = count_parameters(model)
-        with layers_removed(model, selection.layers) as cut:
-            record = pruning_record(c.model, total, params_before, cut, selection)
-            save_pruned(cut, tokenizer, pruned, record, force=True)
-    if _started_elsewhere(healed, pruned):
+    lora, dora and full train and merge into the model they are given: they get a copy of the cut
+    (``copy.deepcopy``: memory for the kept layers once more, as much as the saved-and-reloaded cut of
+    earlier versions took, without the disk round trip), so the loaded model comes back unchanged for
+    the next points. qlora only reads the cut, into a 4-bit copy. The healing is named by the base model
+    and the layers removed (in ``heal_config.json``): a rerun recreates the same cut and resumes.
+    """
+    from .heal import heal_loaded
+
+    healed = _point_dir(work, *point) / "healed"
+    model_id = f"{c.model} without layers {list(selection.layers)}"
+    if _started_elsewhere(healed, model_id):
         shutil.rmtree(healed)
     record = read_record(healed) if healed.is_dir() else None
-    if record is not None and "healing" in record:
-        healing = record["healing"]  # healed before the sweep was stopped, not yet evaluated
-    else:
-        options = {**c.heal_options, "method": point[2]}
-        healing = heal(str(pruned), c.heal_data, str(healed), val_data=c.heal_val_data, preset=c.heal_preset,
-                       device=c.device, dtype=c.dtype, progress=False, **options)
-    healed_model, _ = load_model(str(healed), device=c.device, dtype=c.dtype)
-    return healed_model, healing
+    if record is not None and "healing" in record:  # healed before the sweep was stopped, not yet evaluated
+        healed_model, _ = load_model(str(healed), device=c.device, dtype=c.dtype)
+        return healed_model, record["healing"]
+    options = {**c.heal_options, "method": point[2]}
+    params_before = count_parameters(model)
+    with layers_removed(model, selection.layers) as cut:
+        record = pruning_record(c.model, total, params_before, cut, selection)
+        trainee = cut if HEALING.get(point[2]).quantized_base else copy.deepcopy(cut)
+        result = heal_loaded(trainee, c.heal_data, str(healed), tokenizer=tokenizer, model_id=model_id, record=record,
+                             val_data=c.heal_val_data, preset=c.heal_preset, device=c.device, dtype=c.dtype,
+                             progress=True, **options)
+    del trainee
+    return result.model.to(DTYPES[c.dtype]), result.record
 
 
-def _started_elsewhere(healed: Path, pruned: Path) -> bool:
-    """A healing begun before the sweep folder moved names its input by the old path, and heal would
-    refuse to resume it as 'other settings': such a healing starts over."""
+def _started_elsewhere(healed: Path, model_id: str) -> bool:
+    """A healing recorded for another model (an older sweep named its input by the path of a saved cut,
+    which heal would refuse to resume as 'other settings'): such a healing starts over."""
     from .heal import CONFIG_FILE
 
     try:
         started = json.loads((healed / CONFIG_FILE).read_text(encoding="utf-8")).get("model")
     except (OSError, ValueError, AttributeError):
         return False
-    return started is not None and started != str(pruned)
+    return started is not None and started != model_id
 
 
 def _finish(c: SweepConfig, out: Path, work: Path, points: int, total: int) -> None:

@@ -1,25 +1,40 @@
-"""Evaluation tasks, one module each: MMLU (``mmlu``), BoolQ (``boolq``), C4 validation loss (``c4``),
-lm-evaluation-harness tasks (``lm_eval_bridge``); ``suite.evaluate`` runs any of them on one model.
+"""Evaluation tasks, one module each, registered in ``EVAL_TASKS`` (``registry.py``): MMLU (``mmlu``), BoolQ
+(``boolq``), C4 validation loss (``c4``), ARC-Easy (``arc``), HellaSwag (``hellaswag``); lm-evaluation-harness
+tasks through ``lm_eval_bridge``. ``suite.evaluate`` (exported as ``depthprune.evaluate_model``) runs any of
+them on one model.
 
-Note: ``depthprune.evaluate`` (the attribute of the top-level package) is the *function*
-:func:`depthprune.evaluate.suite.evaluate`, so ``from depthprune import evaluate`` gives the function.
-Import the task modules with ``from``: ``from depthprune.evaluate.mmlu import evaluate_mmlu`` or
-``from depthprune.evaluate import mmlu`` (``import depthprune.evaluate.mmlu as m`` does not work).
+Importing this package registers the built-in tasks without importing torch; the functions below load on
+first use.
 """
 
-from .boolq import evaluate_boolq
-from .c4 import c4_loss, sequence_losses
-from .mmlu import evaluate_mmlu
-from .scoring import ChoiceRequest, choice_loglikelihoods, encode_choices
-from .suite import evaluate
+from __future__ import annotations
 
-__all__ = [
-    "ChoiceRequest",
-    "c4_loss",
-    "choice_loglikelihoods",
-    "encode_choices",
-    "evaluate",
-    "evaluate_boolq",
-    "evaluate_mmlu",
-    "sequence_losses",
-]
+import importlib
+
+from .registry import EVAL_TASKS, EvalTask
+
+# The built-in tasks, in the order of the CLI, the sweep's default table and the report.
+BUILT_IN = ("mmlu", "boolq", "c4", "arc", "hellaswag")
+for _module in BUILT_IN:
+    importlib.import_module(f".{_module}", __name__)
+
+_LAZY = {
+    "evaluate": ("suite", "evaluate"),
+    "summary_rows": ("suite", "summary_rows"),
+    "evaluate_mmlu": ("mmlu", "evaluate_mmlu"),
+    "evaluate_boolq": ("boolq", "evaluate_boolq"),
+    "c4_loss": ("c4", "c4_loss"),
+    "sequence_losses": ("c4", "sequence_losses"),
+    "ChoiceRequest": ("scoring", "ChoiceRequest"),
+    "choice_loglikelihoods": ("scoring", "choice_loglikelihoods"),
+    "encode_choices": ("scoring", "encode_choices"),
+}
+
+__all__ = ["EVAL_TASKS", "EvalTask", *sorted(_LAZY)]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'depthprune.evaluate' has no attribute '{name}'")
+    module, attribute = _LAZY[name]
+    return getattr(importlib.import_module(f".{module}", __name__), attribute)

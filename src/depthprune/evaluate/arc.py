@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..data import read_jsonl
 from ..errors import DepthpruneError
-from .multiple_choice import multiple_choice_accuracy
+from .registry import EVAL_TASKS, EvalTask, accuracy_flatten
 
 Example = tuple[str, list[str], int]  # question, choices, index of the answer
 
@@ -67,6 +67,8 @@ def load_arc(source: str, config: str = "ARC-Easy", split: str = "test") -> list
 def evaluate_arc(model, tokenizer, source: str, *, limit: int | None = None, batch_size: int = 8,
                  max_length: int | None = None, progress: bool = True) -> dict:
     """0-shot ARC accuracy on the first ``limit`` questions: ``accuracy`` is lm-eval's ``acc``."""
+    from .multiple_choice import multiple_choice_accuracy
+
     examples = load_arc(source)[:limit]
     r = multiple_choice_accuracy(model, tokenizer, [build_prompt(q) for q, _, _ in examples],
                                  [c for _, c, _ in examples], [y for *_, y in examples], batch_size=batch_size,
@@ -74,3 +76,30 @@ def evaluate_arc(model, tokenizer, source: str, *, limit: int | None = None, bat
     return {"task": "arc", "accuracy": r["acc"], "accuracy_norm": r["acc_norm"], "chance": r["chance"],
             "num_examples": r["num_examples"], "limit": limit, "shots": 0, "data": source,
             "accuracy_note": "'accuracy' is lm-eval's acc, 'accuracy_norm' its acc_norm (per-character)"}
+
+
+def _run(model, tokenizer, source: str, options, *, details: bool = False, progress: bool = True) -> dict:
+    return evaluate_arc(model, tokenizer, source, limit=options.limit, batch_size=options.batch_size,
+                        max_length=options.max_length, progress=progress)
+
+
+def _summary(r: dict) -> list:
+    return [("arc_easy", "acc", r["accuracy"], r["chance"], r["num_examples"]),
+            ("arc_easy", "acc_norm", r["accuracy_norm"], r["chance"], r["num_examples"])]
+
+
+TASK = EVAL_TASKS.register(EvalTask(
+    name="arc_easy",
+    description="ARC-Easy, 0-shot grade-school science questions (Clark et al. 2018)",
+    title="ARC-Easy",
+    flag="--arc-easy",
+    metavar="FILE_OR_ID",
+    data_help="ARC-Easy-Test.jsonl of the original release, or allenai/ai2_arc",
+    check=lambda source, options: load_arc(source),
+    run=_run,
+    headline="arc_easy_acc",
+    higher_is_better=True,
+    chance=0.25,
+    flatten=accuracy_flatten("arc_easy"),
+    summary=_summary,
+))

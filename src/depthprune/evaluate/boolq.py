@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..data import read_json, read_jsonl
 from ..errors import DepthpruneError
-from .scoring import ChoiceRequest, choice_loglikelihoods, encode_choices
+from .registry import EVAL_TASKS, EvalTask, accuracy_flatten
 
 CHOICES = (" no", " yes")
 
@@ -86,6 +86,8 @@ def evaluate_boolq(
     progress: bool = True,
 ) -> dict:
     """0-shot BoolQ accuracy on the first ``limit`` examples (all if None), with the majority-class baseline."""
+    from .scoring import ChoiceRequest, choice_loglikelihoods, encode_choices
+
     if limit is not None and limit < 1:
         raise DepthpruneError(f"--limit must be at least 1, got {limit}")
     examples = load_boolq(source)[:limit]
@@ -112,3 +114,27 @@ def evaluate_boolq(
         result["examples"] = [{"loglikelihoods": s, "prediction": "yes" if p else "no", "answer": "yes" if y else "no"}
                               for s, p, y in zip(scores, predictions, labels, strict=True)]
     return result
+
+
+def _run(model, tokenizer, source: str, options, *, details: bool = False, progress: bool = True) -> dict:
+    return evaluate_boolq(model, tokenizer, source, limit=options.boolq_limit or options.limit,
+                          batch_size=options.batch_size, max_length=options.max_length, details=details,
+                          progress=progress)
+
+
+TASK = EVAL_TASKS.register(EvalTask(
+    name="boolq",
+    description="BoolQ, 0-shot yes/no questions on a passage (Clark et al. 2019)",
+    title="BoolQ (0-shot)",
+    flag="--boolq",
+    metavar="FILE_OR_ID",
+    data_help="a .jsonl file, or google/boolq / super_glue/boolq",
+    check=lambda source, options: load_boolq(source),
+    run=_run,
+    headline="boolq_acc",
+    higher_is_better=True,
+    chance=None,  # the majority class of the examples
+    baseline_kind="majority class",
+    flatten=accuracy_flatten("boolq", chance_key="majority_baseline"),
+    summary=lambda r: [("boolq", "acc", r["accuracy"], r["majority_baseline"], r["num_examples"])],
+))

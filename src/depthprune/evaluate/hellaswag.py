@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..data import read_jsonl
 from ..errors import DepthpruneError
-from .multiple_choice import multiple_choice_accuracy
+from .registry import EVAL_TASKS, EvalTask
 
 
 def preprocess(text: str) -> str:
@@ -57,6 +57,8 @@ def load_hellaswag(source: str, split: str = "validation") -> list[tuple[str, li
 def evaluate_hellaswag(model, tokenizer, source: str, *, limit: int | None = None, batch_size: int = 8,
                        max_length: int | None = None, progress: bool = True) -> dict:
     """0-shot HellaSwag on the first ``limit`` examples: ``accuracy`` is lm-eval's ``acc_norm``."""
+    from .multiple_choice import multiple_choice_accuracy
+
     examples = load_hellaswag(source)[:limit]
     r = multiple_choice_accuracy(model, tokenizer, [p for p, _, _ in examples], [e for _, e, _ in examples],
                                  [y for *_, y in examples], batch_size=batch_size, max_length=max_length,
@@ -64,3 +66,36 @@ def evaluate_hellaswag(model, tokenizer, source: str, *, limit: int | None = Non
     return {"task": "hellaswag", "accuracy": r["acc_norm"], "accuracy_unnormalized": r["acc"], "chance": r["chance"],
             "num_examples": r["num_examples"], "limit": limit, "shots": 0, "data": source,
             "accuracy_note": "'accuracy' is lm-eval's acc_norm (per-character), 'accuracy_unnormalized' its acc"}
+
+
+def _run(model, tokenizer, source: str, options, *, details: bool = False, progress: bool = True) -> dict:
+    return evaluate_hellaswag(model, tokenizer, source, limit=options.limit, batch_size=options.batch_size,
+                              max_length=options.max_length, progress=progress)
+
+
+def _flatten(r: dict) -> dict:
+    # The native result's headline `accuracy` is acc_norm; the store names each measure for what it is.
+    return {"hellaswag_acc": r["accuracy_unnormalized"], "hellaswag_acc_norm": r["accuracy"],
+            "hellaswag_chance": r.get("chance")}
+
+
+def _summary(r: dict) -> list:
+    return [("hellaswag", "acc_norm", r["accuracy"], r["chance"], r["num_examples"]),
+            ("hellaswag", "acc", r["accuracy_unnormalized"], r["chance"], r["num_examples"])]
+
+
+TASK = EVAL_TASKS.register(EvalTask(
+    name="hellaswag",
+    description="HellaSwag, 0-shot choice of the likeliest ending (Zellers et al. 2019)",
+    title="HellaSwag",
+    flag="--hellaswag",
+    metavar="FILE_OR_ID",
+    data_help="a .jsonl file of the original schema, or Rowan/hellaswag",
+    check=lambda source, options: load_hellaswag(source),
+    run=_run,
+    headline="hellaswag_acc_norm",
+    higher_is_better=True,
+    chance=0.25,
+    flatten=_flatten,
+    summary=_summary,
+))

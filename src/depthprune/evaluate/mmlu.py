@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..data import read_text
 from ..errors import DepthpruneError
-from .scoring import ChoiceRequest, choice_loglikelihoods, context_length, encode_choices
+from .registry import EVAL_TASKS, EvalTask
 
 LETTERS = ("A", "B", "C", "D")
 CHANCE = 0.25
@@ -188,11 +188,13 @@ def evaluate_mmlu(
 ) -> dict:
     """MMLU accuracy: per subject, the mean over subjects (the paper's number) and over questions (lm-eval's).
 
-    ``limit`` keeps the first N test questions of each subject. With ``details`` the result lists each
+    ``limit`` keeps the first N test questions of each subject (``--mmlu-limit``). With ``details`` the result lists each
     question's choice log-likelihoods, prediction and answer.
     """
+    from .scoring import ChoiceRequest, choice_loglikelihoods, context_length, encode_choices
+
     if limit is not None and limit < 1:
-        raise DepthpruneError(f"--limit must be at least 1, got {limit}")
+        raise DepthpruneError(f"--mmlu-limit must be at least 1, got {limit}")
     test, dev = load_mmlu(source, subjects)
     check_shots(dev, shots)
     max_length = max_length or context_length(model, tokenizer)
@@ -235,3 +237,35 @@ def evaluate_mmlu(
     if details:
         result["questions"] = records
     return result
+
+
+def _check(source: str, options) -> None:
+    check_shots(load_mmlu(source, options.subjects)[1], options.shots)
+
+
+def _run(model, tokenizer, source: str, options, *, details: bool = False, progress: bool = True) -> dict:
+    return evaluate_mmlu(model, tokenizer, source, shots=options.shots, subjects=options.subjects,
+                         limit=options.mmlu_limit, batch_size=options.batch_size, max_length=options.max_length,
+                         details=details, progress=progress)
+
+
+def _summary(r: dict) -> list:
+    return [("mmlu", f"acc, mean over {r['num_subjects']} subjects", r["accuracy"], r["chance"], r["num_questions"]),
+            ("mmlu", "acc, mean over questions", r["accuracy_over_questions"], r["chance"], r["num_questions"])]
+
+
+TASK = EVAL_TASKS.register(EvalTask(
+    name="mmlu",
+    description="MMLU, k-shot multiple choice over 57 subjects (Hendrycks et al. 2021)",
+    title="MMLU (5-shot)",
+    flag="--mmlu",
+    metavar="DIR_OR_ID",
+    data_help="a directory with dev/ and test/ CSVs, or cais/mmlu",
+    check=_check,
+    run=_run,
+    headline="mmlu_acc",
+    higher_is_better=True,
+    chance=CHANCE,
+    flatten=lambda r: {"mmlu_acc": r["accuracy"], "mmlu_chance": r.get("chance")},
+    summary=_summary,
+))

@@ -1,0 +1,201 @@
+"""Which layers to remove: the selection criteria, one module each, in the ``CRITERIA`` registry.
+
+A :class:`Criterion` names what it needs (``"distances"``: the analysis pass; ``"calibration"``: the model,
+its tokenizer and tokenized calibration sequences; ``"nothing"``) and chooses ``n`` layers from a
+:class:`SelectionContext`. :func:`choose` checks the request and the answer, whichever criterion it is.
+Built in: ``similarity`` (``select/similarity.py``) and ``deepest`` (``select/deepest.py``). An explicit
+``--layers`` spec is not a criterion: :func:`explicit_selection` records it as ``explicit``.
+
+This package stays light (no torch at import): the CLI reads the registry to build its flags.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..errors import DepthpruneError
+from ..registry import Registry
+
+if TYPE_CHECKING:
+    from ..similarity import AngularDistances
+
+NEEDS = ("distances", "calibration", "nothing")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Layers to remove (0-based, sorted), the criterion that chose them, and its evidence.
+
+    ``distance``: D[n][ℓ] of the removed block, when it is one contiguous measured block. ``scores``: the
+    criterion's own per-layer or per-block scores (JSON-ready), written into ``depthprune.json``.
+    """
+
+    layers: tuple[int, ...]
+    criterion: str  # a registered criterion, or 'explicit'
+    distance: float | None = None
+    scores: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        text = f"remove {len(self.layers)} layer(s) {format_layers(self.layers)} ({self.criterion}"
+        return text + (f", angular distance {self.distance:.4f})" if self.distance is not None else ")")
+
+
+@dataclass
+class SelectionContext:
+    """What a criterion may look at: the layer count always; distances, model and data when it needs them."""
+
+    num_layers: int
+    distances: AngularDistances | None = None
+    model: Any = None
+    tokenizer: Any = None
+    sequences: Sequence[Sequence[int]] | None = None  # tokenized calibration sequences
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """A way to choose the layers to remove.
+
+    ``description``: one line, naming the paper it comes from. ``needs``: 'distances', 'calibration' or
+    'nothing'. ``contiguous``: whether it always removes one block. ``select(context, n)`` returns a
+    :class:`Selection` of exactly ``n`` layers.
+    """
+
+    name: str
+    description: str
+    needs: str
+    contiguous: bool
+    select: Callable[[SelectionContext, int], Selection]
+
+    def __post_init__(self) -> None:
+        if self.needs not in NEEDS:
+            raise ValueError(f"criterion '{self.name}': needs must be one of {', '.join(NEEDS)}, not {self.needs!r}")
+
+
+CRITERIA: Registry[Criterion] = Registry("criterion")
+
+
+def format_layers(layers) -> str:
+    """'20-27' or '3,7,9-10': compact, 0-based, inclusive ranges."""
+    layers = sorted(layers)
+    parts, start = [], None
+    for i, layer in enumerate(layers):
+        start = layer if start is None else start
+        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
+            parts.append(str(start) if start == layer else f"{start}-{layer}")
+            start = None
+    return ",".join(parts)
+
+
+def layer_ranges(spec: str) -> list[tuple[int, int]]:
+    """The inclusive ranges of a spec ('20-27', '3,7,9', '0,5-7'), checked for syntax only, nothing expanded."""
+    if not isinstance(spec, str):
+        raise DepthpruneError(f"bad layer spec {spec!r}: give a string such as '20-27' or '3,7,9'")
+    ranges = []
+    for part in spec.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not match:
+            raise DepthpruneError(f"bad layer spec '{spec}': use 0-based indices and inclusive ranges, e.g. '20-27' or '3,7,9'")
+        first, last = int(match[1]), int(match[2] if match[2] is not None else match[1])
+        if first > last:
+            raise DepthpruneError(f"bad layer range '{part.strip()}' in '{spec}': the first index must not exceed the last")
+        ranges.append((first, last))
+    return ranges
+
+
+def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
+    """Parse '20-27', '3,7,9' or a mix ('0,5-7') into sorted 0-based layer indices; ranges are inclusive."""
+    ranges = layer_ranges(spec)
+    top = max(last for _, last in ranges)
+    if top >= num_layers:  # checked before expanding: '0-3000000000' must not fill the memory first
+        raise DepthpruneError(f"layer {top} out of range: the model has layers 0..{num_layers - 1}")
+    layers = {layer for first, last in ranges for layer in range(first, last + 1)}
+    if len(layers) >= num_layers:
+        raise DepthpruneError(f"layer spec '{spec}' removes all {num_layers} layers: keep at least one")
+    return tuple(sorted(layers))
+
+
+def _check_layer_count(distances: AngularDistances | None, num_layers: int) -> None:
+    if distances is not None and distances.num_layers != num_layers:
+        raise DepthpruneError(
+            f"the distances were measured on a {distances.num_layers}-layer model but this one has {num_layers}: "
+            "analyze this model"
+        )
+
+
+def check_block_request(n: int | None = None, fraction: float | None = None) -> None:
+    """What can be checked of a block size without the model: exactly one of a whole ``n`` >= 1 or a fraction in (0, 1)."""
+    if (n is None) == (fraction is None):
+        raise DepthpruneError("give exactly one of a layer count n or a fraction")
+    if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+                                 or not 0 < fraction < 1):
+        raise DepthpruneError(f"fraction {fraction} out of range: it must be between 0 and 1 (exclusive)")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int)):
+        raise DepthpruneError(f"n={n!r} is not a whole number of layers")
+    if n is not None and n < 1:
+        raise DepthpruneError(f"n={n} out of range: remove at least 1 layer")
+
+
+def block_size(num_layers: int, n: int | None = None, fraction: float | None = None) -> int:
+    """The number of layers to remove, from a count ``n`` or a ``fraction`` of the L layers (rounded)."""
+    check_block_request(n, fraction)
+    if fraction is not None:
+        n = round(fraction * num_layers)
+        if n == 0:
+            raise DepthpruneError(f"fraction {fraction} of {num_layers} layers rounds to 0 layers: use a larger fraction")
+    if not 1 <= n < num_layers:
+        raise DepthpruneError(f"n={n} out of range: remove between 1 and {num_layers - 1} of the {num_layers} layers")
+    return n
+
+
+def needs_of(names) -> set[str]:
+    """What the criteria ``names`` need between them ('distances', 'calibration')."""
+    return {CRITERIA.get(name).needs for name in names}
+
+
+def choose(criterion: str, n: int, context: SelectionContext) -> Selection:
+    """The ``n`` layers ``criterion`` removes, checked: n in range, what it needs present, its answer sound."""
+    entry = CRITERIA.get(criterion)
+    total = context.num_layers
+    n = block_size(total, n=n)
+    _check_layer_count(context.distances, total)
+    if entry.needs == "distances" and context.distances is None:
+        raise DepthpruneError(f"criterion '{criterion}' needs angular distances: pass --distances DIR or --data SRC")
+    if entry.needs == "calibration" and (context.model is None or not context.sequences):
+        raise DepthpruneError(f"criterion '{criterion}' needs the model and calibration text: pass --data SRC")
+    selection = entry.select(context, n)
+    layers = selection.layers
+    if len(layers) != n or len(set(layers)) != n or list(layers) != sorted(layers) or not all(
+            0 <= layer < total for layer in layers):
+        raise ValueError(f"criterion '{criterion}' chose {layers!r}, not {n} distinct sorted layers of 0..{total - 1}")
+    if entry.contiguous and layers[-1] - layers[0] + 1 != n:
+        raise ValueError(f"criterion '{criterion}' is declared contiguous but chose {format_layers(layers)}")
+    return selection
+
+
+def choose_block(criterion: str, n: int, num_layers: int, distances: AngularDistances | None = None) -> Selection:
+    """:func:`choose` for the criteria that need at most the distances (similarity, deepest)."""
+    return choose(criterion, n, SelectionContext(num_layers, distances))
+
+
+def block_distance(distances: AngularDistances | None, layers: Sequence[int]) -> float | None:
+    """D[n][ℓ] of ``layers`` when they form one block and distances are known; else None."""
+    contiguous = layers[-1] - layers[0] + 1 == len(layers)
+    return float(distances.block(len(layers))[layers[0]]) if distances is not None and contiguous else None
+
+
+def explicit_selection(spec: str, num_layers: int, distances: AngularDistances | None = None) -> Selection:
+    """A user-listed set of layers; its distance is known when it is one contiguous block."""
+    layers = parse_layers(spec, num_layers)
+    _check_layer_count(distances, num_layers)
+    return Selection(layers, "explicit", block_distance(distances, layers))
+
+
+# The built-in criteria register themselves on import, in this order (the CLI's, the report's colours);
+# each is one module (and its test).
+BUILT_IN = ("similarity", "deepest")
+for _module in BUILT_IN:
+    importlib.import_module(f".{_module}", __name__)
