@@ -1,0 +1,281 @@
+"""GGUF in, GGUF out: cutting GGUF files, exporting checkpoints, and checking both in llama.cpp.
+
+The fast tests build tiny GGUF files with gguf-py's writer. The slow ones run the embedded models in
+llama.cpp (llama-cpp-python) and compare with the Hugging Face model cut from the same de-quantized file.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import VOCAB, tiny_model, tiny_tokenizer
+
+from depthprune.errors import DepthpruneError
+from depthprune.export import export, export_gguf, kept_ranges, mergekit_yaml
+from depthprune.gguf_surgery import cut_gguf, field_value, open_gguf, swa_period_pattern
+from depthprune.surgery import RECORD_FILE, remove_layers
+
+HIDDEN = 32
+
+
+def _write_tiny_gguf(path: Path, arch: str = "llama", blocks: int = 4, sliding_window: int | None = None,
+                     extra_tensors: tuple[str, ...] = ()) -> Path:
+    """A GGUF with ``blocks`` layers of random tensors in three storage types, tokenizer keys and a per-layer array."""
+    from gguf import GGMLQuantizationType, GGUFWriter, quants
+
+    rng = np.random.default_rng(0)
+    writer = GGUFWriter(path, arch)
+    writer.add_block_count(blocks)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_head_count(4)
+    writer.add_array(f"{arch}.attention.head_count_kv", [10 + i for i in range(blocks)])  # per layer
+    writer.add_array(f"{arch}.rope.dimension_sections", [1, 2, 3])  # not per layer: left alone
+    if sliding_window:
+        writer.add_sliding_window(sliding_window)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([f"t{i}" for i in range(VOCAB)])
+    writer.add_chat_template("{{ messages }}")
+    writer.add_tensor("token_embd.weight", rng.standard_normal((VOCAB, HIDDEN), dtype=np.float32))
+    for i in range(blocks):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", rng.standard_normal(HIDDEN, dtype=np.float32))
+        q8 = quants.quantize(rng.standard_normal((HIDDEN, HIDDEN), dtype=np.float32), GGMLQuantizationType.Q8_0)
+        writer.add_tensor(f"blk.{i}.attn_q.weight", q8, raw_dtype=GGMLQuantizationType.Q8_0)
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", rng.standard_normal((HIDDEN, 64)).astype(np.float16))
+    for name in extra_tensors:
+        writer.add_tensor(name, np.zeros(HIDDEN, dtype=np.float32))
+    writer.add_tensor("output_norm.weight", np.ones(HIDDEN, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _tensor_bytes(path: Path) -> dict[str, tuple[str, bytes]]:
+    return {t.name: (t.tensor_type.name, bytes(t.data.tobytes())) for t in open_gguf(path).tensors}
+
+
+def _nothing_written(directory: Path, keep: set[str]) -> bool:
+    return {p.name for p in directory.iterdir()} == keep
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path) -> Path:
+    return _write_tiny_gguf(tmp_path / "tiny.gguf")
+
+
+def test_cut_copies_kept_tensors_byte_for_byte_and_renumbers(tiny_gguf, tmp_path):
+    out = tmp_path / "cut.gguf"
+    record = cut_gguf(tiny_gguf, [1, 2], out, criterion="similarity", distance=0.25)
+    before, after = _tensor_bytes(tiny_gguf), _tensor_bytes(out)
+    for new, old in ((0, 0), (1, 3)):
+        for kind in ("attn_norm.weight", "attn_q.weight", "ffn_down.weight"):
+            assert after[f"blk.{new}.{kind}"] == before[f"blk.{old}.{kind}"]
+    assert not any(name.startswith("blk.2.") for name in after)
+    assert after["token_embd.weight"] == before["token_embd.weight"]
+    reader = open_gguf(out)
+    assert field_value(reader, "llama.block_count") == 2
+    assert field_value(reader, "llama.attention.head_count_kv") == [10, 13]  # layers 0 and 3
+    assert field_value(reader, "llama.rope.dimension_sections") == [1, 2, 3]
+    assert field_value(reader, "tokenizer.ggml.tokens") == [f"t{i}" for i in range(VOCAB)]
+    assert field_value(reader, "tokenizer.chat_template") == "{{ messages }}"
+    assert field_value(reader, "depthprune.removed_layers") == [1, 2]
+    assert field_value(reader, "depthprune.criterion") == "similarity"
+    assert field_value(reader, "depthprune.source") == "tiny.gguf"
+    assert field_value(reader, "depthprune.layers_before") == 4
+    assert record["layers_after"] == 2 and record["bytes_after"] == out.stat().st_size
+    assert _nothing_written(tmp_path, {"tiny.gguf", "cut.gguf"})  # no temporaries left
+
+
+def test_a_cut_of_a_cut_records_the_latest_cut(tiny_gguf, tmp_path):
+    cut_gguf(tiny_gguf, [0], tmp_path / "a.gguf")
+    cut_gguf(tmp_path / "a.gguf", [2], tmp_path / "b.gguf")
+    reader = open_gguf(tmp_path / "b.gguf")
+    assert field_value(reader, "llama.block_count") == 2
+    assert field_value(reader, "depthprune.removed_layers") == [2]
+    assert field_value(reader, "depthprune.source") == "a.gguf"
+
+
+def test_gemma3_cut_keeping_the_period_writes_no_pattern(tmp_path):
+    source = _write_tiny_gguf(tmp_path / "g.gguf", "gemma3", blocks=12, sliding_window=4)
+    cut_gguf(source, range(8, 12), tmp_path / "cut.gguf")  # layers 0-7: global at 5, as period 6 says
+    reader = open_gguf(tmp_path / "cut.gguf")
+    assert field_value(reader, "gemma3.block_count") == 8
+    assert field_value(reader, "gemma3.attention.sliding_window_pattern") is None
+
+
+def test_gemma3_cut_breaking_the_period_is_refused_or_written_as_array(tmp_path):
+    source = _write_tiny_gguf(tmp_path / "g.gguf", "gemma3", blocks=12, sliding_window=4)
+    with pytest.raises(DepthpruneError, match=r"global attention at layers \[4, 10\].*--swa-pattern array"):
+        cut_gguf(source, [2], tmp_path / "cut.gguf")
+    assert _nothing_written(tmp_path, {"g.gguf"})
+    cut_gguf(source, [2], tmp_path / "cut.gguf", swa_pattern="array")
+    pattern = field_value(open_gguf(tmp_path / "cut.gguf"), "gemma3.attention.sliding_window_pattern")
+    expected = swa_period_pattern(6, 12)
+    del expected[2]
+    assert [bool(x) for x in pattern] == expected
+
+
+def test_per_layer_pattern_array_is_cut_like_any_per_layer_array(tmp_path):
+    source = _write_tiny_gguf(tmp_path / "g.gguf", "gemma3", blocks=12, sliding_window=4)
+    cut_gguf(source, [2], tmp_path / "a.gguf", swa_pattern="array")
+    cut_gguf(tmp_path / "a.gguf", [0], tmp_path / "b.gguf")  # the array travels; no period check needed
+    pattern = field_value(open_gguf(tmp_path / "b.gguf"), "gemma3.attention.sliding_window_pattern")
+    assert [bool(x) for x in pattern] == [i % 6 != 5 for i in range(12) if i not in (0, 2)]
+
+
+@pytest.mark.parametrize("case, match", [
+    ("truncated", "not a readable GGUF file"),
+    ("unknown arch", "cannot cut 'gemma3n' GGUF files"),
+    ("tensor outside blocks", "'per_layer_token_embd.weight' lies outside the layers"),
+    ("unknown layer tensor", "'blk.1.mystery.weight' is not a known llama layer tensor"),
+    ("out of range", r"the model has layers 0\.\.3"),
+    ("all layers", "cannot remove all 4 layers"),
+    ("output is input", "overlaps the input"),
+])
+def test_bad_cuts_fail_with_one_line_and_write_nothing(tmp_path, case, match):
+    layers = [1]
+    if case == "truncated":
+        source = _write_tiny_gguf(tmp_path / "in.gguf")
+        source.write_bytes(source.read_bytes()[:3000])
+    elif case == "unknown arch":
+        source = _write_tiny_gguf(tmp_path / "in.gguf", "gemma3n")
+    elif case == "tensor outside blocks":
+        source = _write_tiny_gguf(tmp_path / "in.gguf", extra_tensors=("per_layer_token_embd.weight",))
+    elif case == "unknown layer tensor":
+        source = _write_tiny_gguf(tmp_path / "in.gguf", extra_tensors=("blk.1.mystery.weight",))
+    else:
+        source = _write_tiny_gguf(tmp_path / "in.gguf")
+        layers = {"out of range": [4], "all layers": [0, 1, 2, 3], "output is input": [1]}[case]
+    out = source if case == "output is input" else tmp_path / "out.gguf"
+    before = source.read_bytes()
+    with pytest.raises(DepthpruneError, match=match) as error:
+        cut_gguf(source, layers, out)
+    assert "\n" not in str(error.value)
+    assert _nothing_written(tmp_path, {"in.gguf"}) and source.read_bytes() == before
+
+
+# --- export ----------------------------------------------------------------------------------------------
+
+
+def _pruned_checkpoint(path: Path, arch: str, removed: list[int], source: str) -> Path:
+    model = tiny_model(arch)
+    remove_layers(model, removed)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    record = {"source_model": source, "removed_layers": removed, "layers_before": 6, "criterion": "explicit"}
+    (path / RECORD_FILE).write_text(json.dumps(record))
+    return path
+
+
+@pytest.mark.parametrize("outtype, stored, tolerance", [("f16", "F16", 1e-3), ("bf16", "BF16", 1e-2),
+                                                        ("q8_0", "Q8_0", 2e-2)])
+def test_export_llama_maps_names_permutes_qk_and_copies_the_tokenizer(tmp_path, tiny_gguf, outtype, stored, tolerance):
+    from gguf import dequantize
+
+    ckpt = _pruned_checkpoint(tmp_path / "ckpt", "llama", [2, 3], str(tiny_gguf))
+    out = export(ckpt, tmp_path / "out.gguf", "gguf", outtype)
+    reader = open_gguf(out)
+    tensors = {t.name: t for t in reader.tensors}
+    assert field_value(reader, "llama.block_count") == 4
+    assert field_value(reader, "tokenizer.ggml.tokens") == [f"t{i}" for i in range(VOCAB)]
+    assert field_value(reader, "depthprune.removed_layers") == [2, 3]
+    assert tensors["blk.0.attn_q.weight"].tensor_type.name == stored
+    assert tensors["blk.0.attn_norm.weight"].tensor_type.name == "F32"
+    assert "blk.4.attn_q.weight" not in tensors
+    model = tiny_model("llama")
+    remove_layers(model, [2, 3])
+    hf_k = model.model.layers[1].self_attn.k_proj.weight.detach().numpy()
+    stored_k = dequantize(tensors["blk.1.attn_k.weight"].data, tensors["blk.1.attn_k.weight"].tensor_type)
+    # llama.cpp rotates adjacent rows (2i, 2i+1) of a head; HF rotates row i with row i + head_dim/2.
+    head_dim, half = 8, 4
+    for head in range(2):
+        for i in range(half):
+            row = head * head_dim
+            assert np.abs(stored_k[row + 2 * i] - hf_k[row + i]).max() < tolerance
+            assert np.abs(stored_k[row + 2 * i + 1] - hf_k[row + half + i]).max() < tolerance
+
+
+def test_export_gemma3_adds_one_to_norms(tmp_path):
+    source = _write_tiny_gguf(tmp_path / "g.gguf", "gemma3", blocks=6, sliding_window=4)
+    # conftest's tiny Gemma 3 is global at layers 2 and 5; layers 0-1 match period 6 (no global yet).
+    ckpt = _pruned_checkpoint(tmp_path / "ckpt", "gemma3", [2, 3, 4, 5], str(source))
+    reader = open_gguf(export_gguf(ckpt, tmp_path / "out.gguf", "f16"))
+    tensors = {t.name: t for t in reader.tensors}
+    model = tiny_model("gemma3")
+    norm = model.model.layers[0].post_feedforward_layernorm.weight.detach().numpy()
+    assert np.allclose(tensors["blk.0.post_ffw_norm.weight"].data, norm + 1)
+    assert field_value(reader, "gemma3.attention.sliding_window") == 4
+    assert field_value(reader, "gemma3.block_count") == 2
+    assert field_value(reader, "gemma3.attention.sliding_window_pattern") is None
+
+
+def test_export_gemma3_refuses_a_layer_pattern_the_period_cannot_express(tmp_path):
+    source = _write_tiny_gguf(tmp_path / "g.gguf", "gemma3", blocks=6, sliding_window=4)
+    # conftest's tiny Gemma 3 has a global layer every 3rd layer, not every 6th.
+    ckpt = _pruned_checkpoint(tmp_path / "ckpt", "gemma3", [5], str(source))
+    with pytest.raises(DepthpruneError, match="global attention at layers \\[2\\]"):
+        export_gguf(ckpt, tmp_path / "out.gguf", "f16")
+    assert not (tmp_path / "out.gguf").exists()
+    reader = open_gguf(export_gguf(ckpt, tmp_path / "out.gguf", "f16", swa_pattern="array"))
+    assert [bool(x) for x in field_value(reader, "gemma3.attention.sliding_window_pattern")] == [True, True, False,
+                                                                                              True, True]
+
+
+@pytest.mark.parametrize("case, match", [
+    ("no mapping", "no GGUF mapping for model type 'gpt2'"),
+    ("no source", "does not say which GGUF it came from"),
+    ("hub source", "not from a GGUF file"),
+    ("bad outtype", "unknown outtype 'q4_0'"),
+    ("not a checkpoint", "not a checkpoint directory"),
+])
+def test_bad_exports_fail_with_one_line_and_write_nothing(tmp_path, tiny_gguf, case, match):
+    arch = "gpt2" if case == "no mapping" else "llama"
+    ckpt = _pruned_checkpoint(tmp_path / "ckpt", arch, [1], str(tiny_gguf))
+    if case == "no source":
+        (ckpt / RECORD_FILE).unlink()
+    elif case == "hub source":
+        (ckpt / RECORD_FILE).write_text(json.dumps({"source_model": "org/model"}))
+    elif case == "not a checkpoint":
+        ckpt = tmp_path
+    with pytest.raises(DepthpruneError, match=match) as error:
+        export(ckpt, tmp_path / "out.gguf", "gguf", "q4_0" if case == "bad outtype" else "f16")
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "out.gguf").exists()
+    assert not [p for p in tmp_path.iterdir() if "depthprune-tmp" in p.name]
+
+
+# --- mergekit --------------------------------------------------------------------------------------------
+
+
+def test_kept_ranges_are_half_open_runs():
+    assert kept_ranges([2, 3, 7], 10) == [(0, 2), (4, 7), (8, 10)]
+    assert kept_ranges([0], 3) == [(1, 3)]
+
+
+def test_mergekit_recipe_rebuilds_the_cut(tmp_path, tiny_checkpoint):
+    """The recipe follows mergekit's documented passthrough schema, and its slices select exactly the kept layers."""
+    ckpt = _pruned_checkpoint(tmp_path / "ckpt", "llama", [1, 2, 4], str(tiny_checkpoint))
+    export(ckpt, tmp_path / "recipe.yml", "mergekit")
+    recipe = yaml.safe_load((tmp_path / "recipe.yml").read_text())
+    assert recipe["merge_method"] == "passthrough"
+    assert set(recipe) == {"merge_method", "dtype", "slices"}
+    layers = []
+    for piece in recipe["slices"]:
+        (source,) = piece["sources"]
+        assert source["model"] == str(tiny_checkpoint)
+        start, end = source["layer_range"]
+        layers.extend(range(start, end))
+    assert layers == [0, 3, 5]
+
+
+def test_mergekit_recipe_needs_a_pruning_record(tmp_path, tiny_checkpoint):
+    copy = tmp_path / "plain"
+    shutil.copytree(tiny_checkpoint, copy)
+    with pytest.raises(DepthpruneError, match="no depthprune.json with removed layers"):
+        mergekit_yaml(copy)
