@@ -7,7 +7,10 @@ llama.cpp (llama-cpp-python) and compare with the Hugging Face model cut from th
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -272,6 +275,39 @@ def test_mergekit_recipe_rebuilds_the_cut(tmp_path, tiny_checkpoint):
         start, end = source["layer_range"]
         layers.extend(range(start, end))
     assert layers == [0, 3, 5]
+
+
+def test_mergekit_recipe_refuses_sources_with_per_layer_config_lists(tmp_path):
+    source = tmp_path / "gemma3"
+    tiny_model("gemma3").save_pretrained(source)
+    ckpt = _pruned_checkpoint(tmp_path / "ckpt", "gemma3", [1], str(source))
+    with pytest.raises(DepthpruneError, match=r"per-layer lists \(layer_types\)"):
+        export(ckpt, tmp_path / "recipe.yml", "mergekit")
+    assert not (tmp_path / "recipe.yml").exists()
+
+
+def _mergekit_yaml_command() -> str:
+    """mergekit-yaml beside this Python or on PATH (mergekit may live in its own virtual environment)."""
+    path = shutil.which("mergekit-yaml", path=os.pathsep.join([str(Path(sys.executable).parent),
+                                                               os.environ.get("PATH", "")]))
+    if path is None:
+        pytest.skip("mergekit is not installed (pip install mergekit, here or in a venv on PATH)")
+    return path
+
+
+@pytest.mark.slow
+def test_mergekit_builds_the_same_model_from_the_recipe(tmp_path, tiny_checkpoint):
+    from safetensors.numpy import load_file
+
+    command = _mergekit_yaml_command()
+    ckpt = _pruned_checkpoint(tmp_path / "ckpt", "llama", [1, 2, 4], str(tiny_checkpoint))
+    export(ckpt, tmp_path / "recipe.yml", "mergekit")
+    subprocess.run([command, str(tmp_path / "recipe.yml"), str(tmp_path / "merged")], check=True,
+                   capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    merged, ours = load_file(tmp_path / "merged" / "model.safetensors"), load_file(ckpt / "model.safetensors")
+    assert sorted(merged) == sorted(ours)
+    assert all(np.array_equal(merged[name], ours[name]) for name in ours)
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["num_hidden_layers"] == 3
 
 
 def test_mergekit_recipe_needs_a_pruning_record(tmp_path, tiny_checkpoint):

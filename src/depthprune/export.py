@@ -292,6 +292,23 @@ def mergekit_source(spec: str) -> str:
     return str(convert_gguf(source.location)) if source.kind in ("alias", "gguf") else source.location
 
 
+def _check_mergekit_can_cut(model: str, layers: int) -> None:
+    """Refuse sources with per-layer config lists: mergekit's passthrough copies them uncut.
+
+    mergekit 0.1.5 sets num_hidden_layers but leaves e.g. Gemma 3's ``layer_types`` at the source's
+    length, which transformers then rejects; the recipe would fail in mergekit.
+    """
+    config_file = Path(model) / "config.json"
+    if not config_file.is_file():
+        return  # a hub id: nothing to read without downloading
+    config = json.loads(config_file.read_text())
+    per_layer = [key for key, value in config.items() if isinstance(value, list) and len(value) == layers]
+    if per_layer:
+        raise DepthpruneError(f"the source's config has per-layer lists ({', '.join(per_layer)}) that mergekit's "
+                              "passthrough merge does not cut, so the recipe would fail: use depthprune prune, or "
+                              "export --format gguf")
+
+
 def mergekit_yaml(checkpoint: str | Path, source: str | None = None) -> str:
     """The mergekit passthrough recipe that rebuilds the cut recorded in the checkpoint's ``depthprune.json``."""
     import yaml
@@ -302,6 +319,7 @@ def mergekit_yaml(checkpoint: str | Path, source: str | None = None) -> str:
         raise DepthpruneError(f"'{ckpt.path}' has no {RECORD_FILE} with removed layers: export a checkpoint written "
                               "by depthprune prune (or healed from one)")
     model = source or mergekit_source(record["source_model"])
+    _check_mergekit_can_cut(model, record["layers_before"])
     recipe = {
         "merge_method": "passthrough",
         "dtype": "float32",
