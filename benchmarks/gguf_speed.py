@@ -174,7 +174,8 @@ def main() -> None:
         summarize(mine, runs)
         report["models"][model] = {"cuts": [{**c, "path": str(c["path"])} for c in mine],
                                    "decode_fit_cpu": fit(mine, "decode_cpu_ms"),
-                                   "prefill_fit_cpu": fit(mine, "prefill_cpu_ms"), "runs": runs}
+                                   "prefill_fit_cpu": fit(mine, "prefill_cpu_ms"),
+                                   "runs": {str(c["path"]): runs[str(c["path"])] for c in mine}}
         print(f"\n### {model}\n\n{table(mine)}\n")
         for phase in ("decode", "prefill"):
             f = report["models"][model][f"{phase}_fit_cpu"]

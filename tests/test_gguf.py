@@ -384,32 +384,41 @@ def test_embedded_cut_keeps_every_tensor_byte_identical(embedded):
 def test_embedded_cut_generates_and_matches_the_hf_cut_in_llama_cpp(embedded):
     """llama.cpp on the cut GGUF vs HF on the same cut of the de-quantized GGUF, against the same pair uncut.
 
-    The two never agree exactly: llama.cpp multiplies with the 4-bit weights (activations quantized to
-    8 bits) in its own kernels, HF with the de-quantized float32 weights. The uncut pair measures that
-    noise; the cut pair must stay within it, which a wrong renumbering or attention pattern would break.
+    The two never agree exactly: llama.cpp multiplies the 4-bit weights with activations quantized to 8
+    bits, in its own kernels; HF uses the de-quantized float32 weights. The uncut pair measures that noise
+    (measured top-1 0.965 / 0.941, mean |Δ logit| 0.16 / 0.19 for SmolLM2 / Gemma 3). A cut model amplifies
+    it (SmolLM2's 25 % cut: top-1 0.906, mean |Δ| 0.30), hence the margins below; a cut that is off by one
+    layer lands far outside them (top-1 0.34 / 0.05, mean |Δ| 3.1 / 5.1), and so would a renumbering error
+    or a wrong attention type (Gemma 3's global layers use another RoPE base than its sliding ones).
     """
     from depthprune.gguf_runtime import load_llama, next_token_logits
     from depthprune.surgery import layers_removed
 
-    model, ids = embedded["model"], embedded["ids"]
+    model, ids, layers = embedded["model"], embedded["ids"], embedded["layers"]
     full = _agreement(next_token_logits(load_llama(embedded["source"]), ids), _hf_logits(model, ids))
-    with layers_removed(model, embedded["layers"]):
-        hf_cut = _hf_logits(model, ids)
     llm = load_llama(embedded["cut"])
-    cut = _agreement(next_token_logits(llm, ids), hf_cut)
-    print(f"\n{embedded['alias']} llama.cpp vs HF over {len(ids)} C4 tokens: uncut {full}; cut {cut}")
-    assert full["top1"] > 0.85
-    assert cut["top1"] >= full["top1"] - 0.05
-    assert cut["max_abs"] <= 2 * full["max_abs"]
+    ours = next_token_logits(llm, ids)
+    with layers_removed(model, layers):
+        cut = _agreement(ours, _hf_logits(model, ids))
+    with layers_removed(model, [i - 1 for i in layers]):
+        off_by_one = _agreement(ours, _hf_logits(model, ids))
+    print(f"\n{embedded['alias']} llama.cpp vs HF over {len(ids)} C4 tokens: uncut {full}; cut {cut}; "
+          f"cut vs the HF cut one layer earlier {off_by_one}")
+    assert full["top1"] > 0.9
+    assert cut["top1"] >= full["top1"] - 0.1
+    assert cut["mean_abs"] <= 3 * full["mean_abs"] and cut["max_abs"] <= 2 * full["max_abs"]
+    assert off_by_one["mean_abs"] > 5 * cut["mean_abs"]
     arch = llm.metadata["general.architecture"]
-    assert int(llm.metadata[f"{arch}.block_count"]) == model.config.num_hidden_layers - len(embedded["layers"])
+    assert int(llm.metadata[f"{arch}.block_count"]) == model.config.num_hidden_layers - len(layers)
     text = llm.create_completion("The capital of France is", max_tokens=8, temperature=0)["choices"][0]["text"]
     assert text.strip(), "the cut model generated nothing"
 
 
-# Loss tolerance per outtype (nats): float16 keeps ~11 significant bits of each weight, bfloat16 ~8, q8_0
-# 8 bits per weight plus a per-32 scale; the measured gaps are several times smaller (see benchmarks/RESULTS.md).
-EXPORT_TOLERANCE = {"f16": 0.01, "bf16": 0.05, "q8_0": 0.05}
+# Loss tolerance per outtype (nats). float16 keeps 11 significant bits of each weight, bfloat16 8 (measured
+# gaps on SmolLM2's 25 % cut: 0.001 and 0.009). With q8_0 weights llama.cpp also quantizes the activations to
+# 8 bits per block of 32; the unhealed 25 % cuts amplify that noise (measured 0.075 nats for SmolLM2, 0.003 for
+# Gemma 3, and 0.003 for the uncut SmolLM2 exported to q8_0).
+EXPORT_TOLERANCE = {"f16": 0.01, "bf16": 0.03, "q8_0": 0.15}
 EXPORTED = {"smollm2-135m": ("f16", "bf16", "q8_0"), "gemma3-270m": ("q8_0",)}
 
 
