@@ -31,6 +31,8 @@ demo: install
 
 test: install
 	$(BIN)/ruff check src tests benchmarks
+	# Best effort: tests/test_report_browser.py renders the report in headless Chromium, and skips without it.
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 || true
 	DEPTHPRUNE_DATA=$(DATA) $(BIN)/python -m pytest -q
 
 lint: install

@@ -204,3 +204,33 @@ def test_argument_errors_are_one_line(capsys, tmp_path, monkeypatch, argv, messa
     monkeypatch.chdir(tmp_path)
     line = assert_clean_failure(capsys, argv, message, watch=[tmp_path])
     assert line.endswith("--help`)")
+
+
+def test_replace_dir_swaps_in_one_step(tmp_path, monkeypatch):
+    from depthprune import outputs
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    new = outputs.temporary_dir_beside(out)
+    (new / "new.txt").write_text("new")
+    swapped = []
+    real = outputs._exchange
+    monkeypatch.setattr(outputs, "_exchange", lambda a, b: swapped.append(real(a, b)) or swapped[-1])
+    outputs.replace_dir(new, out)
+    assert [p.name for p in out.iterdir()] == ["new.txt"] and list(tmp_path.iterdir()) == [out]
+    if swapped != [True]:
+        pytest.skip("this filesystem cannot swap two paths atomically (renameat2 RENAME_EXCHANGE)")
+
+
+def test_replace_dir_without_the_atomic_swap(tmp_path, monkeypatch):
+    from depthprune import outputs
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    new = outputs.temporary_dir_beside(out)
+    (new / "new.txt").write_text("new")
+    monkeypatch.setattr(outputs, "_exchange", lambda a, b: False)
+    outputs.replace_dir(new, out)
+    assert [p.name for p in out.iterdir()] == ["new.txt"] and list(tmp_path.iterdir()) == [out]

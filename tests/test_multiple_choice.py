@@ -56,10 +56,17 @@ def test_arc_matches_lm_eval(tokenizer, shared_data):  # noqa: F811
     assert ours["accuracy"] == pytest.approx(theirs["acc"]) and ours["accuracy_norm"] == pytest.approx(theirs["acc_norm"])
 
 
-def test_hellaswag_result_fields(tokenizer, shared_data):  # noqa: F811
-    r = evaluate_hellaswag(_llama(tokenizer), tokenizer, str(shared_data / "hellaswag" / "hellaswag_val_subset1000.jsonl"),
-                           limit=4, progress=False)
-    assert r["num_examples"] == 4 and 0 <= r["accuracy"] <= 1 and r["chance"] == 0.25
+def test_hellaswag_accuracy_by_hand(tokenizer, shared_data):  # noqa: F811
+    """Both accuracies equal those counted from naive scores: acc_norm by score per character, acc by score."""
+    model, path = _llama(tokenizer), shared_data / "hellaswag" / "hellaswag_val_subset1000.jsonl"
+    r = evaluate_hellaswag(model, tokenizer, str(path), limit=4, progress=False)
+    correct, correct_norm = 0, 0
+    for prompt, endings, label in load_hellaswag(str(path))[:4]:
+        scores = naive_loglikelihoods(model, tokenizer, prompt, [" " + e for e in endings])
+        correct += int(np.argmax(scores)) == label
+        correct_norm += int(np.argmax(np.array(scores) / [len(e) for e in endings])) == label
+    assert r["accuracy"] == correct_norm / 4 and r["accuracy_unnormalized"] == correct / 4
+    assert r["num_examples"] == 4 and r["chance"] == 0.25
 
 
 def test_bad_data(tmp_path):

@@ -79,6 +79,7 @@ def test_sweep_with_healing_resumes_an_interrupted_heal(tiny_checkpoint, tiny_co
     real_heal = heal_module.heal
 
     def killed_heal(*args, **kwargs):  # the first healing dies after 2 of its 4 steps
+        assert kwargs["dtype"] == config.dtype  # healing follows the sweep's dtype
         real_heal(*args, stop_after=2, **kwargs)
         raise KeyboardInterrupt
 

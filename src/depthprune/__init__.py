@@ -2,6 +2,7 @@
 Ineffectiveness of the Deeper Layers"), then heal and evaluate the smaller model."""
 
 from .api import DataOptions, analyze, measure, prune
+from .data import load_texts
 from .errors import DepthpruneError
 
 # `depthprune.evaluate` is the function, not the subpackage of the same name: this import loads the
@@ -33,6 +34,7 @@ __all__ = [
     "heal",
     "load_distances",
     "load_model",
+    "load_texts",
     "measure",
     "measure_distances",
     "num_layers",

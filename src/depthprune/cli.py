@@ -43,8 +43,6 @@ def _data_options(args):
 
     if args.data is None:
         return None
-    if args.samples < 1:
-        raise DepthpruneError(f"--samples must be at least 1, got {args.samples}")
     return DataOptions(args.data, args.samples, args.seq_len, args.seed, args.text_field, args.data_config,
                        args.data_split)
 
@@ -118,12 +116,16 @@ def _run_heal(args) -> None:
                    data_config=args.data_config, data_split=args.data_split,
                    gradient_checkpointing=args.gradient_checkpointing or None)
     result = heal(args.model, args.data, args.out, val_data=args.val_data, preset=args.preset, device=args.device,
-                  dtype=args.dtype, save_adapter=args.save_adapter, force=args.force, stop_after=args.stop_after,
-                  trust_remote_code=args.trust_remote_code, **options)
+                  dtype=args.dtype, save_adapter=args.save_adapter, force=args.force, restart=args.restart,
+                  stop_after=args.stop_after, trust_remote_code=args.trust_remote_code, **options)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # a data-parallel run: rank 0 reports
     if "stopped_at_step" in result:
         print(f"stopped after step {result['stopped_at_step']} of {result['steps']}; rerun the same command to continue")
+        return
+    if result.get("already_healed"):
+        print(f"{args.out} already holds the healed model of this command ({result['method']}, {result['steps']} "
+              "steps); pass --force to heal again and replace it")
         return
     fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
     print(f"healed with {result['method']}: {result['steps']} steps, {result['tokens']:,} tokens")
@@ -146,7 +148,11 @@ def _add_heal_parser(commands) -> None:
     p.add_argument("--text-field", help="field holding the text (default: text)")
     p.add_argument("--out", required=True, help="output directory: checkpoints and log while running, the merged "
                                                 "model at the end; rerun the same command to resume")
-    p.add_argument("--force", action="store_true", help="discard what --out holds and start over")
+    p.add_argument("--force", action="store_true", help="replace what --out holds (an older result, other files) "
+                                                        "once the new model is complete; meanwhile the run works "
+                                                        "in OUT.unfinished")
+    p.add_argument("--restart", action="store_true", help="discard an unfinished run in --out (its checkpoint and "
+                                                          "log) and start over")
     p.add_argument("--preset", choices=list(PRESETS), help="paper: the paper's recipe (default); cpu-small: a run "
                                                            "that finishes in minutes on a CPU. Options below win.")
     p.add_argument("--method", choices=METHODS, help="qlora (4-bit base + LoRA; default), lora, or full")
@@ -192,14 +198,16 @@ def _run_sweep(args) -> None:
              "heal_preset", "samples", "device", "dtype")
     overrides = {name: getattr(args, name) for name in names}
     config = resolve_config(args.config, **overrides)
-    out = run_sweep(config)
+    out = run_sweep(config, force=args.force)
     print(f"report: {write_report(out)}")
 
 
 def _run_results(args) -> None:
-    from .outputs import atomic_write_text
-    from .store import load_points, table, to_csv
+    from .outputs import atomic_write_text, check_output_file
+    from .store import DB_NAME, load_points, table, to_csv
 
+    if args.csv not in (None, "-"):  # before reading anything: a bad path fails alone
+        check_output_file(args.csv, inputs=[os.path.join(args.directory, DB_NAME)], what="CSV file")
     points = load_points(args.directory)
     header, rows = table(points)
     shown = [h for h in header if not h.endswith("_chance")]
@@ -224,7 +232,7 @@ def _cell(value) -> str:
 def _run_report(args) -> None:
     from .report import write_report
 
-    print(f"wrote {write_report(args.directory, args.tolerance)}")
+    print(f"wrote {write_report(args.directory, args.sigmas)}")
 
 class _Parser(argparse.ArgumentParser):
     """argparse with the project's error format: one line, no usage block, exit status 2."""
@@ -297,7 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("sweep", help="the paper's experiment: evaluate cuts of growing size, healed or not")
     p.add_argument("model", nargs="?", help=MODEL_HELP + " (or `model:` in --config)")
     p.add_argument("--config", help="YAML file of sweep settings (keys as the options below, with underscores)")
-    p.add_argument("--out", help="output directory; rerun the same command to resume")
+    p.add_argument("--out", help="output directory; rerun with the same settings to resume (also after moving it)")
+    p.add_argument("--force", action="store_true",
+                   help="start over: the new sweep runs in a hidden folder beside --out (.OUT.depthprune-force) "
+                        "that replaces --out only once complete, so the old sweep stays intact until then; "
+                        "after an interruption, rerun with --force to continue the new sweep")
+    # Numbers are taken as text and checked with the YAML settings, so every bad value gets one message.
     p.add_argument("--data", help="calibration text for the angular distances")
     p.add_argument("--fractions", help="fractions of layers to drop: start:stop:step (stop included) or a list")
     p.add_argument("--n", help="numbers of layers to drop instead of fractions, e.g. 0,2,4,8")
@@ -311,12 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arc-easy", help="ARC-Easy .jsonl or Hugging Face id")
     p.add_argument("--hellaswag", help="HellaSwag .jsonl or Hugging Face id")
     p.add_argument("--subjects", help="MMLU subjects, comma-separated (default all)")
-    p.add_argument("--limit", type=int, help="at most this many questions per MMLU subject / BoolQ / lm-eval task")
+    p.add_argument("--limit", help="at most this many questions per MMLU subject / BoolQ / lm-eval task")
     p.add_argument("--heal-data", help="training text for healing")
     p.add_argument("--heal-val-data", help="validation text scored during healing")
     p.add_argument("--heal-preset", help="healing preset (paper, cpu-small)")
     p.add_argument("--heal-fractions", help="heal only the cuts of these fractions (default: every cut)")
-    p.add_argument("--samples", type=int, help="calibration documents (default 128)")
+    p.add_argument("--samples", help="calibration documents (default 128)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"])
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.set_defaults(run=_run_sweep)
@@ -328,8 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("report", help="draw the figures of a sweep and write one self-contained HTML file")
     p.add_argument("directory")
-    p.add_argument("--tolerance", type=float, default=0.02,
-                   help="accuracy drop that counts as collapse, absolute (default 0.02)")
+    p.add_argument("--sigmas", type=float, default=2.0,
+                   help="noise threshold of a collapse, in standard errors of the accuracy: a curve collapses where it "
+                        "comes within this many SE of chance or drops this many combined SE below the full model "
+                        "(default 2; the report states the rule)")
     p.set_defaults(run=_run_report)
     return parser
 

@@ -19,10 +19,61 @@ from .errors import DepthpruneError
 TEXT_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
 
 
+def check_int(value, option: str, minimum: int | None = None) -> None:
+    """Refuse an option that is not a whole number (of at least ``minimum``), from the CLI or the Python API."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise DepthpruneError(f"{option} must be a whole number, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise DepthpruneError(f"{option} must be at least {minimum}, got {value}")
+
+
+def read_bytes(path: Path) -> bytes:
+    """The bytes of ``path``; an unreadable file is an error naming it."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise DepthpruneError(f"cannot read '{path}': {exc.strerror or exc}") from None
+
+
+def _decode(data: bytes, path: Path, line_offset: int = 0) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = line_offset + data[: exc.start].count(b"\n") + 1
+        raise DepthpruneError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}): is it a binary "
+                              "file? Save it as UTF-8 text") from None
+
+
+def read_text(path: Path) -> str:
+    """The UTF-8 text of ``path``; a binary or otherwise non-UTF-8 file is an error naming file and line."""
+    return _decode(read_bytes(path), path)
+
+
+def _json_error(path: Path, exc: json.JSONDecodeError) -> DepthpruneError:
+    # A truncated file (an interrupted copy, a full disk) fails at its end or in an unclosed string: say so.
+    ends_early = exc.pos >= len(exc.doc.rstrip()) or exc.msg.startswith("Unterminated string")
+    hint = "; the file ends early: is it truncated?" if ends_early else ""
+    return DepthpruneError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg}){hint}")
+
+
+def read_json(path: Path) -> object:
+    """The JSON document in ``path``; an error names the file, line and column of the problem."""
+    text = read_text(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _json_error(path, exc) from None
+
+
 def read_jsonl(path: Path) -> Iterator[tuple[int, object]]:
     """``(line number, record)`` for each non-empty line; a line that is not JSON is an error naming it."""
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    try:
+        f = path.open("rb")  # decoded line by line, so an error names the line
+    except OSError as exc:
+        raise DepthpruneError(f"cannot read '{path}': {exc.strerror or exc}") from None
+    with f:
+        for number, raw in enumerate(f, 1):
+            line = _decode(raw, path, number - 1)
             if line.strip():
                 try:
                     yield number, json.loads(line)
@@ -30,20 +81,29 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, object]]:
                     raise DepthpruneError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
 
 
+def _read_parquet(path: Path, field: str) -> list[str]:
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pyarrow.ArrowException, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DepthpruneError(f"'{path}' is not a readable parquet file ({reason})") from None
+    if field not in table.column_names:
+        raise DepthpruneError(f"{path}: no column '{field}' (columns: {', '.join(table.column_names)}); use --text-field")
+    return [t for t in table.column(field).to_pylist() if isinstance(t, str)]
+
+
 def _read_file(path: Path, field: str) -> list[str]:
     suffix = path.suffix.lower()
     if suffix == ".txt":
         # One document per non-empty line, as in WikiText-style dumps.
-        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [line.strip() for line in read_text(path).splitlines() if line.strip()]
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        if field not in table.column_names:
-            raise DepthpruneError(f"{path}: no column '{field}' (columns: {', '.join(table.column_names)}); use --text-field")
-        return [t for t in table.column(field).to_pylist() if isinstance(t, str)]
+        return _read_parquet(path, field)
     if suffix == ".json":
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        rows = read_json(path)
         if not isinstance(rows, list):
             raise DepthpruneError(f"{path}: expected a JSON list of records")
     else:
@@ -102,6 +162,8 @@ def load_texts(
     ``config`` and ``split`` apply to Hugging Face dataset ids only. Local documents are sampled without
     replacement and returned in file order, so the same seed always gives the same texts.
     """
+    if count is not None:
+        check_int(count, "the number of documents", 1)
     path = Path(source).expanduser()
     if path.exists():
         texts = [t for t in _local_texts(path, field) if t.strip()]

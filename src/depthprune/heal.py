@@ -6,25 +6,44 @@ the KL divergence between the teacher's and the student's next-token distributio
 as in Minitron). A plain PyTorch loop in the style of torchtune's recipes:
 
 - documents are tokenized whole and packed into ``seq_len``-token sequences, in a seeded order;
-- every ``save_every`` steps the trainable weights, optimizer, scheduler, RNG states and data position go
-  to ``OUT/checkpoint`` (atomically), so rerunning the same command continues where it stopped and ends
-  with the same weights as an uninterrupted run;
+- every ``save_every`` steps (and after the last one) the trainable weights, optimizer, scheduler, RNG
+  states and data position go to ``checkpoint/`` of the run's work folder (atomically), so rerunning
+  the same command continues where it stopped and ends with the same weights as an uninterrupted run;
 - under ``torchrun``/``accelerate launch`` it trains data-parallel (DDP): the global batch is split over
   the processes and only rank 0 writes;
 - the result is an ordinary Hugging Face checkpoint with the adapter merged (for QLoRA into the
   de-quantized base, in full precision) and ``depthprune.json`` extended by the healing record.
+
+Where things live (nothing is lost, nothing half-written is ever taken for a result):
+
+- every input and option is checked, and the training data read, before anything is written; a run
+  that fails to start leaves nothing behind;
+- OUT holds either a finished result (the merged model, ``heal_config.json``, ``heal_log.jsonl`` and
+  ``depthprune.json`` with a ``healing`` record) or the state of an unfinished run (``heal_config.json``,
+  ``heal_log.jsonl``, ``checkpoint/``), never a mix. Rerunning a finished command reports the result;
+- a run works in OUT itself when OUT is new, empty, or holds an unfinished run of the same settings
+  (or one without a checkpoint: nothing to keep). With ``force`` over anything else (an older result, a
+  run of other settings, other files) it works in the visible sibling folder ``OUT.unfinished``, and
+  OUT stays untouched until the new result is complete;
+- the merged model is assembled in a temporary folder beside OUT, with the log and settings, and swapped
+  in by :func:`~depthprune.outputs.replace_dir`; the work folder goes last. Temporaries are never inside
+  a result, and those of a killed run are removed by the next run. One run at a time holds OUT's lock;
+- checkpoints are safetensors (weights, optimizer moments, RNG states) plus JSON (everything else):
+  resuming unpickles nothing. A checkpoint that does not parse asks for ``restart``, which discards an
+  unfinished run (never a finished result: replacing one takes ``force``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import random
 import shutil
-import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -33,17 +52,31 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import load_texts, tokenize
+from .data import TEXT_SUFFIXES, load_texts, tokenize
 from .errors import DepthpruneError
 from .models import DTYPES, convert_gguf, decoder_layout, resolve_model_source
-from .outputs import atomic_output_dir, atomic_write_text
-from .surgery import RECORD_FILE, read_record
+from .outputs import (
+    atomic_output_dir,
+    atomic_write_text,
+    check_not_input,
+    check_output_dir,
+    output_lock,
+    remove_stale_temporaries,
+    replace_dir,
+    temporary_dir_beside,
+)
+from .surgery import RECORD_FILE
 
 METHODS = ("qlora", "lora", "full")
 SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 CONFIG_FILE = "heal_config.json"
 LOG_FILE = "heal_log.jsonl"
 CHECKPOINT_DIR = "checkpoint"
+WORK_SUFFIX = ".unfinished"  # OUT.unfinished: where a --force run works while OUT keeps the old result
+_WEIGHTS_FILE = "trainable.safetensors"
+_TENSORS_FILE = "state.safetensors"  # optimizer moments and RNG states
+_STATE_FILE = "state.json"  # everything else: progress, data position, scheduler, Python/NumPy RNG
+_CHECKPOINT_FORMAT = 1  # raised when the layout of a checkpoint changes; others are refused, not misread
 _MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
 
 
@@ -90,6 +123,29 @@ PRESETS: dict[str, dict] = {
 # Options that may change between a run and its resumption without changing its result.
 _RESUMABLE_CHANGES = {"eval_every", "save_every", "val_sequences", "gradient_checkpointing"}
 
+# Numeric options: (int or float, valid?, the rule as the error states it). Floats must also be finite.
+_NUMBERS = {
+    "steps": (int, lambda v: v >= 1, "a whole number, at least 1"),
+    "tokens": (int, lambda v: v >= 1, "a whole number, at least 1"),
+    "batch_size": (int, lambda v: v >= 1, "a whole number, at least 1"),
+    "grad_accum": (int, lambda v: v >= 1, "a whole number, at least 1"),
+    "seq_len": (int, lambda v: v >= 2, "a whole number, at least 2"),
+    "rank": (int, lambda v: v >= 1, "a whole number, at least 1"),
+    "warmup": (int, lambda v: v >= 0, "a whole number, 0 or more"),
+    "eval_every": (int, lambda v: v >= 1, "a whole number, at least 1"),
+    "save_every": (int, lambda v: v >= 1, "a whole number, at least 1"),
+    "val_sequences": (int, lambda v: v >= 1, "a whole number, at least 1"),
+    "seed": (int, lambda v: 0 <= v < 2**32, "a whole number in [0, 2^32)"),
+    "lr": (float, lambda v: v > 0, "a finite number above 0"),
+    "alpha": (float, lambda v: v > 0, "a finite number above 0"),
+    "dropout": (float, lambda v: 0 <= v < 1, "a finite number in [0, 1)"),
+    "weight_decay": (float, lambda v: v >= 0, "a finite number, 0 or more"),
+    "max_grad_norm": (float, lambda v: v > 0, "a finite number above 0"),
+    "kd_weight": (float, lambda v: 0 <= v <= 1, "a finite number in [0, 1]"),
+    "kd_temperature": (float, lambda v: v > 0, "a finite number above 0"),
+}
+_OPTIONAL = {"steps", "tokens", "alpha"}  # None is allowed: another option decides
+
 
 def resolve_options(preset: str | None = None, **options) -> HealOptions:
     """The options of a run: the defaults, then ``preset``, then the explicitly given ``options``."""
@@ -108,6 +164,10 @@ def resolve_options(preset: str | None = None, **options) -> HealOptions:
     return opts
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _check(o: HealOptions) -> None:
     if o.method not in METHODS:
         raise DepthpruneError(f"unknown method '{o.method}': choose one of {', '.join(METHODS)}")
@@ -115,19 +175,23 @@ def _check(o: HealOptions) -> None:
         raise DepthpruneError(f"unknown schedule '{o.schedule}': choose one of {', '.join(SCHEDULES)}")
     if (o.steps is None) == (o.tokens is None):
         raise DepthpruneError("give either --steps or --tokens, not both")
-    for name in ("batch_size", "grad_accum", "seq_len", "rank", "eval_every", "save_every", "val_sequences"):
-        if getattr(o, name) < 1:
-            raise DepthpruneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(o, name)}")
-    if o.seq_len < 2:
-        raise DepthpruneError(f"--seq-len must be at least 2, got {o.seq_len}")
-    if (o.steps is not None and o.steps < 1) or (o.tokens is not None and o.tokens < 1):
-        raise DepthpruneError("--steps/--tokens must be at least 1")
-    if not 0 <= o.dropout < 1:
-        raise DepthpruneError(f"--dropout must be in [0, 1), got {o.dropout}")
-    if not 0 <= o.kd_weight <= 1:
-        raise DepthpruneError(f"--kd-weight must be in [0, 1], got {o.kd_weight}")
-    if o.lr <= 0 or o.warmup < 0 or o.kd_temperature <= 0:
-        raise DepthpruneError("--lr and --kd-temperature must be positive and --warmup not negative")
+    for name, (kind, valid, rule) in _NUMBERS.items():
+        value = getattr(o, name)
+        if value is None and name in _OPTIONAL:
+            continue
+        typed = isinstance(value, int) if kind is int else (isinstance(value, (int, float)) and math.isfinite(value))
+        if isinstance(value, bool) or not typed or not valid(value):
+            raise DepthpruneError(f"{_flag(name)} must be {rule}, got {value!r}")
+    for name, optional in (("text_field", False), ("data_split", False), ("teacher", True), ("data_config", True)):
+        value = getattr(o, name)
+        if not (optional and value is None) and (not isinstance(value, str) or not value):
+            raise DepthpruneError(f"{_flag(name)} must be a non-empty name, got {value!r}")
+    targets = o.target_modules
+    if targets is not None and (not isinstance(targets, list) or not targets
+                                or not all(isinstance(t, str) and t.strip() for t in targets)):
+        raise DepthpruneError(f"--target-modules must be a list of module names, got {targets!r}")
+    if not isinstance(o.gradient_checkpointing, bool):
+        raise DepthpruneError(f"gradient_checkpointing must be True or False, got {o.gradient_checkpointing!r}")
 
 
 def total_steps(o: HealOptions) -> int:
@@ -189,17 +253,41 @@ class PackedStream:
         self._order, self._tokenized = self._epoch_order(), {}
 
 
-def _training_documents(data, o: HealOptions, needed_tokens: int):
+def _training_documents(data, o: HealOptions, needed_tokens: int) -> list:
+    """The training documents, read (and checked) before anything is written."""
     if not isinstance(data, str):
-        documents = [list(map(int, d)) for d in data]
-        if not any(documents):
-            raise DepthpruneError("the training data holds no tokens")
-        return documents
+        return _token_documents(data)
     local = Path(data).expanduser().exists()
     # A streamed hub dataset is read once, as far as the run needs (C4 documents average some hundred
     # tokens, so one document per 64 needed tokens leaves ample margin); a local source is read whole.
     count = None if local else max(1000, needed_tokens // 64)
-    return load_texts(data, count, o.seed, o.text_field, o.data_config, o.data_split)
+    return _read_texts(data, "training data", count, o.seed, o.text_field, o.data_config, o.data_split)
+
+
+def _token_documents(data) -> list[list[int]]:
+    try:
+        documents = [[int(t) for t in document] for document in data]
+    except (TypeError, ValueError):
+        raise DepthpruneError("training data must be a text source (a path or dataset id) or a list of "
+                              "token-id lists") from None
+    if any(t < 0 for document in documents for t in document):
+        raise DepthpruneError("the training data holds negative token ids")
+    if not any(documents):
+        raise DepthpruneError("the training data holds no tokens")
+    return documents
+
+
+def _read_texts(source: str, what: str, count: int | None, seed: int, field: str, config: str | None,
+                split: str) -> list[str]:
+    # data.load_texts raises DepthpruneError for what it recognises; a file that is not text (or a
+    # corrupt .json/.parquet) surfaces as the decoder's error, named here.
+    try:
+        return load_texts(source, count, seed, field, config, split)
+    except UnicodeDecodeError:
+        raise DepthpruneError(f"{what} '{source}' is not UTF-8 text: give a .jsonl/.json/.txt/.parquet text file") from None
+    except ValueError as exc:  # json.JSONDecodeError, pyarrow.ArrowInvalid
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DepthpruneError(f"{what} '{source}' cannot be read ({reason}): check the file") from None
 
 
 # ------------------------------------------------------------------------------------------- model
@@ -236,6 +324,19 @@ def _is_linear(module: nn.Module) -> bool:
 def _location(spec: str) -> str:
     source = resolve_model_source(spec)
     return str(convert_gguf(source.location)) if source.kind in ("alias", "gguf") else source.location
+
+
+def _without_missing_kernels_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+def _quiet_bitsandbytes() -> None:
+    # Importing transformers' optimization module or peft imports bitsandbytes whenever it is installed
+    # (so also for lora and full), and on CPUs with AVX512-BF16 it then warns that the optional
+    # `kernels` package is missing. That kernel only serves the repacked 4-bit layout, which healing
+    # turns off (_disable_cpu_repacking), so the warning is noise for every method. The filter sits on
+    # bitsandbytes' own logger, which getLogger creates before bitsandbytes is imported.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_without_missing_kernels_warning)
 
 
 def _load(spec: str, o: HealOptions, device: str, dtype: torch.dtype, quantize: bool, trust_remote_code: bool):
@@ -397,6 +498,10 @@ def _input_device(model) -> torch.device:
 
 
 # ------------------------------------------------------------------------------------- checkpoints
+#
+# A checkpoint is checkpoint/trainable.safetensors (the trainable weights), state.safetensors (the
+# optimizer's tensors and each process's torch/CUDA RNG state as uint8 tensors) and state.json (the
+# rest). Loading uses safetensors and json only: a checkpoint cannot execute code.
 
 
 def _rng_state() -> dict:
@@ -418,39 +523,114 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _rng_to_safe(states: list[dict], tensors: dict[str, torch.Tensor]) -> list[dict]:
+    """Put the RNG tensors of each process into ``tensors``; return the rest as JSON-ready values."""
+    saved = []
+    for i, state in enumerate(states):
+        tensors[f"rng.{i}.torch"] = state["torch"]
+        cuda = state.get("cuda", [])
+        for j, tensor in enumerate(cuda):
+            tensors[f"rng.{i}.cuda.{j}"] = tensor.cpu()
+        version, internal, gauss = state["python"]
+        name, keys, position, has_gauss, cached = state["numpy"]
+        saved.append({"python": [version, list(internal), gauss], "cuda": len(cuda),
+                      "numpy": [name, keys.tolist(), int(position), int(has_gauss), float(cached)]})
+    return saved
+
+
+def _rng_from_safe(saved: list[dict], tensors: dict[str, torch.Tensor]) -> list[dict]:
+    import numpy as np
+
+    states = []
+    for i, entry in enumerate(saved):
+        version, internal, gauss = entry["python"]
+        name, keys, position, has_gauss, cached = entry["numpy"]
+        state = {"torch": tensors[f"rng.{i}.torch"], "python": (version, tuple(internal), gauss),
+                 "numpy": (name, np.array(keys, dtype=np.uint32), position, has_gauss, cached)}
+        if entry["cuda"]:
+            state["cuda"] = [tensors[f"rng.{i}.cuda.{j}"] for j in range(entry["cuda"])]
+        states.append(state)
+    return states
+
+
+def _optimizer_to_safe(state_dict: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    """Put the optimizer's per-parameter tensors into ``tensors``; return the rest as JSON-ready values."""
+    values: dict[str, dict] = {}
+    for index, entry in state_dict["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                values.setdefault(str(index), {})[key] = value
+    return {"param_groups": state_dict["param_groups"], "values": values}
+
+
+def _optimizer_from_safe(saved: dict, tensors: dict[str, torch.Tensor], params: list[nn.Parameter]) -> dict:
+    state: dict[int, dict] = {}
+    for name, tensor in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".", 2)
+            if tensor.dim() and tensor.shape != params[int(index)].shape:  # load_state_dict does not check
+                raise ValueError(f"optimizer state {name} has shape {tuple(tensor.shape)}")
+            state.setdefault(int(index), {})[key] = tensor
+    for index, entry in saved["values"].items():
+        state.setdefault(int(index), {}).update(entry)
+    return {"state": state, "param_groups": saved["param_groups"]}
+
+
 def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(out: Path, model, optimizer, scheduler, stream: PackedStream, progress: dict,
+def save_checkpoint(work: Path, model, optimizer, scheduler, stream: PackedStream, progress: dict,
                     rng_states: list[dict]) -> None:
-    """Write OUT/checkpoint atomically: a complete new one replaces the old one only once it is whole."""
+    """Write ``work/checkpoint``; a complete new one replaces the old one only once it is whole."""
     from safetensors.torch import save_file
 
-    # The new checkpoint replaces the old one only once it is complete.
-    with atomic_output_dir(out / CHECKPOINT_DIR, force=True) as tmp:
-        save_file({n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()},
-                  str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "data": stream.state_dict(), "rng": rng_states, "progress": progress}, tmp / "state.pt")
+    tensors: dict[str, torch.Tensor] = {}
+    state = {"format": _CHECKPOINT_FORMAT, "progress": progress, "data": stream.state_dict(), "scheduler": scheduler.state_dict(),
+             "optimizer": _optimizer_to_safe(optimizer.state_dict(), tensors),
+             "rng": _rng_to_safe(rng_states, tensors)}
+    with atomic_output_dir(work / CHECKPOINT_DIR, force=True) as tmp:
+        save_file({n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()}, str(tmp / _WEIGHTS_FILE))
+        save_file(tensors, str(tmp / _TENSORS_FILE))
+        (tmp / _STATE_FILE).write_text(json.dumps(state) + "\n", encoding="utf-8")
 
 
-def load_checkpoint(out: Path, model, optimizer, scheduler, stream: PackedStream) -> tuple[dict, list[dict]]:
+def load_checkpoint(work: Path, model, optimizer, scheduler, stream: PackedStream, rank: int = 0) -> dict:
+    """Restore the run from ``work/checkpoint``, and process ``rank``'s RNG state; returns the progress.
+
+    A checkpoint that does not parse (a damaged disk, a file edited by hand, the pickle format of older
+    versions) is an error that says how to start over; nothing in it is executed.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    folder = out / CHECKPOINT_DIR
-    weights = load_file(str(folder / "trainable.safetensors"))
+    folder = work / CHECKPOINT_DIR
     params = _trainable(model)
-    if set(weights) != set(params):
-        raise DepthpruneError(f"{folder} does not match this model's trainable weights: rerun with --force to restart")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(weights[name])
-    state = torch.load(folder / "state.pt", weights_only=False, map_location="cpu")
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    stream.load_state_dict(state["data"])
-    return state["progress"], state["rng"]
+    try:
+        weights = load_file(str(folder / _WEIGHTS_FILE))
+        tensors = load_file(str(folder / _TENSORS_FILE))
+        state = json.loads((folder / _STATE_FILE).read_text(encoding="utf-8"))
+        if state.get("format") != _CHECKPOINT_FORMAT:
+            raise ValueError(f"format {state.get('format')!r}, this version reads {_CHECKPOINT_FORMAT}")
+        if set(weights) != set(params) or any(weights[n].shape != p.shape for n, p in params.items()):
+            raise ValueError("its weights do not match this model's trainable weights")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(weights[name])
+        optimizer.load_state_dict(_optimizer_from_safe(state["optimizer"], tensors, list(params.values())))
+        scheduler.load_state_dict(state["scheduler"])
+        stream.load_state_dict(state["data"])
+        rng_states = _rng_from_safe(state["rng"], tensors)
+        _set_rng_state(rng_states[rank] if rank < len(rng_states) else rng_states[0])
+        return state["progress"]
+    except (SafetensorError, OSError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    except KeyError as exc:
+        reason = f"it has no entry {exc}"
+    raise DepthpruneError(f"the checkpoint in '{folder}' cannot be read ({reason}): rerun with --restart to "
+                          "start this run over")
 
 
 # ----------------------------------------------------------------------------------- distributed
@@ -484,44 +664,278 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def _broadcast_flag(flag: bool, world: int) -> bool:
+def _gather_rng(world: int) -> list[dict]:
+    # Each process keeps its own RNG stream (LoRA dropout differs per process): keep all of them.
     if world == 1:
-        return flag
+        return [_rng_state()]
     import torch.distributed as dist
 
-    tensor = torch.tensor([int(flag)])
-    dist.broadcast(tensor, 0)
-    return bool(tensor.item())
+    states: list = [None] * world
+    dist.all_gather_object(states, _rng_state())
+    return states
+
+
+# ---------------------------------------------------------------------------------------- inputs
+
+
+def _read_json_object(path: Path, remedy: str) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DepthpruneError(f"'{path}' is not valid JSON ({exc}): {remedy}") from None
+    if not isinstance(value, dict):
+        raise DepthpruneError(f"'{path}' does not hold a JSON object: {remedy}")
+    return value
+
+
+def _input_record(folder: Path) -> dict | None:
+    """The ``depthprune.json`` of an input checkpoint (None for an ordinary one), checked."""
+    path = folder / RECORD_FILE
+    return _read_json_object(path, "fix or remove that file of the input model") if path.is_file() else None
+
+
+def _model_identity(spec, what: str) -> str:
+    """Check, without loading it, that ``spec`` names a model; return it as resuming compares it."""
+    if not isinstance(spec, str) or not spec:
+        raise DepthpruneError(f"the {what} must be a model name or path, got {spec!r}")
+    source = resolve_model_source(spec)
+    if source.kind == "local":
+        folder = Path(source.location)
+        _read_json_object(folder / "config.json", f"repair the {what} checkpoint or choose another")
+        _input_record(folder)
+    # Local paths resolved, so DIR, DIR/, ./DIR and /abs/DIR are the same run; hub ids and aliases as given.
+    return source.location if source.kind in ("local", "gguf") else spec
+
+
+def _data_identity(source: str | None) -> str | None:
+    if source is None:
+        return None
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
+
+
+def _check_call(o: HealOptions, device: str, dtype: str | None, world: int, stop_after) -> str:
+    """Check the arguments that are not healing options; return the dtype to use."""
+    if device not in ("cpu", "cuda", "auto"):
+        raise DepthpruneError(f"unknown device '{device}': choose cpu, cuda or auto")
+    if device in ("cuda", "auto") and not torch.cuda.is_available():
+        raise DepthpruneError(f"--device {device} needs a CUDA GPU and none is visible: use --device cpu")
+    if device == "auto" and world > 1:
+        raise DepthpruneError("--device auto spreads one process over all GPUs: do not combine it with torchrun")
+    if o.batch_size % (o.grad_accum * world):
+        raise DepthpruneError(f"--batch-size {o.batch_size} must be divisible by --grad-accum ({o.grad_accum}) "
+                              f"times the number of processes ({world})")
+    if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
+        raise DepthpruneError(f"--stop-after must be a whole number, at least 1, got {stop_after!r}")
+    dtype = dtype or ("float32" if device == "cpu" else "bfloat16")
+    if dtype not in DTYPES:
+        raise DepthpruneError(f"unknown dtype '{dtype}': choose one of {', '.join(DTYPES)}")
+    return dtype
+
+
+def _check_inputs(model, data, val_data, o: HealOptions, steps: int, dtype: str) -> tuple[list, dict]:
+    """Check every input, cheap checks first, and read the training data; returns (documents, the run's
+    identity: the settings a rerun must share to continue it). Writes nothing."""
+    model_id = _model_identity(model, "model")
+    teacher_id = _model_identity(o.teacher, "teacher") if o.teacher is not None else None
+    if val_data is not None and not isinstance(val_data, str):
+        raise DepthpruneError(f"the validation data must be a text source (a path or dataset id), got {val_data!r}")
+    path = Path(val_data or "").expanduser()
+    if val_data and (path.exists() or val_data.startswith((".", "/", "~")) or path.suffix.lower() in TEXT_SUFFIXES):
+        # A local source is read now; a hub split is first streamed by the validation before step 1.
+        _read_texts(val_data, "validation data", 1, o.seed, o.text_field, o.data_config, "validation")
+    documents = _training_documents(data, o, steps * o.batch_size * o.seq_len)
+    data_id = _data_identity(data) if isinstance(data, str) else f"{len(documents)} token-id documents"
+    identity = {**asdict(o), "model": model_id, "data": data_id, "val_data": _data_identity(val_data),
+                "dtype": dtype, "teacher": teacher_id}
+    return documents, identity
+
+
+# ------------------------------------------------------------------------------------ the output
+
+
+def _work_folder(out: Path) -> Path:
+    return out.with_name(out.name + WORK_SUFFIX)
+
+
+def _check_out(out, inputs: tuple) -> Path:
+    """Check where OUT (and its work folder) can be; what OUT holds is judged under its lock. Writes nothing."""
+    if not isinstance(out, (str, Path)) or not str(out):
+        raise DepthpruneError(f"the output must be a directory path, got {out!r}")
+    # Absolute and without '..', so OUT's name and its siblings are well defined.
+    out = Path(os.path.abspath(Path(out).expanduser()))
+    check_output_dir(out, True, inputs)  # a non-empty OUT may be this run's: judged by _plan
+    work = _work_folder(out)
+    if work.exists() and not work.is_dir():
+        raise DepthpruneError(f"'{work}' is a file in the way of the work folder of --out: move it or choose another --out")
+    check_not_input(work, inputs, "work folder")
+    return out
+
+
+@dataclass(frozen=True)
+class _Plan:
+    action: str  # "finished" (OUT holds this run's result), "resume" (from work's checkpoint) or "start"
+    work: Path  # where the checkpoint and log live while training: OUT, or OUT.unfinished beside it
+
+
+def _changed(previous: dict, identity: dict) -> list[str]:
+    return sorted(k for k in set(previous) | set(identity)
+                  if k not in _RESUMABLE_CHANGES and previous.get(k) != identity.get(k))
+
+
+def _plan(out: Path, identity: dict, force: bool, restart: bool) -> _Plan:
+    """Decide from what OUT holds where this run works and whether it resumes (see the module docstring)."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return _Plan("start", out)
+    config = out / CONFIG_FILE
+    if not config.is_file():
+        if not force:
+            raise DepthpruneError(f"output directory '{out}' exists and is not a healing run: choose another --out "
+                                  "or pass --force to replace it")
+        return _plan_beside(out, identity, restart)
+    if not (out / RECORD_FILE).is_file():  # an unfinished run
+        if restart or not (out / CHECKPOINT_DIR).exists():  # (without a checkpoint it has nothing to keep)
+            return _Plan("start", out)
+        changed = _changed(_read_json_object(config, "pass --restart to discard that unfinished run"), identity)
+        if not changed:
+            return _Plan("resume", out)
+        if not force:
+            raise DepthpruneError(f"'{out}' holds an unfinished healing run with other settings ({', '.join(changed)}): "
+                                  "rerun it with the same options, or pass --restart to discard it and start over")
+        return _plan_beside(out, identity, restart)
+    if force:
+        return _plan_beside(out, identity, restart)
+    changed = _changed(_read_json_object(config, "pass --force to heal again and replace that result"), identity)
+    if changed:
+        raise DepthpruneError(f"'{out}' already holds a healed model with other settings ({', '.join(changed)}): "
+                              "choose another --out or pass --force to replace it")
+    if restart:
+        raise DepthpruneError(f"'{out}' holds the finished result of this run and --restart only discards unfinished "
+                              "runs: pass --force to heal again and replace it")
+    return _Plan("finished", out)
+
+
+def _plan_beside(out: Path, identity: dict, restart: bool) -> _Plan:
+    # --force over something that is not this unfinished run: OUT stays as it is until the new result
+    # replaces it, and the run works in OUT.unfinished (continuing a killed --force run found there).
+    work = _work_folder(out)
+    if work.is_dir() and any(work.iterdir()):
+        if not (work / CONFIG_FILE).is_file():
+            raise DepthpruneError(f"'{work}' is in the way: a --force run works there and it holds something "
+                                  "else; move it or choose another --out")
+        if not restart and (work / CHECKPOINT_DIR).exists():
+            previous = _read_json_object(work / CONFIG_FILE, "pass --restart to discard that unfinished run")
+            changed = _changed(previous, identity)
+            if changed:
+                raise DepthpruneError(f"'{work}' holds an unfinished --force run with other settings "
+                                      f"({', '.join(changed)}): rerun that command to finish it, or pass --restart "
+                                      "to discard it")
+            return _Plan("resume", work)
+    return _Plan("start", work)
+
+
+def _share_plan(plan: _Plan | None, out: Path, world: int) -> _Plan:
+    """Rank 0 plans (under the lock); every process follows the same plan."""
+    if world == 1:
+        return plan
+    import torch.distributed as dist
+
+    shared = [(plan.action, plan.work != out) if plan is not None else None]
+    dist.broadcast_object_list(shared, src=0)
+    action, beside = shared[0]
+    return _Plan(action, _work_folder(out) if beside else out)
+
+
+def _prepare_work(plan: _Plan, out: Path, identity: dict) -> None:
+    """Rank 0, under the lock, once the model is loaded: clear what killed runs left and, when starting,
+    drop what a discarded run left and record the settings."""
+    remove_stale_temporaries(out)
+    for name in (CHECKPOINT_DIR, CONFIG_FILE, LOG_FILE):
+        remove_stale_temporaries(plan.work / name)
+    if plan.action == "start":
+        shutil.rmtree(plan.work / CHECKPOINT_DIR, ignore_errors=True)
+        (plan.work / LOG_FILE).unlink(missing_ok=True)
+        plan.work.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(plan.work / CONFIG_FILE, json.dumps(identity, indent=2) + "\n")
+
+
+def _finished_result(out: Path) -> dict:
+    """The healing record of OUT's finished result, marked ``already_healed``."""
+    record = _read_json_object(out / RECORD_FILE, "pass --force to heal again and replace that result")
+    if not isinstance(record.get("healing"), dict):
+        raise DepthpruneError(f"'{out / RECORD_FILE}' has no healing record: pass --force to heal again and replace it")
+    return {**record["healing"], "already_healed": True}
+
+
+@contextlib.contextmanager
+def _holding(out: Path, rank: int) -> Iterator[None]:
+    """Hold OUT's lock for the block (rank 0); folders made only to hold it go again if left empty."""
+    if rank != 0:
+        yield
+        return
+    new_parents = [folder for folder in out.parents if not folder.exists()]  # the deepest first
+    try:
+        with output_lock(out):
+            yield
+    finally:
+        for folder in new_parents:
+            with contextlib.suppress(OSError):  # not empty: the run wrote there
+                folder.rmdir()
+
+
+def _log(work: Path, record: dict) -> None:
+    with (work / LOG_FILE).open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _logged_step(line: str) -> int | None:
+    try:
+        step = json.loads(line).get("step")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+def _trim_log(path: Path, step: int) -> None:
+    # After a kill the log may run past the checkpoint (those steps are trained again: drop them; all of
+    # them, step = -1, when no checkpoint was reached) and end in a torn line (drop it too).
+    if not path.is_file():
+        return
+    text = path.read_text(encoding="utf-8", errors="replace")
+    kept = [line for line in text.splitlines() if (logged := _logged_step(line)) is not None and logged <= step]
+    trimmed = "".join(line + "\n" for line in kept)
+    if trimmed != text:
+        atomic_write_text(path, trimmed)
 
 
 # ------------------------------------------------------------------------------------------ the run
 
 
-def _prepare_output(out: Path, identity: dict, force: bool, rank: int, world: int) -> bool:
-    """Create OUT or check it belongs to this run; True when there is a checkpoint to resume from."""
-    resume = False
-    if rank == 0:
-        config_file = out / CONFIG_FILE
-        if out.exists() and not out.is_dir():
-            raise DepthpruneError(f"output '{out}' exists and is not a directory: choose another --out")
-        if force and out.exists():
-            shutil.rmtree(out)
-        if out.is_dir() and any(out.iterdir()):
-            if (out / RECORD_FILE).is_file() and not (out / CHECKPOINT_DIR).exists() and config_file.is_file():
-                raise DepthpruneError(f"'{out}' already holds a healed model: choose another --out or pass --force")
-            if not config_file.is_file():
-                raise DepthpruneError(f"output directory '{out}' exists and is not a healing run: choose another "
-                                      "--out or pass --force")
-            previous = json.loads(config_file.read_text())
-            changed = sorted(k for k in set(previous) | set(identity)
-                             if k not in _RESUMABLE_CHANGES and previous.get(k) != identity.get(k))
-            if changed:
-                raise DepthpruneError(f"'{out}' holds a healing run with other settings ({', '.join(changed)}): "
-                                      "rerun it with the same options, or pass --force to start over")
-            resume = (out / CHECKPOINT_DIR / "state.pt").is_file()
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(config_file, json.dumps(identity, indent=2) + "\n")
-    return _broadcast_flag(resume, world)
+@dataclass
+class _Run:
+    """One invocation's fixed facts: the options, where it works, and which process this is."""
+
+    o: HealOptions
+    steps: int
+    work: Path
+    val_data: str | None
+    rank: int
+    local_rank: int
+    world: int
+    device: str  # 'cpu', 'cuda' or 'auto'
+
+
+@dataclass
+class _Session:
+    """What the training loop works on, built by :func:`_setup`."""
+
+    net: nn.Module
+    tokenizer: object
+    teacher: nn.Module | None
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    stream: PackedStream
+    progress: dict
 
 
 def heal(
@@ -535,6 +949,7 @@ def heal(
     dtype: str | None = None,
     save_adapter: bool = False,
     force: bool = False,
+    restart: bool = False,
     stop_after: int | None = None,
     trust_remote_code: bool = False,
     progress: bool = True,
@@ -550,185 +965,185 @@ def heal(
     on top of ``preset`` ('paper' — the default — or 'cpu-small'). ``device``: 'cpu', 'cuda' or 'auto'
     (one process spread over all GPUs). ``dtype``: weights and compute (default float32 on CPU,
     bfloat16 on GPU). ``stop_after``: end this invocation after that many steps, with a checkpoint; the
-    same call later continues. Returns the healing record written to ``depthprune.json``.
+    same call later continues.
+
+    The same call after a kill continues from the last checkpoint; after success it returns the stored
+    record, marked ``already_healed``. ``restart`` discards an unfinished run in ``out`` and starts over;
+    ``force`` replaces whatever else ``out`` holds, once the new result is complete. Returns the healing
+    record written to ``depthprune.json``.
     """
+    _quiet_bitsandbytes()
     o = resolve_options(preset, **options)
     rank, local_rank, world = _distributed()
-    if device not in ("cpu", "cuda", "auto"):
-        raise DepthpruneError(f"unknown device '{device}': choose cpu, cuda or auto")
-    if device in ("cuda", "auto") and not torch.cuda.is_available():
-        raise DepthpruneError(f"--device {device} needs a CUDA GPU and none is visible: use --device cpu")
-    if device == "auto" and world > 1:
-        raise DepthpruneError("--device auto spreads one process over all GPUs: do not combine it with torchrun")
-    if o.batch_size % (o.grad_accum * world):
-        raise DepthpruneError(f"--batch-size {o.batch_size} must be divisible by --grad-accum ({o.grad_accum}) "
-                              f"times the number of processes ({world})")
-    dtype = dtype or ("float32" if device == "cpu" else "bfloat16")
-    if dtype not in DTYPES:
-        raise DepthpruneError(f"unknown dtype '{dtype}': choose one of {', '.join(DTYPES)}")
-    torch_device = f"cuda:{local_rank}" if device == "cuda" else device
+    dtype = _check_call(o, device, dtype, world, stop_after)
     if val_data is None and isinstance(data, str) and not Path(data).expanduser().exists():
         val_data = data  # a hub dataset: its validation split
     steps = total_steps(o)
-    out = Path(out)
-    identity = {"model": str(model), "data": data if isinstance(data, str) else f"{len(data)} token-id documents",
-                "val_data": val_data, "dtype": dtype, **asdict(o)}
-    resume = _prepare_output(out, identity, force, rank, world)
-
-    torch.manual_seed(o.seed)
-    random.seed(o.seed)
-    base, tokenizer = _load(model, o, torch_device, DTYPES[dtype], o.method == "qlora", trust_remote_code)
-    teacher = None
-    if o.teacher is not None:
-        teacher, _ = _load(o.teacher, o, torch_device, DTYPES[dtype], False, trust_remote_code)
-        teacher.eval().requires_grad_(False)
-        if teacher.config.vocab_size != base.config.vocab_size:
-            raise DepthpruneError(f"teacher '{o.teacher}' has a vocabulary of {teacher.config.vocab_size}, the student "
-                                  f"{base.config.vocab_size}: distil from the model that was pruned")
-    torch.manual_seed(o.seed)  # LoRA's initialization must not depend on what loading consumed
-    net = prepare_model(base, o)
-    params = list(_trainable(net).values())
-    optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=(0.9, 0.999), eps=1e-8)
-    from transformers import get_scheduler
-
-    scheduler = get_scheduler(SCHEDULES[o.schedule], optimizer, num_warmup_steps=o.warmup, num_training_steps=steps)
-    stream = PackedStream(_training_documents(data, o, steps * o.batch_size * o.seq_len), tokenizer, o.seq_len, o.seed)
-
-    state = {"step": 0, "tokens": 0, "val_before": None, "val_loss": None, "recent_losses": [], "elapsed": 0.0}
-    if resume:
-        state, rng_states = load_checkpoint(out, net, optimizer, scheduler, stream)
-        _set_rng_state(rng_states[rank] if rank < len(rng_states) else rng_states[0])
-    if rank == 0:
-        _trim_log(out / LOG_FILE, state["step"] if resume else -1)
-
-    def validate() -> float | None:
-        if val_data is None:
-            return None
-        loss = None
+    documents, identity = _check_inputs(model, data, val_data, o, steps, dtype)
+    out = _check_out(out, (model, data, val_data, o.teacher))
+    with _holding(out, rank):
+        plan = _share_plan(_plan(out, identity, force, restart) if rank == 0 else None, out, world)
+        if plan.action == "finished":
+            return _finished_result(out)
+        run = _Run(o, steps, plan.work, val_data, rank, local_rank, world, device)
+        session = _setup(run, model, documents, DTYPES[dtype], trust_remote_code)
         if rank == 0:
-            from .evaluate.c4 import c4_loss
-
-            net.eval()
-            loss = c4_loss(net, tokenizer, val_data, num_sequences=o.val_sequences, seq_len=o.seq_len, seed=o.seed,
-                           batch_size=max(1, o.batch_size // (o.grad_accum * world)), text_field=o.text_field,
-                           config=o.data_config, split="validation", progress=False)["loss"]
-            net.train()
+            _prepare_work(plan, out, identity)
         _barrier(world)
-        return loss
-
-    if state["step"] == 0 and state["val_before"] is None:
-        state["val_before"] = validate()
-        if rank == 0 and state["val_before"] is not None:
-            _log(out, {"step": 0, "val_loss": state["val_before"]})
-
-    train_net = net
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        train_net = DistributedDataParallel(net, device_ids=[local_rank] if device == "cuda" else None)
-    micro = o.batch_size // (o.grad_accum * world)
-    tokens_per_step = o.batch_size * o.seq_len
-    bar = tqdm(total=steps, initial=state["step"], unit="step", desc=f"heal ({o.method})",
-               disable=not progress or rank != 0)
-    net.train()
-    run_steps = 0
-    started = time.perf_counter()
-    while state["step"] < steps:
-        step_start = time.perf_counter()
-        batch = stream.take(o.batch_size)  # every process draws the global batch and keeps its share
-        mine = batch[rank * micro * o.grad_accum : (rank + 1) * micro * o.grad_accum]
-        sums = torch.zeros(3, dtype=torch.float64)
-        for k in range(o.grad_accum):
-            ids = torch.tensor(mine[k * micro : (k + 1) * micro], dtype=torch.long, device=_input_device(net))
-            sync = k == o.grad_accum - 1 or world == 1
-            context = train_net.no_sync() if not sync else contextlib.nullcontext()
-            with context:
-                loss, lm, kd = _loss(train_net, teacher, ids, o)
-                (loss / o.grad_accum).backward()
-            sums += torch.tensor([loss.item(), lm.item(), kd.item() if kd is not None else 0.0],
-                                 dtype=torch.float64)
-        sums = _all_mean(sums / o.grad_accum, world)
-        loss_value = sums[0].item()
-        if not math.isfinite(loss_value):
-            bar.close()
-            kept = f"the last good checkpoint (step {_checkpoint_step(out)}) is kept in {out / CHECKPOINT_DIR}" \
-                if (out / CHECKPOINT_DIR).exists() else "no checkpoint was written yet"
-            raise DepthpruneError(f"step {state['step'] + 1}: the loss is {loss_value}; {kept}; lower --lr or "
-                                  "check the data, then rerun with --force")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm).item()
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] += 1
-        state["tokens"] += tokens_per_step
-        state["recent_losses"] = (state["recent_losses"] + [loss_value])[-10:]
-        run_steps += 1
-        seconds = time.perf_counter() - step_start
-        state["elapsed"] += seconds
-        throughput = run_steps * tokens_per_step / (time.perf_counter() - started)
-        record = {"step": state["step"], "loss": loss_value, "lm_loss": sums[1].item(), "lr": lr,
-                  "grad_norm": grad_norm, "tokens": state["tokens"], "tokens_per_s": throughput}
-        if teacher is not None:
-            record["kd_loss"] = sums[2].item()
-        if state["step"] % o.eval_every == 0 or state["step"] == steps:
-            state["val_loss"] = validate()
-            if state["val_loss"] is not None:
-                record["val_loss"] = state["val_loss"]
+        saved_at = None
+        if plan.action == "resume":
+            session.progress = load_checkpoint(plan.work, session.net, session.optimizer, session.scheduler,
+                                               session.stream, rank)
+            saved_at = session.progress["step"]
         if rank == 0:
-            _log(out, record)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{throughput:,.0f}", refresh=False)
-            bar.update(1)
-        stopping = stop_after is not None and run_steps >= stop_after and state["step"] < steps
-        if state["step"] % o.save_every == 0 or stopping:
-            rng_states = _gather_rng(world)
-            if rank == 0:
-                save_checkpoint(out, net, optimizer, scheduler, stream, state, rng_states)
-            _barrier(world)
-        if stopping:
-            bar.close()
-            return {"stopped_at_step": state["step"], "steps": steps}
-    bar.close()
-
-    result = _healing_record(model, data, val_data, dtype, o, steps, state, world)
-    if rank == 0:
-        _save_result(out, model, net, tokenizer, o, result, save_adapter)
-    _barrier(world)
+            _trim_log(plan.work / LOG_FILE, -1 if saved_at is None else saved_at)
+        if not _train(run, session, saved_at, stop_after, progress):
+            return {"stopped_at_step": session.progress["step"], "steps": steps}
+        result = _healing_record(model, data, val_data, dtype, o, steps, session.progress, world)
+        if rank == 0:
+            _finish(run, session, out, model, result, save_adapter)
+        _barrier(world)
     return result
 
 
-def _gather_rng(world: int) -> list[dict]:
-    # Each process keeps its own RNG stream (LoRA dropout differs per process): keep all of them.
-    if world == 1:
-        return [_rng_state()]
-    import torch.distributed as dist
+def _setup(run: _Run, model: str, documents: list, dtype: torch.dtype, trust_remote_code: bool) -> _Session:
+    """Load the model (and teacher), wrap it for training, and build the optimizer, schedule and data."""
+    o = run.o
+    device = f"cuda:{run.local_rank}" if run.device == "cuda" else run.device
+    torch.manual_seed(o.seed)
+    random.seed(o.seed)
+    base, tokenizer = _load(model, o, device, dtype, o.method == "qlora", trust_remote_code)
+    vocab = base.config.vocab_size
+    if documents and not isinstance(documents[0], str) and max(max(d, default=0) for d in documents) >= vocab:
+        raise DepthpruneError(f"the training data holds token ids beyond the model's vocabulary of {vocab}")
+    teacher = None
+    if o.teacher is not None:
+        teacher, _ = _load(o.teacher, o, device, dtype, False, trust_remote_code)
+        teacher.eval().requires_grad_(False)
+        if teacher.config.vocab_size != vocab:
+            raise DepthpruneError(f"teacher '{o.teacher}' has a vocabulary of {teacher.config.vocab_size}, the student "
+                                  f"{vocab}: distil from the model that was pruned")
+    torch.manual_seed(o.seed)  # LoRA's initialization must not depend on what loading consumed
+    net = prepare_model(base, o)
+    optimizer = torch.optim.AdamW(list(_trainable(net).values()), lr=o.lr, weight_decay=o.weight_decay,
+                                  betas=(0.9, 0.999), eps=1e-8)
+    from transformers import get_scheduler
 
-    states: list = [None] * world
-    dist.all_gather_object(states, _rng_state())
-    return states
+    scheduler = get_scheduler(SCHEDULES[o.schedule], optimizer, num_warmup_steps=o.warmup,
+                              num_training_steps=run.steps)
+    stream = PackedStream(documents, tokenizer, o.seq_len, o.seed)
+    progress = {"step": 0, "tokens": 0, "val_before": None, "val_loss": None, "recent_losses": [], "elapsed": 0.0}
+    return _Session(net, tokenizer, teacher, optimizer, scheduler, stream, progress)
 
 
-def _checkpoint_step(out: Path) -> int | None:
-    try:
-        return torch.load(out / CHECKPOINT_DIR / "state.pt", weights_only=False)["progress"]["step"]
-    except FileNotFoundError:
+def _validate(run: _Run, s: _Session) -> float | None:
+    if run.val_data is None:
         return None
+    loss = None
+    if run.rank == 0:
+        from .evaluate.c4 import c4_loss
+
+        o = run.o
+        s.net.eval()
+        loss = c4_loss(s.net, s.tokenizer, run.val_data, num_sequences=o.val_sequences, seq_len=o.seq_len,
+                       seed=o.seed, batch_size=max(1, o.batch_size // (o.grad_accum * run.world)),
+                       text_field=o.text_field, config=o.data_config, split="validation", progress=False)["loss"]
+        s.net.train()
+    _barrier(run.world)
+    return loss
 
 
-def _log(out: Path, record: dict) -> None:
-    with (out / LOG_FILE).open("a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+def _train(run: _Run, s: _Session, saved_at: int | None, stop_after: int | None, show_progress: bool) -> bool:
+    """Train to the last step (True), or stop after ``stop_after`` steps of this invocation (False).
+
+    ``saved_at``: the step of the newest checkpoint (None: none yet). A checkpoint is written every
+    ``save_every`` steps, when stopping, and after the last step, so a kill while the result is being
+    saved costs no training.
+    """
+    o, state = run.o, s.progress
+    if state["step"] == 0 and state["val_before"] is None:
+        state["val_before"] = _validate(run, s)
+        if run.rank == 0 and state["val_before"] is not None:
+            _log(run.work, {"step": 0, "val_loss": state["val_before"]})
+    train_net = s.net
+    if run.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_net = DistributedDataParallel(s.net, device_ids=[run.local_rank] if run.device == "cuda" else None)
+    bar = tqdm(total=run.steps, initial=state["step"], unit="step", desc=f"heal ({o.method})",
+               disable=not show_progress or run.rank != 0)
+    s.net.train()
+    run_steps, started = 0, time.perf_counter()
+    with bar:
+        while state["step"] < run.steps:
+            step_start = time.perf_counter()
+            sums = _forward_backward(run, s, train_net)
+            record = _update(run, s, sums, saved_at)
+            run_steps += 1
+            state["elapsed"] += time.perf_counter() - step_start
+            record["tokens_per_s"] = run_steps * o.batch_size * o.seq_len / (time.perf_counter() - started)
+            if state["step"] % o.eval_every == 0 or state["step"] == run.steps:  # not counted as training time
+                state["val_loss"] = _validate(run, s)
+                if state["val_loss"] is not None:
+                    record["val_loss"] = state["val_loss"]
+            if run.rank == 0:
+                _log(run.work, record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
+                bar.update(1)
+            stopping = stop_after is not None and run_steps >= stop_after and state["step"] < run.steps
+            if state["step"] % o.save_every == 0 or stopping or state["step"] == run.steps:
+                rng_states = _gather_rng(run.world)
+                if run.rank == 0:
+                    save_checkpoint(run.work, s.net, s.optimizer, s.scheduler, s.stream, state, rng_states)
+                saved_at = state["step"]
+                _barrier(run.world)
+            if stopping:
+                return False
+    return True
 
 
-def _trim_log(path: Path, step: int) -> None:
-    # After a kill the log may run past the checkpoint; those steps are trained again, so drop them
-    # (all of them, step = -1, when no checkpoint was reached).
-    if not path.is_file():
-        return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
-    if len(kept) != len(lines):
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
+def _forward_backward(run: _Run, s: _Session, train_net: nn.Module) -> torch.Tensor:
+    """Forward and backward passes over the next global batch; returns (loss, LM loss, KD loss), the
+    mean over micro-batches and processes."""
+    o, world = run.o, run.world
+    micro = o.batch_size // (o.grad_accum * world)
+    batch = s.stream.take(o.batch_size)  # every process draws the global batch and keeps its share
+    mine = batch[run.rank * micro * o.grad_accum : (run.rank + 1) * micro * o.grad_accum]
+    sums = torch.zeros(3, dtype=torch.float64)
+    for k in range(o.grad_accum):
+        ids = torch.tensor(mine[k * micro : (k + 1) * micro], dtype=torch.long, device=_input_device(s.net))
+        sync = k == o.grad_accum - 1 or world == 1
+        with contextlib.nullcontext() if sync else train_net.no_sync():
+            loss, lm, kd = _loss(train_net, s.teacher, ids, o)
+            (loss / o.grad_accum).backward()
+        sums += torch.tensor([loss.item(), lm.item(), kd.item() if kd is not None else 0.0], dtype=torch.float64)
+    return _all_mean(sums / o.grad_accum, world)
+
+
+def _update(run: _Run, s: _Session, sums: torch.Tensor, saved_at: int | None) -> dict:
+    """Clip, take the optimizer and schedule step, count it; returns the step's log record."""
+    state = s.progress
+    loss = sums[0].item()
+    if not math.isfinite(loss):
+        kept = (f"the last good checkpoint (step {saved_at}) is kept in {run.work / CHECKPOINT_DIR}; lower --lr or "
+                "check the data, then rerun with --restart" if saved_at is not None else
+                "no checkpoint was written yet; lower --lr or check the data and rerun")
+        raise DepthpruneError(f"step {state['step'] + 1}: the loss is {loss}; {kept}")
+    params = [p for group in s.optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, run.o.max_grad_norm).item()
+    lr = s.scheduler.get_last_lr()[0]
+    s.optimizer.step()
+    s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    state["step"] += 1
+    state["tokens"] += run.o.batch_size * run.o.seq_len
+    state["recent_losses"] = (state["recent_losses"] + [loss])[-10:]
+    record = {"step": state["step"], "loss": loss, "lm_loss": sums[1].item(), "lr": lr, "grad_norm": grad_norm,
+              "tokens": state["tokens"]}
+    if s.teacher is not None:
+        record["kd_loss"] = sums[2].item()
+    return record
 
 
 def _healing_record(model, data, val_data, dtype, o: HealOptions, steps: int, state: dict, world: int) -> dict:
@@ -761,29 +1176,29 @@ def _healing_record(model, data, val_data, dtype, o: HealOptions, steps: int, st
     }
 
 
-def _save_result(out: Path, model_spec: str, net, tokenizer, o: HealOptions, result: dict, save_adapter: bool) -> None:
-    """Write the merged checkpoint into OUT (beside the log), depthprune.json last, then drop the checkpoint."""
+def _finish(run: _Run, s: _Session, out: Path, model_spec: str, result: dict, save_adapter: bool) -> None:
+    """Assemble the merged model beside OUT with the settings, log and record; swap it in; drop the work folder."""
+    o = run.o
     if o.method != "full" and o.target_modules is None:
-        result["target_modules"] = sorted(next(iter(net.peft_config.values())).target_modules)
-    tmp = Path(tempfile.mkdtemp(prefix=".result.tmp-", dir=out))
+        result["target_modules"] = sorted(next(iter(s.net.peft_config.values())).target_modules)
+    source = Path(model_spec).expanduser()
+    record = dict((_input_record(source) if source.is_dir() else None) or {"source_model": model_spec})
+    record["healing"] = result
+    tmp = temporary_dir_beside(out)
     try:
         if save_adapter and o.method != "full":
-            net.save_pretrained(tmp / "adapter")
-        merged = merged_model(net, o)
+            s.net.save_pretrained(tmp / "adapter")
+        merged = merged_model(s.net, o)
         merged.config.use_cache = True
         merged.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        source_dir = Path(model_spec)
-        record = read_record(source_dir) if source_dir.is_dir() else None
-        record = dict(record or {"source_model": model_spec})
-        record["healing"] = result
-        for item in tmp.iterdir():
-            target = out / item.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(item, target)
-        atomic_write_text(out / RECORD_FILE, json.dumps(record, indent=2) + "\n")
-    finally:
+        s.tokenizer.save_pretrained(tmp)
+        for name in (CONFIG_FILE, LOG_FILE):
+            if (run.work / name).is_file():
+                shutil.copy2(run.work / name, tmp / name)
+        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        replace_dir(tmp, out)  # when the run worked in OUT, its checkpoint goes with the old OUT
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
-
+        raise
+    if run.work != out:
+        shutil.rmtree(run.work, ignore_errors=True)

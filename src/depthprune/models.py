@@ -18,10 +18,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .data import read_json
 from .errors import DepthpruneError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("cpu", "cuda", "auto")
+# What identifies a model's shape: distances measured on one model are refused for another.
+FINGERPRINT_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "vocab_size")
 
 
 def _smollm2_gguf() -> Path:
@@ -150,6 +153,91 @@ def convert_gguf(gguf: str | Path) -> Path:
     return target
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        raw = read_json(index)
+        weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise DepthpruneError(f"'{index}' has no valid weight_map: save the checkpoint again")
+        return [directory / name for name in sorted(set(weight_map.values()))]
+    if (directory / "model.safetensors").is_file():
+        return [directory / "model.safetensors"]
+    raise DepthpruneError(f"model directory '{directory}' holds no model.safetensors: depthprune reads weights from "
+                          "safetensors only (save the model with save_pretrained(..., safe_serialization=True))")
+
+
+def _check_weight_files(directory: Path) -> None:
+    """Every safetensors file is present and has a complete header (a truncated copy fails here, in milliseconds)."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in _weight_files(directory):
+        if not path.is_file():
+            raise DepthpruneError(f"weight file '{path}' named by the checkpoint's index is missing")
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise DepthpruneError(f"'{path}' is not a readable safetensors file ({_first_line(exc)}): is it truncated "
+                                  "or damaged? Copy or save the checkpoint again") from None
+
+
+def _read_config(directory: Path, trust_remote_code: bool):
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
+    path = directory / "config.json"
+    raw = read_json(path)
+    if not isinstance(raw, dict):
+        raise DepthpruneError(f"'{path}' is not a model config: expected a JSON object, found a {type(raw).__name__}")
+    try:
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    except (ValueError, TypeError, KeyError, OSError, StrictDataclassError) as exc:
+        raise DepthpruneError(f"'{path}' is not a usable model config: {_first_line(exc)}") from None
+    num_layers(config)
+    return config
+
+
+def check_checkpoint(spec: str, trust_remote_code: bool = False):
+    """Check a model's files before loading it, and return its config (None when there is nothing local yet).
+
+    A local checkpoint (or an already converted GGUF file) must have a config.json that is a JSON object
+    transformers understands, and complete safetensors weights. Hub ids and unconverted GGUF files are
+    checked when :func:`load_model` loads them.
+    """
+    source = resolve_model_source(spec)
+    if source.kind == "local":
+        directory = Path(source.location)
+    elif source.kind in ("alias", "gguf") and (_gguf_cache_path(Path(source.location)) / "config.json").is_file():
+        directory = _gguf_cache_path(Path(source.location))
+    else:
+        return None
+    config = _read_config(directory, trust_remote_code)
+    _check_weight_files(directory)
+    return config
+
+
+def _check_loading_info(spec: str, info: dict) -> None:
+    """Refuse a checkpoint whose weights do not fill the model its config describes.
+
+    transformers would initialise the missing weights at random (e.g. a config of 8 layers over the weights
+    of 6) and drop unexpected ones: the model would load "fine" and every result would be wrong.
+    """
+    missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
+    if not missing and not unexpected:
+        return
+    parts = [f"{len(keys)} {what} (e.g. {keys[0]})" for keys, what in
+             ((missing, "weights the config needs are missing"), (unexpected, "weights are not in the config's model"))
+             if keys]
+    raise DepthpruneError(f"the weights of model '{spec}' do not match its config.json: {'; '.join(parts)}; check "
+                          "num_hidden_layers and the sizes in config.json, or save the checkpoint again")
+
+
 def load_model(
     spec: str,
     device: str = "cpu",
@@ -159,8 +247,10 @@ def load_model(
     """Load ``(model, tokenizer)`` from a hub id, a checkpoint directory, a .gguf file or an embedded alias.
 
     ``device`` is 'cpu', 'cuda' or 'auto' (accelerate's device_map over all GPUs, for models larger than
-    one). Weights are only ever read from safetensors, never from pickles. The model is in eval mode.
+    one). Weights are only ever read from safetensors, never from pickles, and must match the config
+    exactly (no weight missing, none left over). The model is in eval mode.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
@@ -171,21 +261,50 @@ def load_model(
         raise DepthpruneError(f"--device {device} needs a CUDA GPU and none is visible: use --device cpu")
     source = resolve_model_source(spec)
     location = str(convert_gguf(source.location)) if source.kind in ("alias", "gguf") else source.location
-    kwargs = dict(dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code)
+    check_checkpoint(location, trust_remote_code)
+    kwargs = dict(dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code,
+                  output_loading_info=True)
     if device == "auto":
         kwargs["device_map"] = "auto"
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
-    except OSError as exc:
-        raise DepthpruneError(f"could not load model '{spec}': {str(exc).splitlines()[0]}") from None
-    except ValueError as exc:
-        raise DepthpruneError(f"could not load model '{spec}': {str(exc).splitlines()[0]}") from None
+        model, info = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise DepthpruneError(f"could not load model '{spec}': {_first_line(exc)}") from None
+    except RuntimeError as exc:
+        if "mismatched" not in str(exc):
+            raise
+        raise DepthpruneError(f"the weights of model '{spec}' do not match its config.json: some have other shapes "
+                              "than the config gives; check the sizes in config.json, or save the checkpoint again"
+                              ) from None
+    _check_loading_info(spec, info)
     if device == "cuda":
         model.to("cuda")
     model.eval()
     model.config.name_or_path = spec  # so pruned checkpoints record the model the user named
     return model, tokenizer
+
+
+def position_limit(config) -> int | None:
+    """The longest sequence the model's position embeddings cover, as its config states it (None: unstated)."""
+    for attr in ("max_position_embeddings", "n_positions", "seq_length", "max_seq_len"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_length(config, length: int, option: str) -> None:
+    """Refuse a sequence length the model cannot take: learned positions fail on it, rotary ones give wrong results."""
+    limit = position_limit(config)
+    if limit is not None and length > limit:
+        raise DepthpruneError(f"{option} {length} is longer than the model's {limit} positions "
+                              f"(max_position_embeddings): use {option} {limit} or less")
+
+
+def model_fingerprint(config) -> dict:
+    """What distances measured on a model must agree with: type, layer count, width and vocabulary."""
+    return {key: getattr(config, key, None) for key in FINGERPRINT_KEYS}
 
 
 @dataclass
@@ -207,11 +326,12 @@ class DecoderLayout:
 _FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "norm_f", "final_norm", "final_layernorm")
 
 
-def num_layers(model: nn.Module) -> int:
-    """The number of decoder layers, as the config states it."""
-    n = getattr(model.config, "num_hidden_layers", None)
-    if not isinstance(n, int):
-        raise DepthpruneError(f"{type(model).__name__}'s config has no num_hidden_layers: unsupported model")
+def num_layers(model) -> int:
+    """The number of decoder layers of a model (or of its config), as the config states it."""
+    config = getattr(model, "config", model)
+    n = getattr(config, "num_hidden_layers", None)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise DepthpruneError(f"{type(model).__name__}: num_hidden_layers is {n!r}, expected a positive layer count")
     return n
 
 

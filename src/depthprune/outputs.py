@@ -178,15 +178,43 @@ def temporary_dir_beside(target: str | Path) -> Path:
     return tmp
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # old kernel or a filesystem without it
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def replace_dir(tmp: Path, out: Path) -> None:
-    """Move the complete directory ``tmp`` to ``out``, replacing an old ``out`` only now."""
-    if out.exists():
+    """Move the complete directory ``tmp`` to ``out``, replacing an old ``out`` only now.
+
+    Where the kernel can, the two are swapped in one step, so at every instant ``out`` holds either
+    the old or the new result; the old one then sits under the temporary name and is removed (by the
+    next run, if a kill comes first). Elsewhere the old ``out`` is first moved aside.
+    """
+    if not out.exists():
+        os.replace(tmp, out)
+    elif _exchange(tmp, out):
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
         old = temporary_dir_beside(out)
         os.replace(out, old / "old")
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 @contextlib.contextmanager

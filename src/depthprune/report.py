@@ -1,56 +1,210 @@
-"""Figures and the HTML report: the paper's curves, heatmap, optimal block, and measured cost.
+"""Figures and the HTML report: accuracy with its uncertainty, collapse points, C4 loss, the heatmap, the
+optimal block, and measured cost.
 
-Every figure is a PNG of its own; ``write_report`` embeds them in one self-contained HTML file.
+Every figure is a PNG of its own; ``write_report`` embeds them and the full results table (as CSV too) in
+one self-contained HTML file. The question sets of a sweep are small, so every accuracy is shown with its
+uncertainty and a collapse is called only when the drop is larger than the noise.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import io
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 
 from .cost import linear_fit
+from .errors import DepthpruneError
+from .outputs import atomic_write_bytes, atomic_write_text
 from .similarity import AngularDistances, load_distances
-from .store import load_points, table
+from .store import load_points, table, to_csv
 
+Z95 = 1.959964  # two-sided 95 % quantile of the normal distribution
+MIN_R2 = 0.9  # below this the linear cost model explains too little of the timings to draw it as "ideal"
 STRATEGY_STYLE = {"similarity": ("tab:blue", "o"), "deepest": ("tab:orange", "s")}
-HEAL_LINE = {"none": "--"}  # healed curves are solid
 TASK_TITLES = {"mmlu": "MMLU (5-shot)", "boolq": "BoolQ (0-shot)", "arc_easy": "ARC-Easy", "hellaswag": "HellaSwag",
                "arc_challenge": "ARC-Challenge"}
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+# --- uncertainty and collapse ---------------------------------------------------------------------------
 
 
-def _save(fig, path: Path) -> Path:
-    plt = _pyplot()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+def standard_error(p: float, n: int) -> float:
+    """Binomial standard error of an accuracy ``p`` measured on ``n`` questions."""
+    return math.sqrt(p * (1 - p) / n)
+
+
+def wilson_interval(p: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of an accuracy ``p`` on ``n`` questions (95 % by default).
+
+    Unlike p ± z·SE it stays inside [0, 1] and does not shrink to nothing at 0 % or 100 %, which matters
+    for cut models that answer every question alike.
+    """
+    shrink = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / shrink
+    half = z / shrink * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def is_informative(full: float, n: int, baseline: float, sigmas: float = 2.0) -> bool:
+    """Whether the full model beats the chance or majority level by more than ``sigmas`` standard errors of
+    that level on ``n`` questions; if not, pruning has nothing measurable to lose."""
+    return full - baseline > sigmas * standard_error(baseline, n)
+
+
+def collapse_point(fractions, scores, sizes, full: float, full_size: int, baseline: float,
+                   sigmas: float = 2.0) -> float | None:
+    """The first fraction whose accuracy is within noise of the baseline (or under it), or below the full
+    model's by more than ``sigmas`` combined standard errors; None if no measured fraction is."""
+    full_se = standard_error(full, full_size)
+    for fraction, score, n in sorted(zip(fractions, scores, sizes, strict=True)):
+        near_baseline = score - baseline <= sigmas * standard_error(baseline, n)
+        dropped = full - score > sigmas * math.hypot(full_se, standard_error(score, n))
+        if near_baseline or dropped:
+            return fraction
+    return None
+
+
+def collapse_definition(sigmas: float) -> str:
+    return (f"A curve collapses at the first measured fraction whose accuracy is within {sigmas:g} standard errors "
+            f"of the chance level (the majority class for BoolQ) or under it, or below the full model's accuracy by "
+            f"more than {sigmas:g} combined standard errors (√(SE_full² + SE_cut²), SE = √(p(1−p)/n)). A task on "
+            f"which the full model itself is not above that level by {sigmas:g} standard errors is uninformative: "
+            f"it has no collapse point. Healed curves are judged only at the fractions that were healed.")
+
+
+# --- reading the store ----------------------------------------------------------------------------------
+
+
+def accuracy_tasks(points: list[dict]) -> dict[str, str]:
+    """Task -> the metric that is its headline: acc_norm for HellaSwag, plain acc otherwise, whichever of
+    ``{task}_acc`` / ``{task}_acc_norm`` the store has (older stores have only ``{task}_acc``)."""
+    names = list(dict.fromkeys(k for p in points for k in p["metrics"]))
+    tasks: dict[str, str] = {}
+    for name in names:
+        if not name.endswith(("_acc", "_acc_norm")):
+            continue
+        task = name.removesuffix("_norm").removesuffix("_acc")
+        order = ["_acc_norm", "_acc"] if task == "hellaswag" else ["_acc", "_acc_norm"]
+        tasks.setdefault(task, next(task + s for s in order if task + s in names))
+    return tasks
+
+
+def _record(point: dict, task: str) -> dict:
+    """The task's evaluation record of a point: native tasks, or lm-eval's (with or without ``_local``)."""
+    evaluation = point["details"].get("evaluation") or {}
+    lm_eval = (evaluation.get("lm_eval") or {}).get("tasks", {})
+    return evaluation.get("tasks", {}).get(task) or lm_eval.get(task) or lm_eval.get(f"{task}_local") or {}
+
+
+def sample_size(point: dict, task: str) -> int | None:
+    """Questions the task's accuracy was measured on at this point (None if the record does not say)."""
+    record = _record(point, task)
+    n = record.get("num_questions", record.get("num_examples"))
+    return int(n) if n else None
+
+
+def baseline(points: list[dict], task: str) -> tuple[float | None, str]:
+    """The level a model reaches without knowing anything, and its name: 'majority class' or 'chance'."""
+    for p in points:
+        record = _record(p, task)
+        value = p["metrics"].get(f"{task}_chance", record.get("majority_baseline", record.get("chance")))
+        if value is not None:
+            return value, "majority class" if "majority_baseline" in record else "chance"
+    return None, "chance"
+
+
+def _reference(points: list[dict]) -> dict | None:
+    """The full model, unhealed: the reference of every curve."""
+    return next((p for p in points if p["n"] == 0 and p["heal"] == "none"), None)
+
+
+def _curves(points: list[dict], metric: str) -> dict[tuple[str, str], list[dict]]:
+    """(strategy, healing) -> its points that have ``metric``, by fraction. An unhealed curve starts at the
+    full model (nothing removed, nothing to heal); a healed one has only the fractions that were healed."""
+    full = _reference(points)
+    curves: dict[tuple[str, str], list[dict]] = {}
+    for p in sorted(points, key=lambda p: p["fraction"]):
+        if p is not full and p["metrics"].get(metric) is not None:
+            curves.setdefault((p["strategy"], p["heal"]), []).append(p)
+    if full is not None and full["metrics"].get(metric) is not None:
+        for (_, heal), curve in curves.items():
+            if heal == "none":
+                curve.insert(0, full)
+    return dict(sorted(curves.items()))
+
+
+def _metric_name(points: list[dict], task: str, metric: str) -> str:
+    """'acc' or 'acc_norm'. Older stores keep HellaSwag's acc_norm under ``hellaswag_acc``; its record then
+    holds the plain acc as ``accuracy_unnormalized``."""
+    if metric.endswith("_acc_norm") or any("accuracy_unnormalized" in _record(p, task) for p in points):
+        return "acc_norm"
+    return "acc"
+
+
+def _curve_label(strategy: str, heal: str) -> str:
+    return f"{strategy}, {'not healed' if heal == 'none' else heal + '-healed'}"
+
+
+def collapse_points(points: list[dict], sigmas: float = 2.0) -> list[dict]:
+    """The verdict on every (task, strategy, healing) curve: 'collapse' at a fraction, 'no collapse' within
+    the measured fractions, 'uninformative' task, or 'unknown sample size'."""
+    full = _reference(points)
+    found = []
+    for task, metric in accuracy_tasks(points).items():
+        if full is None or full["metrics"].get(metric) is None:
+            continue
+        level, kind = baseline(points, task)
+        accuracy, n_full = full["metrics"][metric], sample_size(full, task)
+        for (strategy, heal), curve in _curves(points, metric).items():
+            judged = [p for p in curve if p is not full]
+            sizes = [sample_size(p, task) for p in judged]
+            verdict = {"task": task, "metric": metric, "strategy": strategy, "heal": heal, "full_accuracy": accuracy,
+                       "num_questions": n_full, "baseline": level, "baseline_kind": kind,
+                       "fractions": [p["fraction"] for p in judged], "collapse_fraction": None}
+            if n_full is None or None in sizes or level is None:
+                verdict["status"] = "unknown sample size" if level is not None else "unknown chance level"
+            elif not is_informative(accuracy, n_full, level, sigmas):
+                verdict["status"] = "uninformative"
+            else:
+                at = collapse_point(verdict["fractions"], [p["metrics"][metric] for p in judged], sizes, accuracy,
+                                    n_full, level, sigmas)
+                verdict.update(status="no collapse" if at is None else "collapse", collapse_fraction=at)
+            found.append(verdict)
+    return found
+
+
+# --- figures --------------------------------------------------------------------------------------------
+
+
+def _figure(width: float, height: float):
+    # A bare Figure, not pyplot: no global figure registry to close it in, no GUI backend to choose.
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=110)
+
+
+def _save(fig, path: str | Path) -> Path:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
 
 
 def plot_heatmap(distances: AngularDistances, path: str | Path, title: str | None = None) -> Path:
     """Block size n (rows) against starting layer ℓ (columns), colour = D[n][ℓ], with ℓ*(n) marked."""
-    plt = _pyplot()
     L = distances.num_layers
     grid = np.full((L, L), np.nan)  # row n-1, column ℓ; blocks running past the last layer stay blank
     for n in range(1, L + 1):
         grid[n - 1, : L - n + 1] = distances.block(n)
     best = [distances.best(n)[0] for n in range(1, L + 1)]
 
-    fig, ax = plt.subplots(figsize=(6.4, 5.2), dpi=120)
+    fig = _figure(6.4, 5.2)
+    ax = fig.subplots()
     image = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis", interpolation="nearest",
                       extent=(-0.5, L - 0.5, 0.5, L + 0.5))
     ax.plot(best, np.arange(1, L + 1), linestyle="none", marker="o", markersize=3.5, markerfacecolor="white",
@@ -67,10 +221,10 @@ def plot_heatmap(distances: AngularDistances, path: str | Path, title: str | Non
 
 def plot_best_block(distances: AngularDistances, path: str | Path) -> Path:
     """ℓ*(n) and its distance D[n][ℓ*(n)] against the block size n."""
-    plt = _pyplot()
     sizes = np.arange(1, distances.num_layers + 1)
     best = [distances.best(int(n)) for n in sizes]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 5.2), sharex=True)
+    fig = _figure(6.4, 5.2)
+    top, bottom = fig.subplots(2, 1, sharex=True)
     top.plot(sizes, [b[0] for b in best], marker="o", markersize=3.5, color="tab:blue")
     top.set_ylabel(r"optimal first layer $\ell^*(n)$")
     bottom.plot(sizes, [b[1] for b in best], marker="o", markersize=3.5, color="tab:green")
@@ -83,223 +237,394 @@ def plot_best_block(distances: AngularDistances, path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def _curves(points: list[dict], metric: str) -> dict[tuple[str, str], tuple[list[float], list[float]]]:
-    """(strategy, heal) -> (fractions, values); the full model (n = 0) starts every curve."""
-    full = [p for p in points if p["n"] == 0 and p["metrics"].get(metric) is not None]
-    curves: dict = {}
-    for p in sorted(points, key=lambda p: p["fraction"]):
-        if p["n"] == 0 or p["metrics"].get(metric) is None:
-            continue
-        xs, ys = curves.setdefault((p["strategy"], p["heal"]), ([], []))
-        xs.append(p["fraction"])
-        ys.append(p["metrics"][metric])
-    for xs, ys in curves.values():
-        if full:
-            xs.insert(0, 0.0)
-            ys.insert(0, full[0]["metrics"][metric])
-    return curves
-
-
-def _draw_curves(ax, points: list[dict], metric: str) -> None:
-    for (strategy, heal), (xs, ys) in sorted(_curves(points, metric).items()):
+def _draw_curves(ax, points: list[dict], metric: str, scale: float = 1.0, task: str | None = None) -> None:
+    """One line per (strategy, healing), Wilson 95 % bars when ``task`` gives the sample sizes, and the full
+    model as a black star. Curves with bars are nudged sideways a little so the bars do not hide each other."""
+    curves = _curves(points, metric)
+    for i, ((strategy, heal), curve) in enumerate(curves.items()):
         color, marker = STRATEGY_STYLE.get(strategy, ("tab:gray", "^"))
-        label = f"{strategy}, {'no healing' if heal == 'none' else heal + ' healing'}"
-        ax.plot(xs, ys, color=color, marker=marker, markersize=4, linestyle=HEAL_LINE.get(heal, "-"), label=label)
+        nudge = (i - (len(curves) - 1) / 2) * 0.008 if task is not None else 0.0
+        xs = [p["fraction"] + (nudge if p["n"] else 0) for p in curve]
+        ys = np.array([p["metrics"][metric] for p in curve])
+        bars = None
+        if task is not None:  # no bar on the full model's point: its star carries it
+            sizes = [sample_size(p, task) if p["n"] else None for p in curve]
+            intervals = [wilson_interval(y, n) if n else (y, y) for y, n in zip(ys, sizes, strict=True)]
+            bars = np.abs(np.array(intervals).T - ys) * scale
+        ax.errorbar(xs, ys * scale, yerr=bars, color=color, marker=marker, markersize=4, capsize=2, elinewidth=0.8,
+                    linestyle="--" if heal == "none" else "-", linewidth=1.3, label=_curve_label(strategy, heal),
+                    markerfacecolor="white" if heal == "none" else color)
+    full = _reference(points)
+    if full is not None and full["metrics"].get(metric) is not None:
+        y = full["metrics"][metric]
+        n = sample_size(full, task) if task else None
+        bar = np.abs(np.array(wilson_interval(y, n)) - y)[:, None] * scale if n else None
+        ax.errorbar([0], [y * scale], yerr=bar, color="black", marker="*", markersize=10, capsize=2, linestyle="none",
+                    label="full model (reference)", zorder=5)
     ax.grid(alpha=0.3)
-    ax.set_xlabel("fraction of layers dropped")
+    ax.set_xlabel("fraction of layers removed")
 
 
-def accuracy_tasks(points: list[dict]) -> list[str]:
-    tasks = []
-    for p in points:
-        tasks += [k.removesuffix("_acc") for k in p["metrics"] if k.endswith("_acc") and k[:-4] not in tasks]
-    return tasks
+def plot_accuracy(points: list[dict], path: str | Path, sigmas: float = 2.0) -> Path | None:
+    """Accuracy (%) against the fraction removed, one panel per task, with Wilson 95 % bars, the chance or
+    majority level and its noise band; uninformative tasks are labelled as such."""
+    from matplotlib.patches import Patch
 
-
-def plot_accuracy(points: list[dict], path: str | Path) -> Path | None:
-    """Accuracy against the fraction of layers dropped, one panel per task, chance level dashed."""
     tasks = accuracy_tasks(points)
     if not tasks:
         return None
-    plt = _pyplot()
     cols = min(2, len(tasks))
     rows = (len(tasks) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
-    for ax, task in zip(axes.flat, tasks, strict=False):
-        _draw_curves(ax, points, f"{task}_acc")
-        chance = next((p["metrics"].get(f"{task}_chance") for p in points if p["metrics"].get(f"{task}_chance")), None)
-        if chance is not None:
-            name = "majority class" if task == "boolq" else "chance"
-            ax.axhline(chance, color="black", linestyle=":", linewidth=1, label=f"{name} ({chance:.2f})")
-        ax.set_ylabel("accuracy")
-        ax.set_title(TASK_TITLES.get(task, task), fontsize=10)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(tasks):]:
+    fig = _figure(5.4 * cols, 3.6 * rows + 0.5)
+    axes = list(fig.subplots(rows, cols, squeeze=False).flat)
+    full = _reference(points)
+    verdicts = collapse_points(points, sigmas)
+    for ax, (task, metric) in zip(axes, tasks.items(), strict=False):
+        level, kind = baseline(points, task)
+        n = sample_size(full, task) if full else None
+        if level is not None:
+            ax.axhline(100 * level, color="black", linestyle=":", linewidth=1)
+            if n:
+                noise = 100 * sigmas * standard_error(level, n)
+                ax.axhspan(100 * level - noise, 100 * level + noise, color="0.88", zorder=0, linewidth=0)
+        _draw_curves(ax, points, metric, scale=100, task=task)
+        ax.set_ylabel(f"{_metric_name(points, task, metric)} (%)")
+        title = f"{TASK_TITLES.get(task, task)}: {n or '?'} questions"
+        title += f", dotted: {kind} {100 * level:.1f} %" if level is not None else ""
+        if any(v["task"] == task and v["status"] == "uninformative" for v in verdicts):  # in the title: hides no point
+            ax.set_title(f"{title}\nuninformative: the full model is not above the {kind} by {sigmas:g} SE",
+                         fontsize=9, color="firebrick")
+        else:
+            ax.set_title(title, fontsize=9)
+    for ax in axes[len(tasks):]:
         ax.set_visible(False)
-    fig.tight_layout()
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    handles.append(Patch(color="0.88"))
+    labels.append(f"within {sigmas:g} SE of chance / majority (noise)")
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle("Accuracy vs layers removed; bars: Wilson 95 % intervals", fontsize=10)
+    fig.tight_layout(rect=(0, 0.5 / (3.6 * rows + 0.5), 1, 1))
     return _save(fig, path)
 
 
 def plot_c4_loss(points: list[dict], path: str | Path) -> Path | None:
-    """C4 validation loss / log(vocabulary size) against the fraction dropped (the paper's normalisation)."""
+    """C4 validation loss / ln(vocabulary size) against the fraction removed (the paper's normalisation),
+    with nats on the right axis."""
     if not any("c4_loss_norm" in p["metrics"] for p in points):
         return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.6, 4.0))
+    fig = _figure(6.4, 4.4)
+    ax = fig.subplots()
     _draw_curves(ax, points, "c4_loss_norm")
     ax.set_ylabel("C4 validation loss / ln(vocabulary size)")
-    ax.set_title("C4 validation loss", fontsize=10)
-    ax.legend(fontsize=7)
+    vocab = next((_record(p, "c4").get("vocab_size") for p in points if _record(p, "c4").get("vocab_size")), None)
+    if vocab:
+        nats = math.log(vocab)
+        ax.secondary_yaxis("right", functions=(lambda y: y * nats, lambda y: y / nats)).set_ylabel("nats")
+    ax.set_title("C4 validation loss (lower is better)", fontsize=10)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
 
 
-COST_PANELS = [("prefill_ms_per_token", "prefill time per token (ms)", "layer_prefill_ms_per_token"),
-               ("decode_ms_per_token", "decode time per token (ms)", "layer_decode_ms_per_token"),
-               ("weight_bytes", "weight memory (MiB)", "layer_weight_bytes"),
-               ("peak_memory_bytes", "peak memory (MiB)", None)]
+# --- cost -----------------------------------------------------------------------------------------------
+
+COST_PANELS = [("prefill_ms_per_token", "prefill time per token", "ms", 1.0, "layer_prefill_ms_per_token"),
+               ("decode_ms_per_token", "decode time per token", "ms", 1.0, "layer_decode_ms_per_token"),
+               ("weight_bytes", "weight memory", "MiB", 1 / 2**20, "layer_weight_bytes"),
+               ("peak_memory_bytes", "peak memory", "MiB", 1 / 2**20, None)]
+
+
+def _cost_points(points: list[dict]) -> list[dict]:
+    # Unhealed models only, so a fit describes one condition: healed models are extra timings of the same
+    # architectures, taken at other moments of the sweep.
+    return [p for p in points if p["heal"] == "none" and p["metrics"].get("prefill_ms_per_token") is not None]
+
+
+def fit_problems(fit: dict, scale: float = 1.0, unit: str = "") -> list[str]:
+    """Why the line fixed + per_layer × layers kept should not be drawn as the ideal: [] when it may."""
+    problems = []
+    if fit["r2"] < MIN_R2:
+        problems.append(f"R² = {fit['r2']:.2f} < {MIN_R2}")
+    if fit["fixed"] < 0:
+        problems.append(f"negative fixed part ({fit['fixed'] * scale:.3g} {unit})")
+    if fit["per_unit"] <= 0:
+        problems.append(f"per-layer part not positive ({fit['per_unit'] * scale:.3g} {unit})")
+    return problems
 
 
 def cost_fits(points: list[dict]) -> dict:
-    """For each cost, the fit cost = fixed + per_layer × layers kept over all measured points, with R², and
-    (where measured directly) one layer's own cost from the full model, to compare with the fitted slope."""
-    measured = [p for p in points if p["metrics"].get("prefill_ms_per_token") is not None]
+    """For each cost, the fit cost = fixed + per_layer × layers kept over the unhealed points, with R² and
+    its problems, and (where measured directly) one layer's own cost in the full model, to compare with
+    the fitted slope."""
+    measured = _cost_points(points)
     if len({p["n"] for p in measured}) < 3:
         return {}
-    full = next((p for p in measured if p["n"] == 0), None)
-    total = full["details"]["cost"]["num_layers"] if full else None
+    full = _reference(measured)
     fits = {}
-    for metric, _, layer_metric in COST_PANELS:
-        kept = [p["details"]["cost"]["num_layers"] for p in measured]
-        fit = linear_fit(kept, [p["metrics"][metric] for p in measured])
+    for metric, _, unit, scale, layer_metric in COST_PANELS:
+        fit = linear_fit([p["details"]["cost"]["num_layers"] for p in measured], [p["metrics"][metric] for p in measured])
+        fit["problems"] = fit_problems(fit, scale, unit)
         one_layer = full["metrics"].get(layer_metric) if layer_metric and full else None
         if one_layer:
-            fit["one_layer_measured"] = one_layer
-            fit["slope_over_measured"] = fit["per_unit"] / one_layer
-        fit["num_layers_full"] = total
+            fit.update(one_layer_measured=one_layer, slope_over_measured=fit["per_unit"] / one_layer)
+        fit["num_points"] = len(measured)
         fits[metric] = fit
     return fits
 
 
+def timing_spread(points: list[dict], metric: str) -> float | None:
+    """The largest relative spread (max − min) / min between unhealed models with the same number of layers:
+    they cost the same, so this is the noise of a single timing."""
+    by_size: dict[int, list[float]] = {}
+    for p in _cost_points(points):
+        by_size.setdefault(p["details"]["cost"]["num_layers"], []).append(p["metrics"][metric])
+    spreads = [(max(v) - min(v)) / min(v) for v in by_size.values() if len(v) > 1 and min(v) > 0]
+    return max(spreads) if spreads else None
+
+
 def plot_cost(points: list[dict], path: str | Path) -> Path | None:
-    """Measured cost against the fraction dropped, beside the ideal line fixed + per-layer × layers kept."""
+    """Measured cost against the fraction removed, with the line fixed + per-layer × layers kept only where it
+    describes the measurements; otherwise the panel says why not."""
     fits = cost_fits(points)
     if not fits:
         return None
-    plt = _pyplot()
-    measured = [p for p in points if p["metrics"].get("prefill_ms_per_token") is not None]
+    measured = _cost_points(points)
     total = max(p["details"]["cost"]["num_layers"] for p in measured)
-    fig, axes = plt.subplots(2, 2, figsize=(10.4, 7.2))
-    for ax, (metric, label, _) in zip(axes.flat, COST_PANELS, strict=True):
-        scale = 1 / 2**20 if metric.endswith("bytes") else 1.0
-        for strategy, (color, marker) in STRATEGY_STYLE.items():
-            chosen = [p for p in measured if p["strategy"] in (strategy, "full")]
+    repeats = (measured[0]["details"]["cost"].get("settings") or {}).get("repeats", "?")
+    fig = _figure(10.4, 7.4)
+    for ax, (metric, label, unit, scale, _) in zip(fig.subplots(2, 2).flat, COST_PANELS, strict=True):
+        for strategy in sorted({p["strategy"] for p in measured}):
+            color, marker = STRATEGY_STYLE.get(strategy, ("black", "*"))
+            chosen = [p for p in measured if p["strategy"] == strategy]
             ax.scatter([p["fraction"] for p in chosen], [p["metrics"][metric] * scale for p in chosen], color=color,
-                       marker=marker, s=22, label=f"measured ({strategy})", alpha=0.8)
+                       marker=marker, s=60 if strategy == "full" else 24, label="full model" if strategy == "full" else strategy,
+                       zorder=3)
         fit = fits[metric]
-        fractions = np.linspace(0, max(p["fraction"] for p in measured), 50)
-        ideal = (fit["fixed"] + fit["per_unit"] * total * (1 - fractions)) * scale
-        ax.plot(fractions, ideal, color="black", linewidth=1,
-                label=f"fixed {fit['fixed'] * scale:.3g} + {fit['per_unit'] * scale:.3g}/layer, R²={fit['r2']:.3f}")
-        ax.set_xlabel("fraction of layers dropped")
-        ax.set_ylabel(label)
+        if fit["problems"]:  # said above the panel, where it cannot hide a point
+            ax.set_title("no ideal line, it does not fit: " + "; ".join(fit["problems"]), fontsize=8, color="firebrick")
+        else:
+            fractions = np.linspace(0, max(p["fraction"] for p in measured), 50)
+            ax.plot(fractions, (fit["fixed"] + fit["per_unit"] * total * (1 - fractions)) * scale, color="black",
+                    linewidth=1, label=f"fit: {fit['fixed'] * scale:.3g} + {fit['per_unit'] * scale:.3g} {unit}/layer "
+                                       f"(R² {fit['r2']:.3f})")
+        ax.set_xlabel("fraction of layers removed")
+        ax.set_ylabel(f"{label} ({unit})")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("measured cost vs the ideal: a fixed part (embeddings, LM head) plus an equal part per layer",
-                 fontsize=10)
+        ax.legend(fontsize=7, loc="upper right")
+    spreads = {m.split("_")[0]: timing_spread(points, m) for m, *_ in COST_PANELS[:2]}
+    spread_text = " and ".join(f"{100 * v:.0f} % ({name})" for name, v in spreads.items() if v is not None)
+    fig.suptitle("Measured cost of the unhealed models; line: fixed part (embeddings, LM head) + equal part per layer, "
+                 f"drawn only if R² ≥ {MIN_R2}, fixed ≥ 0, per layer > 0\nTimings: one per point, the best of {repeats} "
+                 "repeats (their spread is not stored)"
+                 + (f"; models of the same size differ by up to {spread_text}" if spread_text else ""), fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 
 
-def collapse_point(fractions, scores, full_score: float, tolerance: float) -> float:
-    """The largest fraction up to which every score stays within ``tolerance`` of the full model's."""
-    last_good = 0.0
-    for fraction, score in sorted(zip(fractions, scores, strict=True)):
-        if score < full_score - tolerance:
-            break
-        last_good = fraction
-    return last_good
+# --- the HTML report ------------------------------------------------------------------------------------
 
 
-def collapse_points(points: list[dict], tolerance: float) -> list[dict]:
-    """The collapse point of every (task, strategy, healing) curve."""
-    found = []
-    for task in accuracy_tasks(points):
-        full = next((p["metrics"][f"{task}_acc"] for p in points if p["n"] == 0 and f"{task}_acc" in p["metrics"]), None)
-        if full is None:
+def _accuracy_cell(value: float, n: int | None) -> str:
+    return f"{100 * value:.1f}" if n is None else f"{100 * value:.1f} ± {100 * standard_error(value, n):.1f}"
+
+
+def _layers(removed: list[int]) -> str:
+    if not removed:
+        return "–"
+    contiguous = removed == list(range(removed[0], removed[-1] + 1))
+    return f"{len(removed)}: {removed[0]}–{removed[-1]}" if contiguous and len(removed) > 1 else f"{len(removed)}: {','.join(map(str, removed))}"
+
+
+def main_table(points: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The columns people compare, formatted: fraction, layers, strategy, healing, each task's headline
+    accuracy ± SE (%), C4 loss (nats), speed-ups against the full model, weight memory (MiB)."""
+    tasks = accuracy_tasks(points)
+    full = _reference(points)
+    header = ["removed", "layers (0-based)", "strategy", "healing"]
+    header += [f"{TASK_TITLES.get(t, t)} {_metric_name(points, t, m)} (%)" for t, m in tasks.items()]
+    header += ["C4 loss (nats)", "prefill speed-up", "decode speed-up", "weights (MiB)"]
+    rows = []
+    for p in points:
+        m = p["metrics"]
+        row = [f"{p['fraction']:.2f}", _layers(p["removed_layers"]), p["strategy"], p["heal"]]
+        row += ["" if m.get(k) is None else _accuracy_cell(m[k], sample_size(p, t)) for t, k in tasks.items()]
+        row.append("" if m.get("c4_loss") is None else f"{m['c4_loss']:.2f}")
+        for key in ("prefill_ms_per_token", "decode_ms_per_token"):
+            base = full["metrics"].get(key) if full else None
+            row.append(f"{base / m[key]:.2f}×" if base and m.get(key) else "")
+        row.append("" if m.get("weight_bytes") is None else f"{m['weight_bytes'] / 2**20:,.1f}")
+        rows.append(row)
+    return header, rows
+
+
+def _formatter(name: str, values: list):
+    """One format per column of the full table, so numbers line up: MiB for bytes, % for chance levels,
+    thousands separators for counts, a fixed number of decimals for the rest."""
+    numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if not numbers:
+        return lambda v: "" if v is None else str(v)
+    if name.endswith("_bytes"):
+        return lambda v: "" if v is None else f"{v / 2**20:,.1f}"
+    if name.endswith("_chance"):  # in % like the accuracies beside it
+        return lambda v: "" if v is None else f"{100 * v:.1f}"
+    if all(float(v).is_integer() for v in numbers):
+        return lambda v: "" if v is None else f"{int(v):,}"
+    decimals = 4 if max(abs(v) for v in numbers) < 10 else 2
+    return lambda v: "" if v is None else f"{v:,.{decimals}f}"
+
+
+def full_table(points: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Every column of the store, each in one format; accuracies in % with their standard error."""
+    header, rows = table(points)
+    task = {h: h.removesuffix("_norm").removesuffix("_acc") for h in header if h.endswith(("_acc", "_acc_norm"))}
+    columns = list(zip(*rows, strict=True)) if rows else [[] for _ in header]
+    formats = [_formatter(h, list(c)) for h, c in zip(header, columns, strict=True)]
+    cells = []
+    for p, row in zip(points, rows, strict=True):
+        cells.append([_accuracy_cell(v, sample_size(p, task[h])) if h in task and v is not None else f(v)
+                      for h, v, f in zip(header, row, formats, strict=True)])
+    units = {h: " (MiB)" if h.endswith("_bytes") else " (% ± SE)" if h in task else " (%)" if h.endswith("_chance") else ""
+             for h in header}
+    return [h + units[h] for h in header], cells
+
+
+def _html_table(header: list[str], rows: list[list[str]], table_id: str = "") -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table{f' id={table_id!r}' if table_id else ''}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _collapse_html(verdicts: list[dict], sigmas: float) -> str:
+    """One row per task: the full model and its baseline, then one cell per curve (or one uninformative cell)."""
+    if not verdicts:
+        return "<p>No accuracy was measured on the full model.</p>"
+    curves = list(dict.fromkeys((v["strategy"], v["heal"]) for v in verdicts))
+    measured = {(v["strategy"], v["heal"]): v["fractions"] for v in verdicts}
+    header = ["task", "full model (%)", "baseline (%)"]
+    header += [f"{_curve_label(*c)} (at {', '.join(f'{f:.2f}' for f in measured[c])})" for c in curves]
+    rows = []
+    for task in dict.fromkeys(v["task"] for v in verdicts):
+        mine = {(v["strategy"], v["heal"]): v for v in verdicts if v["task"] == task}
+        first = next(iter(mine.values()))
+        n, level = first["num_questions"], first["baseline"]
+        cells = [f"{TASK_TITLES.get(task, task)} ({n or '?'} questions)", _accuracy_cell(first["full_accuracy"], n),
+                 "?" if level is None else f"{100 * level:.1f} ({first['baseline_kind']})"]
+        if first["status"] == "uninformative":
+            note = (f"uninformative: the full model is not above the {first['baseline_kind']} by {sigmas:g} SE, so "
+                    "pruning has nothing measurable to lose (a cut model near that level says nothing)")
+            rows.append("".join(f"<td>{html.escape(c)}</td>" for c in cells)
+                        + f"<td class='note' colspan='{len(curves)}'>{html.escape(note)}</td>")
             continue
-        for (strategy, heal), (xs, ys) in sorted(_curves(points, f"{task}_acc").items()):
-            found.append({"task": task, "strategy": strategy, "heal": heal, "full_accuracy": full,
-                          "collapse_fraction": collapse_point(xs, ys, full, tolerance)})
-    return found
+        for c in curves:
+            v = mine.get(c)
+            text = ("–" if v is None else f"collapses at {v['collapse_fraction']:.2f}" if v["status"] == "collapse"
+                    else f"none up to {max(v['fractions']):.2f}" if v["status"] == "no collapse" else v["status"])
+            cells.append(text)
+        rows.append("".join(f"<td>{html.escape(c)}</td>" for c in cells))
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    return (f"<table id='collapse-table'><thead><tr>{head}</tr></thead><tbody>" + "".join(f"<tr>{r}</tr>" for r in rows)
+            + "</tbody></table>")
+
+
+def _cost_html(fits: dict) -> str:
+    header = ["cost", "fixed", "per layer", "R²", "one layer, measured", "per layer / measured", "line drawn?"]
+    rows = []
+    for metric, _, unit, scale, _ in COST_PANELS:
+        f = fits[metric]
+        one = f.get("one_layer_measured")
+        rows.append([f"{metric} ({unit})", f"{f['fixed'] * scale:,.3f}", f"{f['per_unit'] * scale:,.3f}", f"{f['r2']:.3f}",
+                     "" if one is None else f"{one * scale:,.3f}",
+                     "" if one is None else f"{f['slope_over_measured']:.2f}",
+                     "yes" if not f["problems"] else "no: " + "; ".join(f["problems"])])
+    return _html_table(header, rows)
 
 
 def _image(path: Path | None, caption: str) -> str:
     if path is None:
         return ""
     data = base64.b64encode(path.read_bytes()).decode()
-    return f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
-def _format(value) -> str:
-    if isinstance(value, float):
-        return f"{value:,.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
-    return html.escape("" if value is None else str(value))
+STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:1120px;margin:2em auto;padding:0 1em;color:#222;line-height:1.4}"
+    "img{max-width:100%;height:auto}figure{margin:1.5em 0}figcaption{color:#555;font-size:.9em}"
+    "table{border-collapse:collapse;font-size:.82em;margin:.5em 0}"
+    "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right;white-space:nowrap}"
+    "th{background:#f3f3f3;white-space:normal;vertical-align:bottom}"
+    "td:first-child,th:first-child,#main-table :is(td,th):nth-child(-n+4),#collapse-table :is(td,th){text-align:left}"
+    "td.note{white-space:normal;color:#8b1a1a}"
+    ".scroll{overflow-x:auto;max-width:100%}summary{cursor:pointer;margin:1em 0}"
+)
 
 
-def write_report(directory: str | Path, tolerance: float = 0.02) -> Path:
-    """Draw every figure of a sweep directory into ``DIR/report/`` and write ``DIR/report/report.html``."""
+def write_report(directory: str | Path, sigmas: float = 2.0) -> Path:
+    """Draw every figure of a sweep directory into ``DIR/report/``, write ``summary.json``, ``results.csv``
+    and the self-contained ``report.html`` there; ``sigmas`` is the noise threshold of a collapse."""
+    if not (isinstance(sigmas, (int, float)) and math.isfinite(sigmas) and sigmas > 0):
+        raise DepthpruneError(f"--sigmas must be a finite number above 0 (standard errors), got {sigmas}")
     directory = Path(directory)
     points = load_points(directory)
     folder = directory / "report"
-    folder.mkdir(exist_ok=True)
-    distances = load_distances(directory / "analysis") if (directory / "analysis" / "distances.json").is_file() else None
+    analysis = directory / "analysis"
+    distances = load_distances(analysis) if (analysis / "distances.json").is_file() else None
     figures = [
-        (plot_accuracy(points, folder / "accuracy.png"), "Accuracy vs fraction of layers dropped (dotted: chance, or the majority class for BoolQ)"),
+        (plot_accuracy(points, folder / "accuracy.png", sigmas),
+         "Accuracy vs fraction of layers removed. Bars: Wilson 95 % intervals from the number of questions; dotted: "
+         "chance (the majority class for BoolQ); grey band: within noise of it. Healed curves join only the healed "
+         "fractions; the star is the full model."),
         (plot_c4_loss(points, folder / "c4_loss.png"), "C4 validation loss, normalised by ln(vocabulary size)"),
         (plot_heatmap(distances, folder / "heatmap.png") if distances else None,
          "Angular distance d(x^(l), x^(l+n)) for every block; dots: the optimal first layer l*(n)"),
         (plot_best_block(distances, folder / "best_block.png") if distances else None,
          "Optimal first layer l*(n) and its distance vs block size n"),
-        (plot_cost(points, folder / "cost.png"), "Measured cost vs the ideal linear model"),
+        (plot_cost(points, folder / "cost.png"), "Measured cost of the unhealed models vs a fixed part plus an equal part per layer"),
     ]
-    header, rows = table(points)
-    collapses = collapse_points(points, tolerance)
+    verdicts = collapse_points(points, sigmas)
     fits = cost_fits(points)
-    summary = {"tolerance": tolerance, "collapse": collapses, "cost_fits": fits}
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    full = _reference(points)
+    full_header, full_rows = full_table(points)
+    sizes = {t: sample_size(full, t) for t in accuracy_tasks(points)} if full else {}
+    summary = {"sigmas": sigmas, "collapse_definition": collapse_definition(sigmas), "sample_sizes": sizes,
+               "collapse": verdicts, "cost_fits": fits}
+    atomic_write_text(folder / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    csv_text = to_csv(points)
+    atomic_write_text(folder / "results.csv", csv_text)
+
     model = points[0]["details"]["evaluation"].get("model", "") if points else ""
+    csv_uri = "data:text/csv;base64," + base64.b64encode(csv_text.encode()).decode()
+    size_text = ", ".join(f"{TASK_TITLES.get(t, t)} {n or '?'}" for t, n in sizes.items())
+    largest = sorted({round(50 / math.sqrt(n), 1) for n in sizes.values() if n})  # the SE at p = 50 %
+    worst = "" if not largest else f" (at p = 50 %: {largest[0]} points here)" if len(largest) == 1 else \
+        f" (at p = 50 %: {largest[0]}–{largest[-1]} points here)"
     parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>depthprune report</title><style>",
-        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-        "img{max-width:100%}figure{margin:1.5em 0}figcaption{color:#555;font-size:.9em}"
-        "table{border-collapse:collapse;font-size:.8em}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
-        "th{background:#f3f3f3}",
-        "</style></head><body>",
+        f"<!doctype html><html><head><meta charset='utf-8'><title>depthprune report: {html.escape(str(model))}</title>"
+        f"<style>{STYLE}</style></head><body>",
         f"<h1>depthprune sweep: {html.escape(str(model))}</h1>",
         "<p>Layers are removed as one contiguous block (0-based, inclusive ranges). <em>similarity</em>: the block"
         " with the smallest angular distance between its input and output; <em>deepest</em>: the layers just"
         " before the final one.</p>",
+        f"<p><strong>Sample sizes</strong> (questions per task): {html.escape(size_text)}. An accuracy p on n "
+        f"questions has a standard error √(p(1−p)/n){worst}. Tables give accuracy "
+        "± one standard error; figures draw Wilson 95 % intervals.</p>" if sizes else "",
         "<h2>Collapse points</h2>",
-        f"<p>The largest fraction dropped whose accuracy stays within {tolerance:.2f} of the full model's.</p>",
-        "<table><tr><th>task</th><th>strategy</th><th>healing</th><th>full model</th><th>collapse at</th></tr>",
-        *[f"<tr><td>{c['task']}</td><td>{c['strategy']}</td><td>{c['heal']}</td><td>{c['full_accuracy']:.3f}</td>"
-          f"<td>{c['collapse_fraction']:.2f}</td></tr>" for c in collapses],
-        "</table>",
+        f"<p>{html.escape(collapse_definition(sigmas))} The columns name the fractions measured on each curve.</p>",
+        f"<div class='scroll'>{_collapse_html(verdicts, sigmas)}</div>",
+        "<h2>Results</h2>",
+        "<p>Speed-ups are the full model's time per token over the cut model's (one timing each, so noisy). "
+        f"Every column: <a href='results.csv'>results.csv</a> beside this file, or "
+        f"<a download='results.csv' href='{csv_uri}'>the copy embedded in this page</a>.</p>",
+        f"<div class='scroll'>{_html_table(*main_table(points), table_id='main-table')}</div>",
         *[_image(path, caption) for path, caption in figures],
     ]
     if fits:
-        parts += ["<h2>Cost fits</h2><table><tr><th>cost</th><th>fixed</th><th>per layer</th><th>R²</th>"
-                  "<th>one layer measured</th><th>per layer / measured</th></tr>"]
-        parts += [f"<tr><td>{name}</td><td>{_format(f['fixed'])}</td><td>{_format(f['per_unit'])}</td>"
-                  f"<td>{f['r2']:.4f}</td><td>{_format(f.get('one_layer_measured'))}</td>"
-                  f"<td>{_format(f.get('slope_over_measured'))}</td></tr>" for name, f in fits.items()]
-        parts.append("</table>")
-    parts += ["<h2>All points</h2><table><tr>", *[f"<th>{html.escape(h)}</th>" for h in header], "</tr>"]
-    parts += ["<tr>" + "".join(f"<td>{_format(v)}</td>" for v in row) + "</tr>" for row in rows]
-    parts.append("</table></body></html>")
+        parts += ["<h2>Cost fits</h2><p>cost = fixed + per layer × layers kept, least squares over the "
+                  f"{next(iter(fits.values()))['num_points']} unhealed points; drawn only when R² ≥ {MIN_R2}, the fixed "
+                  "part ≥ 0 and the per-layer part > 0.</p>", f"<div class='scroll'>{_cost_html(fits)}</div>"]
+    parts += [f"<details><summary>All {len(full_header)} columns of the {len(points)} points</summary>",
+              f"<div class='scroll'>{_html_table(full_header, full_rows, table_id='full-table')}</div></details>",
+              "</body></html>"]
     out = folder / "report.html"
-    tmp = folder / ".report.html.tmp"
-    tmp.write_text("\n".join(parts))
-    tmp.replace(out)
+    atomic_write_text(out, "\n".join(parts))
     return out

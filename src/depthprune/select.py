@@ -36,9 +36,11 @@ def format_layers(layers) -> str:
     return ",".join(parts)
 
 
-def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
-    """Parse '20-27', '3,7,9' or a mix ('0,5-7') into sorted 0-based layer indices; ranges are inclusive."""
-    layers: set[int] = set()
+def layer_ranges(spec: str) -> list[tuple[int, int]]:
+    """The inclusive ranges of a spec ('20-27', '3,7,9', '0,5-7'), checked for syntax only, nothing expanded."""
+    if not isinstance(spec, str):
+        raise DepthpruneError(f"bad layer spec {spec!r}: give a string such as '20-27' or '3,7,9'")
+    ranges = []
     for part in spec.split(","):
         match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
         if not match:
@@ -46,21 +48,47 @@ def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
         first, last = int(match[1]), int(match[2] if match[2] is not None else match[1])
         if first > last:
             raise DepthpruneError(f"bad layer range '{part.strip()}' in '{spec}': the first index must not exceed the last")
-        layers.update(range(first, last + 1))
-    if max(layers) >= num_layers:
-        raise DepthpruneError(f"layer {max(layers)} out of range: the model has layers 0..{num_layers - 1}")
+        ranges.append((first, last))
+    return ranges
+
+
+def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
+    """Parse '20-27', '3,7,9' or a mix ('0,5-7') into sorted 0-based layer indices; ranges are inclusive."""
+    ranges = layer_ranges(spec)
+    top = max(last for _, last in ranges)
+    if top >= num_layers:  # checked before expanding: '0-3000000000' must not fill the memory first
+        raise DepthpruneError(f"layer {top} out of range: the model has layers 0..{num_layers - 1}")
+    layers = {layer for first, last in ranges for layer in range(first, last + 1)}
     if len(layers) >= num_layers:
         raise DepthpruneError(f"layer spec '{spec}' removes all {num_layers} layers: keep at least one")
     return tuple(sorted(layers))
 
 
-def block_size(num_layers: int, n: int | None = None, fraction: float | None = None) -> int:
-    """The number of layers to remove, from a count ``n`` or a ``fraction`` of the L layers (rounded)."""
+def _check_layer_count(distances: AngularDistances | None, num_layers: int) -> None:
+    if distances is not None and distances.num_layers != num_layers:
+        raise DepthpruneError(
+            f"the distances were measured on a {distances.num_layers}-layer model but this one has {num_layers}: "
+            "analyze this model"
+        )
+
+
+def check_block_request(n: int | None = None, fraction: float | None = None) -> None:
+    """What can be checked of a block size without the model: exactly one of a whole ``n`` >= 1 or a fraction in (0, 1)."""
     if (n is None) == (fraction is None):
         raise DepthpruneError("give exactly one of a layer count n or a fraction")
+    if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+                                 or not 0 < fraction < 1):
+        raise DepthpruneError(f"fraction {fraction} out of range: it must be between 0 and 1 (exclusive)")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int)):
+        raise DepthpruneError(f"n={n!r} is not a whole number of layers")
+    if n is not None and n < 1:
+        raise DepthpruneError(f"n={n} out of range: remove at least 1 layer")
+
+
+def block_size(num_layers: int, n: int | None = None, fraction: float | None = None) -> int:
+    """The number of layers to remove, from a count ``n`` or a ``fraction`` of the L layers (rounded)."""
+    check_block_request(n, fraction)
     if fraction is not None:
-        if not 0 < fraction < 1:
-            raise DepthpruneError(f"fraction {fraction} out of range: it must be between 0 and 1 (exclusive)")
         n = round(fraction * num_layers)
         if n == 0:
             raise DepthpruneError(f"fraction {fraction} of {num_layers} layers rounds to 0 layers: use a larger fraction")
@@ -78,14 +106,10 @@ def choose_block(
     heuristic, the n layers just before the final layer (layers L-1-n … L-2), which keeps the last layer.
     """
     n = block_size(num_layers, n=n)
+    _check_layer_count(distances, num_layers)
     if strategy == "similarity":
         if distances is None:
             raise DepthpruneError("strategy 'similarity' needs angular distances: pass --distances DIR or --data SRC")
-        if distances.num_layers != num_layers:
-            raise DepthpruneError(
-                f"the distances were measured on a {distances.num_layers}-layer model but this one has {num_layers}: "
-                "analyze this model"
-            )
         start, distance = distances.best(n)
     elif strategy == "deepest":
         start = num_layers - 1 - n
@@ -98,6 +122,7 @@ def choose_block(
 def explicit_selection(spec: str, num_layers: int, distances: AngularDistances | None = None) -> Selection:
     """A user-listed set of layers; its distance is known when it is one contiguous block."""
     layers = parse_layers(spec, num_layers)
+    _check_layer_count(distances, num_layers)
     contiguous = layers[-1] - layers[0] + 1 == len(layers)
     distance = float(distances.block(len(layers))[layers[0]]) if distances is not None and contiguous else None
     return Selection(layers, "explicit", distance)

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import batches, pad_id, tokenize
+from .data import batches, pad_id, read_json, tokenize
 from .errors import DepthpruneError
-from .models import decoder_layout
+from .models import FINGERPRINT_KEYS, decoder_layout, model_fingerprint, num_layers
 from .outputs import atomic_write_text
 
 TOKEN_MODES = ("last", "all")
@@ -63,6 +63,20 @@ class AngularDistances:
         start = int(np.argmin(values))
         return start, float(values[start])
 
+    def check_model(self, config) -> None:
+        """Refuse distances measured on another model: the layer count always, the fingerprint when recorded."""
+        layers = num_layers(config)
+        if self.num_layers != layers:
+            raise DepthpruneError(f"the distances were measured on a {self.num_layers}-layer model but this one has "
+                                  f"{layers}: analyze this model")
+        recorded = self.meta.get("model_fingerprint") or {}
+        actual = model_fingerprint(config)
+        differing = [f"{key} {recorded[key]!r} there, {actual[key]!r} here" for key in FINGERPRINT_KEYS
+                     if recorded.get(key) is not None and recorded[key] != actual[key]]
+        if differing:
+            raise DepthpruneError(f"the distances were measured on another model ({'; '.join(differing)}): "
+                                  "run `depthprune analyze` on this model")
+
     def to_json(self) -> dict:
         L = self.num_layers
         return {
@@ -95,22 +109,67 @@ class AngularDistances:
         atomic_write_text(directory / "distances.csv", "\n".join(lines) + "\n")
 
 
+_STRUCTURE_KEYS = ("format", "definition", "num_layers", "tokens", "num_samples", "best", "by_block_size", "pairwise")
+
+
 def load_distances(path: str | Path) -> AngularDistances:
-    """Read distances written by :meth:`AngularDistances.save` (a directory or its distances.json)."""
+    """Read distances written by :meth:`AngularDistances.save` (a directory or its distances.json).
+
+    The file is checked whole (format, a square matrix of finite distances in [0, 1], sample count, token
+    mode), so a damaged or hand-edited file fails here rather than as a wrong cut.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / "distances.json"
     if not path.is_file():
         raise DepthpruneError(f"no distances at '{path}': run `depthprune analyze` first and pass its --out")
+    raw = read_json(path)
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+        raise DepthpruneError(f"'{path}' is not a depthprune distances file (format {found!r}, expected {FORMAT!r})")
+    return AngularDistances(_pairwise(raw, path), _num_samples(raw, path), _tokens(raw, path), _meta(raw, path))
+
+
+def _damaged(path: Path, problem: str) -> DepthpruneError:
+    return DepthpruneError(f"'{path}' is damaged: {problem}; run `depthprune analyze` again")
+
+
+def _pairwise(raw: dict, path: Path) -> np.ndarray:
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DepthpruneError(f"'{path}' is not valid JSON ({exc.msg})") from None
-    if raw.get("format") != FORMAT:
-        raise DepthpruneError(f"'{path}' is not a depthprune distances file (format {raw.get('format')!r})")
-    meta = {k: v for k, v in raw.items() if k not in ("format", "definition", "num_layers", "tokens",
-                                                       "num_samples", "best", "by_block_size", "pairwise")}
-    return AngularDistances(np.array(raw["pairwise"], dtype=np.float64), raw["num_samples"], raw["tokens"], meta)
+        pairwise = np.array(raw.get("pairwise"), dtype=np.float64)
+    except (TypeError, ValueError):
+        raise _damaged(path, "'pairwise' is not a matrix of numbers") from None
+    if pairwise.ndim != 2 or pairwise.shape[0] != pairwise.shape[1] or pairwise.shape[0] < 2:
+        raise _damaged(path, f"'pairwise' must be a square matrix of at least 2 x 2, found shape {pairwise.shape}")
+    if not np.isfinite(pairwise).all():
+        raise _damaged(path, "'pairwise' holds NaN or infinite values")
+    if (pairwise < 0).any() or (pairwise > 1).any():
+        raise _damaged(path, "angular distances must lie between 0 and 1")
+    layers = raw.get("num_layers")
+    if layers is not None and layers != pairwise.shape[0] - 1:
+        raise _damaged(path, f"num_layers {layers!r} does not match the {len(pairwise)} x {len(pairwise)} matrix")
+    return pairwise
+
+
+def _num_samples(raw: dict, path: Path) -> int:
+    samples = raw.get("num_samples")
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+        raise _damaged(path, f"num_samples is {samples!r}, expected a positive whole number")
+    return samples
+
+
+def _tokens(raw: dict, path: Path) -> str:
+    tokens = raw.get("tokens")
+    if tokens not in TOKEN_MODES:
+        raise _damaged(path, f"tokens is {tokens!r}, expected one of {', '.join(TOKEN_MODES)}")
+    return tokens
+
+
+def _meta(raw: dict, path: Path) -> dict:
+    fingerprint = raw.get("model_fingerprint")
+    if fingerprint is not None and not isinstance(fingerprint, dict):
+        raise _damaged(path, "model_fingerprint is not a JSON object")
+    return {k: v for k, v in raw.items() if k not in _STRUCTURE_KEYS}
 
 
 def _pairwise_angles(unit: torch.Tensor) -> torch.Tensor:
@@ -221,6 +280,7 @@ def compute_distances(
     )
     result.meta.update(
         model=str(model.config.name_or_path),
+        model_fingerprint=model_fingerprint(model.config),
         seq_len=seq_len,
         num_tokens=int(sum(len(s) for s in sequences)),
     )

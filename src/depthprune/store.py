@@ -33,13 +33,56 @@ CREATE TABLE IF NOT EXISTS points (
 """
 
 
+COLUMNS = ("key", "n", "fraction", "strategy", "heal", "removed_layers", "distance", "metrics", "details", "finished")
+
+
 def point_key(n: int, strategy: str, heal: str) -> str:
     return f"n={n}/{strategy}/{heal}"
 
 
-def connect(directory: str | Path) -> sqlite3.Connection:
+def _damaged(path: Path, why: str) -> DepthpruneError:
+    return DepthpruneError(f"'{path}' is not a readable depthprune results table ({why}): rerun the sweep with "
+                           "--force to start it over, or delete the file")
+
+
+def _open_existing(path: Path) -> sqlite3.Connection:
+    """Open ``path`` (which must exist) read-write without creating anything, and check it is a results table."""
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True)
+    try:
+        check = db.execute("PRAGMA quick_check").fetchone()[0]
+        columns = tuple(row[1] for row in db.execute("PRAGMA table_info(points)"))
+    except sqlite3.DatabaseError as exc:
+        db.close()
+        raise _damaged(path, str(exc)) from None
+    if check != "ok":
+        db.close()
+        raise _damaged(path, check)
+    if columns and columns != COLUMNS:
+        db.close()
+        raise _damaged(path, f"its points table has the columns {', '.join(columns)}")
+    return db
+
+
+def read_finished(directory: str | Path) -> set[str]:
+    """The keys of the finished points in ``directory`` (none without a results file); checks the file, writes nothing."""
     path = Path(directory) / DB_NAME
-    db = sqlite3.connect(path)
+    if not path.is_file():
+        return set()
+    db = _open_existing(path)
+    try:
+        return {row[0] for row in db.execute("SELECT key FROM points")} if _has_table(db) else set()
+    finally:
+        db.close()
+
+
+def _has_table(db: sqlite3.Connection) -> bool:
+    return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'points'").fetchone() is not None
+
+
+def connect(directory: str | Path) -> sqlite3.Connection:
+    """Open (creating if needed) the results of ``directory``; an existing file must be a results table."""
+    path = Path(directory) / DB_NAME
+    db = _open_existing(path) if path.is_file() else sqlite3.connect(path)
     db.execute(_SCHEMA)
     db.commit()
     return db
@@ -65,17 +108,20 @@ def load_points(directory: str | Path) -> list[dict]:
     path = Path(directory) / DB_NAME
     if not path.is_file():
         raise DepthpruneError(f"no {DB_NAME} in '{directory}': is it the --out of a `depthprune sweep`?")
-    db = sqlite3.connect(path)
+    db = _open_existing(path)
     db.row_factory = sqlite3.Row
     try:
-        rows = db.execute("SELECT * FROM points ORDER BY n, strategy, heal").fetchall()
+        rows = db.execute("SELECT * FROM points ORDER BY n, strategy, heal").fetchall() if _has_table(db) else []
     finally:
         db.close()
-    return [
-        {**dict(row), "removed_layers": json.loads(row["removed_layers"]), "metrics": json.loads(row["metrics"]),
-         "details": json.loads(row["details"])}
-        for row in rows
-    ]
+    try:
+        return [
+            {**dict(row), "removed_layers": json.loads(row["removed_layers"]), "metrics": json.loads(row["metrics"]),
+             "details": json.loads(row["details"])}
+            for row in rows
+        ]
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise _damaged(path, f"a row does not hold JSON: {exc}") from None
 
 
 FIXED_COLUMNS = ["n", "fraction", "strategy", "heal", "removed_layers", "distance"]

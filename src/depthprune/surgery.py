@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
+from .data import read_json
 from .errors import DepthpruneError
 from .models import count_parameters, decoder_layout, num_layers
 from .outputs import atomic_output_dir
@@ -84,9 +86,28 @@ def layers_removed(model: nn.Module, layers: Iterable[int]) -> Iterator[nn.Modul
 
 
 def read_record(model_dir: str | Path) -> dict | None:
-    """The ``depthprune.json`` of a pruned checkpoint, or None for an ordinary one."""
+    """The ``depthprune.json`` of a pruned checkpoint, or None for an ordinary one; a damaged one is an error."""
     path = Path(model_dir) / RECORD_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    record = read_json(path)
+    if not isinstance(record, dict):
+        raise DepthpruneError(f"'{path}' is damaged: expected a JSON object, found a {type(record).__name__}; "
+                              "delete it or prune the model again")
+    removed = record.get("removed_layers")
+    if removed is not None and not (isinstance(removed, list)
+                                    and all(isinstance(i, int) and not isinstance(i, bool) for i in removed)):
+        raise DepthpruneError(f"'{path}' is damaged: removed_layers is {removed!r}, expected a list of layer numbers; "
+                              "delete it or prune the model again")
+    return record
+
+
+def _follow_umask(directory: Path) -> None:
+    # safetensors writes model files with mode 0600; everything else a run writes follows the umask.
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in directory.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def save_pruned(model, tokenizer, out: str | Path, record: dict, force: bool = False) -> Path:
@@ -96,6 +117,7 @@ def save_pruned(model, tokenizer, out: str | Path, record: dict, force: bool = F
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        _follow_umask(tmp)
     return Path(out)
 
 

@@ -8,10 +8,9 @@ super_glue/boolq, aps/super_glue with config boolq), split validation.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from ..data import read_jsonl
+from ..data import read_json, read_jsonl
 from ..errors import DepthpruneError
 from .scoring import ChoiceRequest, choice_loglikelihoods, encode_choices
 
@@ -49,7 +48,7 @@ def load_boolq(source: str) -> list[tuple[str, str, int]]:
     path = Path(source).expanduser()
     if path.is_file():
         if path.suffix.lower() == ".json":
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            rows = read_json(path)
             if not isinstance(rows, list):
                 raise DepthpruneError(f"{path}: expected a JSON list of examples")
             examples = [_example(row, f"{path}: example {n}") for n, row in enumerate(rows, 1)]

@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data import load_texts, pack, tokenize
+from ..data import check_int, load_texts, pack, tokenize
 from ..errors import DepthpruneError
+from ..models import check_length
 
 
 def _device(model) -> torch.device:
@@ -65,8 +66,10 @@ def c4_loss(
     Documents are drawn by ``seed`` until enough tokens are packed, so the scored set is the same for
     every model that shares the tokenizer. Returns nats/token, perplexity and loss / log(vocab size).
     """
-    if num_sequences < 1:
-        raise DepthpruneError(f"number of C4 sequences must be at least 1, got {num_sequences}")
+    check_int(num_sequences, "--c4-sequences", 1)
+    check_int(seq_len, "--c4-seq-len", 2)  # a 1-token sequence predicts nothing
+    check_int(batch_size, "--batch-size", 1)
+    check_length(model.config, seq_len, "--c4-seq-len")
     texts = load_texts(source, None if _is_local(source) else num_sequences * 8, seed, text_field, config, split)
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
     # Tokenize documents in seeded order, a chunk at a time, until there are enough tokens to pack.

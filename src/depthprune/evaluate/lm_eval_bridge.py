@@ -17,8 +17,15 @@ from ..errors import DepthpruneError
 BUNDLED_TASKS = Path(__file__).parent / "lm_eval_tasks"
 
 
+MISSING = "--lm-eval needs lm-evaluation-harness, which is not installed: pip install 'depthprune[lm-eval]'"
+
+
 def task_manager(include: str | Path | None = None, data_dir: str | Path | None = None):
     """lm-eval's TaskManager with the bundled local tasks, ``include`` and ``data_dir`` for the local loaders."""
+    try:
+        import lm_eval  # noqa: F401  (checked here, not only when first indexed: the manager below is cached)
+    except ImportError:
+        raise DepthpruneError(MISSING) from None
     if include is not None and not Path(include).is_dir():
         raise DepthpruneError(f"--lm-eval-include '{include}' is not a directory of task YAML files")
     return _task_manager(None if include is None else str(include),
@@ -29,26 +36,30 @@ def task_manager(include: str | Path | None = None, data_dir: str | Path | None 
 def _task_manager(include: str | None, data_dir: str | None):
     # Indexing lm-eval's thousands of task YAMLs takes seconds: do it once per process (a sweep
     # evaluates many models in one process).
-    try:
-        from lm_eval.tasks import TaskManager
-    except ImportError:
-        raise DepthpruneError("--lm-eval needs lm-evaluation-harness: pip install 'depthprune[lm-eval]'") from None
+    from lm_eval.tasks import TaskManager
+
     paths = [str(BUNDLED_TASKS)] + ([include] if include is not None else [])
     return TaskManager(include_path=paths, metadata={"data_dir": data_dir} if data_dir is not None else {})
+
+
+def check_tasks(tasks: list[str], include: str | Path | None = None, data_dir: str | Path | None = None):
+    """The task manager, once lm-eval is known to be installed and every task name to exist (before any model loads)."""
+    manager = task_manager(include, data_dir)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise DepthpruneError(f"unknown lm-eval task(s) {', '.join(unknown)}: see `lm-eval ls tasks`, or add "
+                              "--lm-eval-include DIR with your own task YAMLs")
+    return manager
 
 
 def run_lm_eval(model, tokenizer, tasks: list[str], *, include: str | Path | None = None,
                 data_dir: str | Path | None = None, limit: int | None = None, num_fewshot: int | None = None,
                 batch_size: int = 8, max_length: int | None = None, log_samples: bool = False) -> dict:
     """lm-eval's own ``simple_evaluate`` output for ``tasks`` on the loaded ``model`` (samples if ``log_samples``)."""
+    manager = check_tasks(tasks, include, data_dir)
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    manager = task_manager(include, data_dir)
-    unknown = [t for t in tasks if t not in manager.all_tasks]
-    if unknown:
-        raise DepthpruneError(f"unknown lm-eval task(s) {', '.join(unknown)}: see `lm-eval ls tasks`, or add "
-                              "--lm-eval-include DIR with your own task YAMLs")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
     return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
                                    num_fewshot=num_fewshot, log_samples=log_samples)

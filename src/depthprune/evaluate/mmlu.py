@@ -14,10 +14,12 @@ longer than the model's context drops shots from the front, as the original code
 from __future__ import annotations
 
 import csv
+import io
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data import read_text
 from ..errors import DepthpruneError
 from .scoring import ChoiceRequest, choice_loglikelihoods, context_length, encode_choices
 
@@ -56,18 +58,25 @@ def build_prompt(subject: str, shots: list[Question], question: Question) -> str
     return prompt_prefix(subject, shots) + format_example(question, False)
 
 
+def _csv_rows(path: Path) -> list[list[str]]:
+    reader = csv.reader(io.StringIO(read_text(path), newline=""))
+    try:
+        return list(reader)
+    except csv.Error as exc:
+        raise DepthpruneError(f"{path}: row {reader.line_num}: not valid CSV ({exc})") from None
+
+
 def _read_csv(path: Path, subject: str) -> list[Question]:
     questions = []
-    with path.open(encoding="utf-8", newline="") as f:
-        for number, row in enumerate(csv.reader(f), 1):
-            if len(row) != 6:
-                raise DepthpruneError(
-                    f"{path}: row {number} has {len(row)} columns, expected 6 (question,A,B,C,D,answer)"
-                )
-            answer = row[5].strip()
-            if answer not in LETTERS:
-                raise DepthpruneError(f"{path}: row {number} has answer {row[5]!r}, expected one of A, B, C, D")
-            questions.append(Question(subject, row[0], row[1:5], LETTERS.index(answer)))
+    for number, row in enumerate(_csv_rows(path), 1):
+        if len(row) != 6:
+            raise DepthpruneError(
+                f"{path}: row {number} has {len(row)} columns, expected 6 (question,A,B,C,D,answer)"
+            )
+        answer = row[5].strip()
+        if answer not in LETTERS:
+            raise DepthpruneError(f"{path}: row {number} has answer {row[5]!r}, expected one of A, B, C, D")
+        questions.append(Question(subject, row[0], row[1:5], LETTERS.index(answer)))
     if not questions:
         raise DepthpruneError(f"{path}: no questions in this file; remove it or fill it")
     return questions
@@ -137,6 +146,15 @@ def load_mmlu(source: str, subjects: list[str] | None = None) -> Splits:
     return _hub_mmlu(source, subjects)
 
 
+def check_shots(dev: dict[str, list[Question]], shots: int) -> None:
+    """Every subject has at least ``shots`` dev examples to show."""
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 0:
+        raise DepthpruneError(f"--shots must be 0 or more, got {shots!r}")
+    for subject, examples in dev.items():
+        if len(examples) < shots:
+            raise DepthpruneError(f"MMLU subject '{subject}' has {len(examples)} dev examples, fewer than {shots} shots")
+
+
 def _fitting_prompt(subject: str, dev: list[Question], q: Question, shots: int, tokenizer, max_length: int):
     """The prompt with as many of the first ``shots`` dev examples as fit in ``max_length`` tokens, and their count."""
     k = shots
@@ -173,14 +191,10 @@ def evaluate_mmlu(
     ``limit`` keeps the first N test questions of each subject. With ``details`` the result lists each
     question's choice log-likelihoods, prediction and answer.
     """
-    if shots < 0:
-        raise DepthpruneError(f"--shots must be 0 or more, got {shots}")
     if limit is not None and limit < 1:
         raise DepthpruneError(f"--limit must be at least 1, got {limit}")
     test, dev = load_mmlu(source, subjects)
-    for subject, examples in dev.items():
-        if len(examples) < shots:
-            raise DepthpruneError(f"MMLU subject '{subject}' has {len(examples)} dev examples, fewer than {shots} shots")
+    check_shots(dev, shots)
     max_length = max_length or context_length(model, tokenizer)
     items = [(s, q) for s, qs in test.items() for q in qs[:limit]]
     prompts, used = [], []

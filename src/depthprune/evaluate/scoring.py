@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..data import pad_id
 from ..errors import DepthpruneError
-from ..models import decoder_layout
+from ..models import decoder_layout, position_limit
 
 DEFAULT_MAX_LENGTH = 2048
 
@@ -78,11 +78,9 @@ def encode_choices(tokenizer, contexts: Sequence[str],
 
 def context_length(model, tokenizer=None) -> int:
     """The longest sequence the model takes: its config's position limit, else the tokenizer's, else 2048."""
-    config = model.config
-    for attr in ("max_position_embeddings", "n_positions", "seq_length", "max_seq_len"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
+    stated = position_limit(model.config)
+    if stated is not None:
+        return stated
     limit = getattr(tokenizer, "model_max_length", None)
     if isinstance(limit, int) and 0 < limit < 1_000_000:
         return limit

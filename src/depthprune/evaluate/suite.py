@@ -10,12 +10,15 @@ import json
 import time
 from pathlib import Path
 
+from ..api import check_model
+from ..data import check_int, load_texts
 from ..errors import DepthpruneError
-from ..models import count_parameters, load_model, num_layers
-from ..outputs import atomic_write_text
+from ..models import check_length, count_parameters, load_model, num_layers
+from ..outputs import atomic_write_text, check_output_file
 from ..surgery import read_record
 
 TASKS = ("mmlu", "boolq", "c4", "arc_easy", "hellaswag")
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".txt", ".parquet")
 DATA_HINTS = {
     "mmlu": "--mmlu DIR_OR_ID (a directory with dev/ and test/ CSVs, or cais/mmlu)",
     "boolq": "--boolq FILE_OR_ID (a .jsonl file, or google/boolq / super_glue/boolq)",
@@ -35,6 +38,52 @@ def parse_tasks(tasks: str | list[str] | tuple[str, ...] | None) -> list[str]:
         raise DepthpruneError(f"unknown task(s) {', '.join(unknown)}: choose from {', '.join(TASKS)} "
                               "(use --lm-eval for lm-evaluation-harness tasks)")
     return list(dict.fromkeys(names))
+
+
+def _check_options(shots, limit, boolq_limit, batch_size, max_length, c4_sequences, c4_seq_len,
+                   lm_eval_fewshot) -> None:
+    check_int(shots, "--shots", 0)
+    check_int(batch_size, "--batch-size", 1)
+    check_int(c4_sequences, "--c4-sequences", 1)
+    check_int(c4_seq_len, "--c4-seq-len", 2)
+    for name, value, minimum in (("--limit", limit, 1), ("--boolq-limit", boolq_limit, 1),
+                                 ("--max-length", max_length, 2), ("--lm-eval-fewshot", lm_eval_fewshot, 0)):
+        if value is not None:
+            check_int(value, name, minimum)
+
+
+def _check_lengths(config, max_length: int | None, c4_seq_len: int | None) -> None:
+    if max_length is not None:
+        check_length(config, max_length, "--max-length")
+    if c4_seq_len is not None:
+        check_length(config, c4_seq_len, "--c4-seq-len")
+
+
+def _is_local(source: str) -> bool:
+    path = Path(source).expanduser()
+    return path.exists() or source.startswith((".", "/", "~")) or path.suffix.lower() in LOCAL_SUFFIXES
+
+
+def _check_data(task: str, source: str, subjects: list[str] | None, shots: int, c4_config: str | None,
+                c4_split: str) -> None:
+    """Read a local data source now, so a damaged file fails before the model loads (hub ids: when the task runs)."""
+    if not _is_local(source):
+        return
+    from .arc import load_arc
+    from .boolq import load_boolq
+    from .hellaswag import load_hellaswag
+    from .mmlu import check_shots, load_mmlu
+
+    if task == "mmlu":
+        check_shots(load_mmlu(source, subjects)[1], shots)
+    elif task == "boolq":
+        load_boolq(source)
+    elif task == "arc_easy":
+        load_arc(source)
+    elif task == "hellaswag":
+        load_hellaswag(source)
+    else:
+        load_texts(source, None, config=c4_config, split=c4_split)
 
 
 def _model_info(spec, model) -> dict:
@@ -87,9 +136,13 @@ def evaluate(
     Face id. ``limit`` caps MMLU questions per subject, BoolQ examples (unless ``boolq_limit``) and lm-eval
     examples per task.
     ``lm_eval`` names lm-evaluation-harness tasks to run as well. With ``out`` the dict is also written
-    there as JSON (atomically).
+    there as JSON (atomically). Every input (``out``, options, local data files, the model's files, lm-eval)
+    is checked before the model loads; a bad one raises :class:`DepthpruneError`.
     """
     sources = {"mmlu": mmlu, "boolq": boolq, "c4": c4, "arc_easy": arc_easy, "hellaswag": hellaswag}
+    if out is not None:  # first: an unwritable --out must not be found after the whole evaluation
+        check_output_file(out, [model if isinstance(model, str) else None, *sources.values(), lm_eval_include,
+                                lm_eval_data])
     chosen = parse_tasks(tasks) if tasks is not None else [t for t in TASKS if sources[t] is not None]
     extra = parse_lm_eval(lm_eval)
     if not chosen and not extra:
@@ -97,14 +150,24 @@ def evaluate(
     for task in chosen:
         if sources[task] is None:
             raise DepthpruneError(f"task '{task}' needs its data: pass {DATA_HINTS[task]}")
-    for name, value in (("--limit", limit), ("--boolq-limit", boolq_limit)):
-        if value is not None and value < 1:
-            raise DepthpruneError(f"{name} must be at least 1, got {value}")
+    _check_options(shots, limit, boolq_limit, batch_size, max_length, c4_sequences, c4_seq_len, lm_eval_fewshot)
+    scored_len = c4_seq_len if "c4" in chosen else None
+    config = check_model(model, trust_remote_code)
+    if config is not None:
+        _check_lengths(config, max_length, scored_len)
+    c4_config = c4_config if c4_config is not None else ("en" if c4 == "allenai/c4" else None)
+    for task in chosen:
+        _check_data(task, sources[task], subjects, shots, c4_config, c4_split)
+    if extra:
+        from .lm_eval_bridge import check_tasks
+
+        check_tasks(extra, lm_eval_include, lm_eval_data)
     spec = model
     if isinstance(model, str):
         model, tokenizer = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     elif tokenizer is None:
         raise DepthpruneError("pass the tokenizer together with an already loaded model")
+    _check_lengths(model.config, max_length, scored_len)  # hub ids and GGUF files: known only now
 
     from .arc import evaluate_arc
     from .boolq import evaluate_boolq
@@ -129,9 +192,8 @@ def evaluate(
             r = evaluate_hellaswag(model, tokenizer, hellaswag, limit=limit, batch_size=batch_size,
                                    max_length=max_length, progress=progress)
         else:
-            config = c4_config if c4_config is not None else ("en" if c4 == "allenai/c4" else None)
             r = c4_loss(model, tokenizer, c4, num_sequences=c4_sequences, seq_len=c4_seq_len, seed=seed,
-                        batch_size=batch_size, config=config, split=c4_split, progress=progress)
+                        batch_size=batch_size, config=c4_config, split=c4_split, progress=progress)
         r["seconds"] = round(time.perf_counter() - start, 2)
         result["tasks"][task] = r
     if extra:
