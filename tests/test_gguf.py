@@ -163,6 +163,43 @@ def test_bad_cuts_fail_with_one_line_and_write_nothing(tmp_path, case, match):
     assert _nothing_written(tmp_path, {"in.gguf"}) and source.read_bytes() == before
 
 
+# --- command line ----------------------------------------------------------------------------------------
+
+
+def test_cli_prunes_a_gguf_into_a_gguf(tiny_gguf, tmp_path, capsys):
+    from depthprune.cli import main
+
+    out = tmp_path / "cut.gguf"
+    assert main(["prune", str(tiny_gguf), "--layers", "1-2", "--out", str(out)]) == 0
+    assert "removed layers 1-2" in capsys.readouterr().out
+    assert field_value(open_gguf(out), "llama.block_count") == 2
+    assert main(["prune", str(tiny_gguf), "--n", "1", "--strategy", "deepest", "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert main(["prune", str(tiny_gguf), "--n", "1", "--strategy", "deepest", "--out", str(out), "--force"]) == 0
+    assert field_value(open_gguf(out), "depthprune.removed_layers") == [2]  # deepest: before the last layer
+
+
+def test_cli_refuses_a_gguf_output_from_a_checkpoint(tiny_checkpoint, tmp_path, capsys):
+    from depthprune.cli import main
+
+    assert main(["prune", str(tiny_checkpoint), "--layers", "1", "--out", str(tmp_path / "cut.gguf")]) == 2
+    assert "needs a .gguf file or an embedded alias" in capsys.readouterr().err
+    assert not (tmp_path / "cut.gguf").exists()
+
+
+def test_cli_exports(tiny_gguf, tiny_checkpoint, tmp_path, capsys):
+    from depthprune.cli import main
+
+    ckpt = _pruned_checkpoint(tmp_path / "ckpt", "llama", [1], str(tiny_gguf))
+    assert main(["export", str(ckpt), "--outtype", "q8_0", "--out", str(tmp_path / "m.gguf")]) == 0
+    assert field_value(open_gguf(tmp_path / "m.gguf"), "general.file_type") == 7  # MOSTLY_Q8_0
+    ckpt = _pruned_checkpoint(tmp_path / "ckpt2", "llama", [1], str(tiny_checkpoint))
+    assert main(["export", str(ckpt), "--format", "mergekit", "--out", str(tmp_path / "m.yml")]) == 0
+    assert yaml.safe_load((tmp_path / "m.yml").read_text())["merge_method"] == "passthrough"
+    assert main(["export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.gguf")]) == 2
+    assert "not a checkpoint directory" in capsys.readouterr().err
+
+
 # --- export ----------------------------------------------------------------------------------------------
 
 

@@ -164,13 +164,21 @@ class CutPlan:
     swa_array: tuple[bool, ...] | None  # a per-layer sliding-window pattern to add, when the period breaks
 
 
-def plan_cut(reader, removed: Sequence[int], swa_pattern: str = "period") -> CutPlan:
-    """Check that ``removed`` (0-based) can be cut from the file read by ``reader``; writes nothing."""
+def check_renumberable(reader) -> int:
+    """Check that the file's layers can be renumbered at all (architecture, tensor names); returns the layer count."""
     arch = gguf_architecture(reader)
     if arch not in RENUMBERABLE_ARCHS:
         raise DepthpruneError(f"cannot cut '{arch}' GGUF files: depthprune renumbers only architectures whose "
                               f"layers are known to be independent of their index ({', '.join(sorted(RENUMBERABLE_ARCHS))})")
     count = gguf_block_count(reader)
+    _check_tensors(reader, arch, count)
+    return count
+
+
+def plan_cut(reader, removed: Sequence[int], swa_pattern: str = "period") -> CutPlan:
+    """Check that ``removed`` (0-based) can be cut from the file read by ``reader``; writes nothing."""
+    count = check_renumberable(reader)
+    arch = gguf_architecture(reader)
     drop = sorted(set(removed))
     if not drop:
         raise DepthpruneError("no layers to remove: give at least one")
@@ -178,7 +186,6 @@ def plan_cut(reader, removed: Sequence[int], swa_pattern: str = "period") -> Cut
         raise DepthpruneError(f"cannot remove layers {drop}: the model has layers 0..{count - 1}")
     if len(drop) >= count:
         raise DepthpruneError(f"cannot remove all {count} layers: keep at least one")
-    _check_tensors(reader, arch, count)
     kept = tuple(i for i in range(count) if i not in set(drop))
     per_layer = tuple(
         name for name, field in reader.fields.items()
