@@ -81,7 +81,8 @@ def prune_gguf(
                             data.source if data else None], "output GGUF file")
     if Path(out).exists() and not force:
         raise DepthpruneError(f"output file '{out}' exists: choose another --out or pass --force")
-    total = check_renumberable(open_gguf(source))
+    reader = open_gguf(source)
+    total = check_renumberable(reader)
     if isinstance(distances, (str, Path)):
         distances = load_distances(distances)
     if distances is not None and distances.num_layers != total:
@@ -91,4 +92,4 @@ def prune_gguf(
         raise DepthpruneError("strategy 'similarity' needs --distances DIR (from `depthprune analyze`) or --data SRC")
     selection = _select(model, total, n, fraction, layers, strategy, distances, data, batch_size, tokens, progress)
     return cut_gguf(source, selection.layers, out, criterion=selection.strategy, distance=selection.distance,
-                    swa_pattern=swa_pattern, source_name=model)
+                    swa_pattern=swa_pattern, source_name=model, reader=reader)

@@ -296,15 +296,17 @@ def cut_gguf(
     distance: float | None = None,
     swa_pattern: str = "period",
     source_name: str | None = None,
+    reader=None,
 ) -> dict:
     """Remove ``layers`` (0-based) from the GGUF file ``source`` and write the result to ``out``; returns a record.
 
     Every kept tensor keeps its bytes and quantization type. Checks everything before writing; the output
-    appears under a temporary name and is renamed into place when complete.
+    appears under a temporary name and is renamed into place when complete. Pass the ``reader`` of
+    :func:`open_gguf` if you have one: gguf-py parses a large vocabulary slowly (seconds to minutes).
     """
     source = Path(source)
     check_output_file(out, [source], "output GGUF file")
-    reader = open_gguf(source)
+    reader = reader if reader is not None else open_gguf(source)
     plan = plan_cut(reader, layers, swa_pattern)
     name = source_name or source.name
     write_gguf_atomically(out, lambda tmp: write_cut(reader, plan, tmp, name, criterion, distance))
