@@ -27,7 +27,7 @@ HIDDEN = 32
 
 
 def _write_tiny_gguf(path: Path, arch: str = "llama", blocks: int = 4, sliding_window: int | None = None,
-                     extra_tensors: tuple[str, ...] = ()) -> Path:
+                     extra_tensors: tuple[str, ...] = (), swa_period: int | None = None) -> Path:
     """A GGUF with ``blocks`` layers of random tensors in three storage types, tokenizer keys and a per-layer array."""
     from gguf import GGMLQuantizationType, GGUFWriter, quants
 
@@ -40,6 +40,8 @@ def _write_tiny_gguf(path: Path, arch: str = "llama", blocks: int = 4, sliding_w
     writer.add_array(f"{arch}.rope.dimension_sections", [1, 2, 3])  # not per layer: left alone
     if sliding_window:
         writer.add_sliding_window(sliding_window)
+    if swa_period:
+        writer.add_sliding_window_pattern(swa_period)
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list([f"t{i}" for i in range(VOCAB)])
     writer.add_chat_template("{{ messages }}")
@@ -122,6 +124,17 @@ def test_gemma3_cut_breaking_the_period_is_refused_or_written_as_array(tmp_path)
     expected = swa_period_pattern(6, 12)
     del expected[2]
     assert [bool(x) for x in pattern] == expected
+
+
+def test_a_stored_period_wins_and_is_replaced_by_an_array_when_needed(tmp_path):
+    source = _write_tiny_gguf(tmp_path / "g.gguf", "gemma3", blocks=6, sliding_window=4, swa_period=3)
+    cut_gguf(source, [3, 4, 5], tmp_path / "a.gguf")  # layers 0-2: global at 2, as the stored period 3 says
+    assert field_value(open_gguf(tmp_path / "a.gguf"), "gemma3.attention.sliding_window_pattern") == 3
+    with pytest.raises(DepthpruneError, match="period of 3"):
+        cut_gguf(source, [0], tmp_path / "b.gguf")
+    cut_gguf(source, [0], tmp_path / "b.gguf", swa_pattern="array")
+    pattern = field_value(open_gguf(tmp_path / "b.gguf"), "gemma3.attention.sliding_window_pattern")
+    assert [bool(x) for x in pattern] == [True, False, True, True, False]
 
 
 def test_per_layer_pattern_array_is_cut_like_any_per_layer_array(tmp_path):

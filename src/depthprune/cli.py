@@ -93,7 +93,7 @@ def _run_export(args) -> None:
     from .export import export
 
     out = export(args.model, args.out, args.format, args.outtype, swa_pattern=args.swa_pattern,
-                 tokenizer=args.tokenizer_gguf)
+                 tokenizer=args.tokenizer_gguf, force=args.force)
     print(f"wrote {out}")
 
 
@@ -300,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--swa-pattern", default="period", choices=["period", "array"], help="as for prune")
     p.add_argument("--tokenizer-gguf", help="GGUF file to copy the tokenizer from (default: the checkpoint's source)")
     p.add_argument("--out", required=True, help="output .gguf or .yml file")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(run=_run_export)
 
     _add_heal_parser(commands)

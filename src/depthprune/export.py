@@ -254,14 +254,20 @@ def _write_gguf(path: Path, checkpoint: Checkpoint, arch: GGUFArch, outtype: str
     writer.close()
 
 
+def _check_new_file(out: str | Path, inputs: list, force: bool) -> None:
+    check_output_file(out, inputs, "output file")
+    if Path(out).exists() and not force:
+        raise DepthpruneError(f"output file '{out}' exists: choose another --out or pass --force")
+
+
 def export_gguf(checkpoint: str | Path, out: str | Path, outtype: str = "f16", *, swa_pattern: str = "period",
-                tokenizer: str | Path | None = None) -> Path:
+                tokenizer: str | Path | None = None, force: bool = False) -> Path:
     """Write the checkpoint as a GGUF file for llama.cpp; checked before anything is written, renamed into place."""
     _outtype(outtype)
     ckpt = Checkpoint.open(checkpoint)
     arch = gguf_arch(ckpt.config)
     source = Path(tokenizer) if tokenizer is not None else tokenizer_gguf(ckpt)
-    check_output_file(out, [ckpt.path, source], "output GGUF file")
+    _check_new_file(out, [ckpt.path, source], force)
     reader = open_gguf(source)
     write_gguf_atomically(out, lambda tmp: _write_gguf(tmp, ckpt, arch, outtype, swa_pattern, reader))
     return Path(out)
@@ -331,18 +337,18 @@ def mergekit_yaml(checkpoint: str | Path, source: str | None = None) -> str:
     return header + yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None)
 
 
-def export_mergekit(checkpoint: str | Path, out: str | Path, source: str | None = None) -> Path:
+def export_mergekit(checkpoint: str | Path, out: str | Path, source: str | None = None, force: bool = False) -> Path:
     """Write :func:`mergekit_yaml` to ``out`` atomically."""
-    check_output_file(out, [checkpoint], "output YAML file")
+    _check_new_file(out, [checkpoint], force)
     atomic_write_text(out, mergekit_yaml(checkpoint, source))
     return Path(out)
 
 
 def export(checkpoint: str | Path, out: str | Path, fmt: str = "gguf", outtype: str = "f16", *,
-           swa_pattern: str = "period", tokenizer: str | Path | None = None) -> Path:
+           swa_pattern: str = "period", tokenizer: str | Path | None = None, force: bool = False) -> Path:
     """``depthprune export``: the checkpoint as a GGUF file (``fmt='gguf'``) or a mergekit recipe ('mergekit')."""
     if fmt == "gguf":
-        return export_gguf(checkpoint, out, outtype, swa_pattern=swa_pattern, tokenizer=tokenizer)
+        return export_gguf(checkpoint, out, outtype, swa_pattern=swa_pattern, tokenizer=tokenizer, force=force)
     if fmt == "mergekit":
-        return export_mergekit(checkpoint, out)
+        return export_mergekit(checkpoint, out, force=force)
     raise DepthpruneError(f"unknown export format '{fmt}': choose one of {', '.join(FORMATS)}")

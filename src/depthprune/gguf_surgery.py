@@ -87,35 +87,37 @@ def swa_period_pattern(period: int, count: int) -> list[bool]:
     return [period == 0 or i % period < period - 1 for i in range(count)]
 
 
-def sliding_layers(reader) -> list[bool] | None:
-    """Which layers use sliding-window attention in llama.cpp, or None when the index decides nothing."""
+def swa_period(reader) -> int | None:
+    """The period by which llama.cpp assigns sliding-window layers of this file, or None when it uses none.
+
+    A period stored in the file wins over the architecture's built-in one.
+    """
     arch = gguf_architecture(reader)
-    count = gguf_block_count(reader)
-    pattern = field_value(reader, f"{arch}.attention.sliding_window_pattern")
-    if isinstance(pattern, list):
-        return [bool(x) for x in pattern]
-    window = field_value(reader, f"{arch}.attention.sliding_window")
-    if arch not in SWA_PERIODS or not window:
+    if arch not in SWA_PERIODS or not field_value(reader, f"{arch}.attention.sliding_window"):
         return None
-    return swa_period_pattern(pattern if isinstance(pattern, int) else SWA_PERIODS[arch], count)
+    stored = field_value(reader, f"{arch}.attention.sliding_window_pattern")
+    if isinstance(stored, list):
+        return None  # per layer: cut like every per-layer array
+    return stored if isinstance(stored, int) else SWA_PERIODS[arch]
 
 
-def check_swa_pattern(arch: str, kept: list[bool], swa_pattern: str) -> list[bool] | None:
+def check_swa_pattern(arch: str, kept: list[bool], swa_pattern: str, period: int | None = None) -> list[bool] | None:
     """The per-layer array to write so that every kept layer keeps its attention type, or None if none is needed.
 
-    ``kept`` are the kept layers' sliding flags in their new order. With ``swa_pattern='period'`` a cut
-    that the runtime's built-in period would assign differently is refused.
+    ``kept`` are the kept layers' sliding flags in their new order; ``period`` is the runtime's (default:
+    the architecture's). With ``swa_pattern='period'`` a cut that the period would assign differently is refused.
     """
     if swa_pattern not in SWA_PATTERN_MODES:
         raise DepthpruneError(f"unknown swa_pattern '{swa_pattern}': choose one of {', '.join(SWA_PATTERN_MODES)}")
-    if kept == swa_period_pattern(SWA_PERIODS[arch], len(kept)):
+    period = SWA_PERIODS[arch] if period is None else period
+    if kept == swa_period_pattern(period, len(kept)):
         return None
     if swa_pattern == "array":
         return kept
     globals_ = [i for i, slides in enumerate(kept) if not slides]
     raise DepthpruneError(
         f"this cut leaves global attention at layers {globals_} of {len(kept)}, but llama.cpp assigns {arch} "
-        f"layers by a period of {SWA_PERIODS[arch]}, so the file would compute something else; choose other "
+        f"layers by a period of {period}, so the file would compute something else; choose other "
         "layers, or pass --swa-pattern array to write a per-layer pattern (needs a llama.cpp that reads "
         f"{arch}.attention.sliding_window_pattern)"
     )
@@ -136,7 +138,7 @@ def _check_tensors(reader, arch: str, count: int) -> None:
     global_names, block_tails = _known_tensor_names(arch)
     seen_blocks = set()
     for tensor in reader.tensors:
-        stem = re.sub(r"\.(weight|bias|scale)$", "", tensor.name)
+        stem = re.sub(r"\.(weight|bias)$", "", tensor.name)
         match = _BLOCK.match(stem)
         if match:
             index, tail = int(match[1]), match[2]
@@ -192,10 +194,10 @@ def plan_cut(reader, removed: Sequence[int], swa_pattern: str = "period") -> Cut
         if name.startswith(f"{arch}.") and _is_array(field) and len(field.data) == count
     )
     swa_array = None
-    sliding = sliding_layers(reader)
-    pattern_key = f"{arch}.attention.sliding_window_pattern"
-    if sliding is not None and pattern_key not in per_layer:
-        swa_array = check_swa_pattern(arch, [sliding[i] for i in kept], swa_pattern)
+    period = swa_period(reader)
+    if period is not None:
+        sliding = swa_period_pattern(period, count)
+        swa_array = check_swa_pattern(arch, [sliding[i] for i in kept], swa_pattern, period)
     return CutPlan(arch, count, tuple(drop), kept, per_layer, tuple(swa_array) if swa_array is not None else None)
 
 
@@ -212,6 +214,8 @@ def _copy_metadata(reader, writer, plan: CutPlan) -> None:
         # GGUF.* are the reader's virtual header fields; the writer adds the architecture itself.
         if name.startswith(("GGUF.", PROVENANCE_PREFIX)) or name == "general.architecture":
             continue
+        if plan.swa_array is not None and name == f"{plan.arch}.attention.sliding_window_pattern":
+            continue  # a stored period, replaced by the per-layer array below
         value = field.contents()
         if name == f"{plan.arch}.block_count":
             value = len(plan.kept)
