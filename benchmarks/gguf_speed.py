@@ -2,7 +2,7 @@
 
 Each cut removes the similarity block ℓ*(n) of the model's analysis (``examples/<model>/analysis``) with
 n = round(fraction × L), cut straight from the embedded GGUF (same 4-bit weights). Every measurement runs
-in its own process (peak memory is that process's max RSS, from wait4), with a fixed thread count and
+in its own process (peak memory is that process's peak RSS, VmHWM), with a fixed thread count and
 CPU affinity; repeats are interleaved over the cuts so the shared machine's load drifts over all of them
 alike. Wall and CPU time are both reported; medians over the repeats.
 
@@ -25,6 +25,14 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DEPTHPRUNE_DATA", REPO.parent / "shared" / "data"))
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory since its exec (VmHWM; ru_maxrss would include the forking parent's)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status: peak memory needs Linux")
+
+
 def worker(args) -> None:
     """One measurement in this process: prefill ``--prefill`` tokens, then decode ``--decode`` one at a time."""
     from depthprune.gguf_runtime import c4_token_stream, load_llama
@@ -43,22 +51,20 @@ def worker(args) -> None:
         llm.eval([token])
     decode = (time.perf_counter() - wall, time.process_time() - cpu)
     print(json.dumps({"prefill_wall_s": prefill[0], "prefill_cpu_s": prefill[1],
-                      "decode_wall_s": decode[0], "decode_cpu_s": decode[1]}))
+                      "decode_wall_s": decode[0], "decode_cpu_s": decode[1], "peak_rss_bytes": peak_rss_bytes()}))
 
 
 def measure(path: Path, args) -> dict:
-    """Run one worker process on ``path``; add its peak RSS."""
+    """Run one worker process on ``path``."""
     command = [sys.executable, __file__, "--worker", str(path), "--threads", str(args.threads),
                "--prefill", str(args.prefill), "--decode", str(args.decode)]
     if args.cpu is not None:
         command += ["--cpu", str(args.cpu)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, env=env, text=True)
-    output = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    if status != 0:
+    result = subprocess.run(command, stdout=subprocess.PIPE, env=env, text=True)
+    if result.returncode != 0:
         raise SystemExit(f"worker failed on {path}")
-    return {**json.loads(output.strip().splitlines()[-1]), "peak_rss_bytes": usage.ru_maxrss * 1024}
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def c4_loss(path: Path, sequences: int, seq_len: int) -> float:
@@ -71,19 +77,22 @@ def c4_loss(path: Path, sequences: int, seq_len: int) -> float:
     return float(np.mean([mean_nll(next_token_logits(llm, piece), piece) for piece in pieces]))
 
 
-def make_cuts(model: str, fractions: list[float], out: Path) -> list[dict]:
-    """The similarity cut of each fraction as a GGUF file (the source itself for 0)."""
+def make_cuts(model: str, fractions: list[float], out: Path, reuse: bool) -> list[dict]:
+    """The similarity cut of each fraction as a GGUF file (the source itself for 0); ``reuse``: keep existing files."""
     from depthprune.errors import DepthpruneError
-    from depthprune.gguf_surgery import cut_gguf, gguf_block_count, open_gguf
+    from depthprune.gguf_surgery import cut_gguf, field_value, gguf_architecture, gguf_block_count, open_gguf
     from depthprune.models import resolve_model_source
     from depthprune.similarity import load_distances
 
     source = Path(resolve_model_source(model).location)
-    total = gguf_block_count(open_gguf(source))
+    reader = open_gguf(source)
+    total, arch = gguf_block_count(reader), gguf_architecture(reader)
     distances = load_distances(REPO / "examples" / model / "analysis")
     cuts = []
     for fraction in fractions:
         n = round(fraction * total)
+        if any(cut["n"] == n for cut in cuts):
+            continue  # two fractions rounding to the same cut (Gemma 3: 0.2 and 0.25 of 18 layers are 4)
         if n == 0:
             cuts.append({"model": model, "fraction": fraction, "n": 0, "layers": [], "path": source,
                          "swa_pattern": "-"})
@@ -91,11 +100,16 @@ def make_cuts(model: str, fractions: list[float], out: Path) -> list[dict]:
         start, _ = distances.best(n)
         layers = list(range(start, start + n))
         path = out / f"{model}-cut{n}.gguf"
+        if reuse and path.is_file():
+            mode = "array" if field_value(open_gguf(path), f"{arch}.attention.sliding_window_pattern") else "period"
+            cuts.append({"model": model, "fraction": fraction, "n": n, "layers": layers, "path": path,
+                         "swa_pattern": mode})
+            continue
         try:
-            cut_gguf(source, layers, path, criterion="similarity")
+            cut_gguf(source, layers, path, criterion="similarity", reader=reader)
             mode = "period"
         except DepthpruneError:  # this runtime reads a per-layer pattern; the benchmark measures speed
-            cut_gguf(source, layers, path, criterion="similarity", swa_pattern="array")
+            cut_gguf(source, layers, path, criterion="similarity", swa_pattern="array", reader=reader)
             mode = "array"
         cuts.append({"model": model, "fraction": fraction, "n": n, "layers": layers, "path": path,
                      "swa_pattern": mode})
@@ -151,6 +165,7 @@ def main() -> None:
     parser.add_argument("--decode", type=int, default=64)
     parser.add_argument("--loss-sequences", type=int, default=4, help="C4 sequences of 256 tokens for the loss")
     parser.add_argument("--out", type=Path, default=Path("runs/gguf-speed"))
+    parser.add_argument("--reuse-cuts", action="store_true", help="keep cut files already in --out")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.cpu = None if args.cpu == -1 else args.cpu
@@ -158,7 +173,7 @@ def main() -> None:
         return worker(args)
     args.out.mkdir(parents=True, exist_ok=True)
     fractions = [float(f) for f in args.fractions.split(",")]
-    cuts = [cut for model in args.models.split(",") for cut in make_cuts(model, fractions, args.out)]
+    cuts = [cut for model in args.models.split(",") for cut in make_cuts(model, fractions, args.out, args.reuse_cuts)]
     runs: dict[str, list[dict]] = {str(c["path"]): [] for c in cuts}
     for repeat in range(args.repeats):
         order = cuts[repeat % len(cuts):] + cuts[: repeat % len(cuts)]  # rotate: no cut always first

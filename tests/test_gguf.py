@@ -499,3 +499,21 @@ def test_exported_checkpoint_matches_hf_loss_and_tokenizes_identically_in_llama_
             assert llm.tokenize(data, add_bos=True) == source_vocab.tokenize(data, add_bos=True)
         del llm
         out.unlink()
+
+
+@pytest.mark.slow
+def test_cli_prunes_an_embedded_model_by_measured_similarity_into_a_gguf(tmp_path, shared_data, capsys):
+    """The selection is measured on the de-quantized copy; the cut is applied to the 4-bit file."""
+    from depthprune.cli import main
+    from depthprune.models import resolve_model_source
+
+    out = tmp_path / "cut.gguf"
+    assert main(["prune", "smollm2-135m", "--fraction", "0.1", "--data", str(shared_data / "c4" / "validation.jsonl"),
+                 "--samples", "8", "--seq-len", "64", "--out", str(out)]) == 0
+    assert "quantization kept" in capsys.readouterr().out
+    reader = open_gguf(out)
+    assert field_value(reader, "depthprune.criterion") == "similarity"
+    assert field_value(reader, "depthprune.source") == "smollm2-135m"
+    assert len(field_value(reader, "depthprune.removed_layers")) == 3
+    source_types = {t.tensor_type.name for t in open_gguf(resolve_model_source("smollm2-135m").location).tensors}
+    assert {t.tensor_type.name for t in reader.tensors} == source_types  # still Q4_1 (and Q8_0, F32)
