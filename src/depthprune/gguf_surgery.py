@@ -179,6 +179,8 @@ def check_renumberable(reader) -> int:
 
 def plan_cut(reader, removed: Sequence[int], swa_pattern: str = "period") -> CutPlan:
     """Check that ``removed`` (0-based) can be cut from the file read by ``reader``; writes nothing."""
+    if swa_pattern not in SWA_PATTERN_MODES:
+        raise DepthpruneError(f"unknown swa_pattern '{swa_pattern}': choose one of {', '.join(SWA_PATTERN_MODES)}")
     count = check_renumberable(reader)
     arch = gguf_architecture(reader)
     drop = sorted(set(removed))
