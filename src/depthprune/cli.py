@@ -85,9 +85,14 @@ def _run_analyze(args) -> None:
 def _run_prune(args) -> None:
     from .api import prune
 
-    record = prune(args.model, args.out, n=args.n, fraction=args.fraction, layers=args.layers,
-                   criterion=args.criterion, distances=args.distances, data=_data_options(args), force=args.force,
-                   **_analysis_kwargs(args), **_memory_kwargs(args), **_model_kwargs(args))
+    common = dict(n=args.n, fraction=args.fraction, layers=args.layers, criterion=args.criterion,
+                  distances=args.distances, data=_data_options(args), force=args.force, **_analysis_kwargs(args))
+    if (args.format or ("gguf" if args.out.lower().endswith(".gguf") else "checkpoint")) == "gguf":
+        from .gguf_prune import prune_gguf
+
+        record = prune_gguf(args.model, args.out, swa_pattern=args.swa_pattern, **common)
+    else:
+        record = prune(args.model, args.out, **common, **_memory_kwargs(args), **_model_kwargs(args))
     from .select import format_layers
 
     distance = record["angular_distance"]
@@ -96,7 +101,17 @@ def _run_prune(args) -> None:
     print(f"layers:     {record['layers_before']:>12,} -> {record['layers_after']:,}")
     print(f"parameters: {record['parameters_before']:>12,} -> {record['parameters_after']:,} "
           f"({100 * (1 - record['parameters_after'] / record['parameters_before']):.1f}% fewer)")
+    if "bytes_after" in record:
+        print(f"file size:  {record['bytes_before']:>12,} -> {record['bytes_after']:,} bytes (quantization kept)")
     print(f"saved the pruned model to {args.out}")
+
+
+def _run_export(args) -> None:
+    from .export import export
+
+    out = export(args.model, args.out, args.format, args.outtype, swa_pattern=args.swa_pattern,
+                 tokenizer=args.tokenizer_gguf, force=args.force)
+    print(f"wrote {out}")
 
 
 def _run_eval(args) -> None:
@@ -265,9 +280,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which layers to remove (default: similarity). " + CRITERIA.help())
     p.add_argument("--distances", help="directory written by `depthprune analyze` (else measured from --data)")
     _add_data_options(p, required=False)
-    p.add_argument("--out", required=True, help="output directory for the pruned checkpoint")
+    p.add_argument("--out", required=True, help="output directory for the pruned checkpoint, or a .gguf file")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--format", choices=["checkpoint", "gguf"],
+                   help="gguf: cut the GGUF file itself, keeping its quantization (default when --out ends in .gguf)")
+    p.add_argument("--swa-pattern", default="period", choices=["period", "array"],
+                   help="GGUF sliding-window models: period refuses a cut that changes a layer's attention type "
+                        "under llama.cpp's fixed period; array writes a per-layer pattern (newer llama.cpp only)")
     p.set_defaults(run=_run_prune)
+
+    p = commands.add_parser("export", help="write a checkpoint as a GGUF file for llama.cpp, or as a mergekit recipe")
+    p.add_argument("model", help="checkpoint directory (pruned, healed or merged)")
+    p.add_argument("--format", default="gguf", choices=["gguf", "mergekit"],
+                   help="gguf (Llama, Gemma 3) or mergekit (passthrough YAML that rebuilds the cut)")
+    p.add_argument("--outtype", default="f16", choices=["f16", "bf16", "q8_0"], help="GGUF weight type (default f16)")
+    p.add_argument("--swa-pattern", default="period", choices=["period", "array"], help="as for prune")
+    p.add_argument("--tokenizer-gguf", help="GGUF file to copy the tokenizer from (default: the checkpoint's source)")
+    p.add_argument("--out", required=True, help="output .gguf or .yml file")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.set_defaults(run=_run_export)
 
     _add_heal_parser(commands)
 
