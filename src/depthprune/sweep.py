@@ -21,6 +21,7 @@ state of ``OUT``), then loads the model, and only then writes: a bad input never
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -497,13 +498,32 @@ def run_sweep(c: SweepConfig, log=print, force: bool = False, quiet: bool = Fals
 
 def _run_points(model, tokenizer, c: SweepConfig, work: Path, db, todo: list[tuple[int, str, str]], total: int,
                 context: SelectionContext, progress: SweepProgress) -> None:
+    """The serial executor: each point in turn, in this process, on the loaded model (the seam that
+    :mod:`depthprune.ray_sweep` replaces by Ray tasks); a point that raises stops the sweep."""
     for point in todo:
         key = point_key(*point)
         with progress.point(key):
-            metrics, seconds = _run_point(model, tokenizer, c, work, db, point, total, context, progress)
-            progress.say(f"done in {duration(seconds)}: " + ", ".join(
-                f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and not k.endswith("_chance")))
-        progress.finished(key, seconds)
+            row = run_point(model, tokenizer, c, work, point, select_point(point, context), total, progress)
+            record_point(c, work, db, row, progress)
+        progress.finished(key, row["details"]["seconds"])
+
+
+def select_point(point: tuple[int, str, str], context: SelectionContext):
+    """The layers a point removes (its criterion's :class:`~depthprune.select.Selection`; None for the full model).
+    Cheap once the analysis is done: the Ray driver computes it for every point and sends it by value."""
+    n, criterion, _ = point
+    return choose(criterion, n, context) if n > 0 else None
+
+
+def record_point(c: SweepConfig, work: Path, db, row: dict, progress: SweepProgress) -> None:
+    """Save one point's row (one transaction; a failure recorded for it goes), say its numbers, and drop its
+    healed model unless kept. Only the process that owns ``results.sqlite`` calls this."""
+    save_point(db, **row)
+    metrics = row["metrics"]
+    progress.say(f"done in {duration(row['details']['seconds'])}: " + ", ".join(
+        f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and not k.endswith("_chance")))
+    if row["heal"] != "none" and not c.keep_models:
+        shutil.rmtree(_point_dir(work, row["n"], row["criterion"], row["heal"]), ignore_errors=True)
 
 
 def _points(c: SweepConfig, sizes: list[int], total: int) -> list[tuple[int, str, str]]:
@@ -643,13 +663,17 @@ def _point_dir(work: Path, n: int, criterion: str, heal: str) -> Path:
     return work / "points" / f"n{n:03d}-{criterion}-{heal}"
 
 
-def _run_point(model, tokenizer, c: SweepConfig, work: Path, db, point: tuple[int, str, str], total: int,
-               context: SelectionContext, progress: SweepProgress) -> tuple[dict, float]:
-    """Evaluate one point and record it in one transaction; returns its metrics and the seconds it took.
-    (Its cost metrics come later, from the cost phase.)"""
+def run_point(model, tokenizer, c: SweepConfig, work: Path, point: tuple[int, str, str], selection, total: int,
+              progress: SweepProgress) -> dict:
+    """Evaluate one point (cut, heal, evaluate) and return its row, the keyword arguments of
+    :func:`~depthprune.store.save_point` (with the seconds it took in ``details``); writes no row.
+
+    ``model`` comes back unchanged, so the next point can use it. Its cost metrics come later, from the cost
+    phase. Runs in the sweep's process (serial) or in a Ray worker (``ray_sweep``), which returns the row
+    to the driver.
+    """
     n, criterion, method = point
     start = time.perf_counter()
-    selection = choose(criterion, n, context) if n > 0 else None
     layers = selection.layers if selection else ()
     progress.say(f"cut: removing layers {list(layers) if layers else 'none'}")
     healing = None
@@ -658,19 +682,46 @@ def _run_point(model, tokenizer, c: SweepConfig, work: Path, db, point: tuple[in
             evaluation = _evaluate(cut, tokenizer, c, progress=progress)
     else:
         steps = _heal_steps(c, method)
-        with progress.stage(f"healing ({method}, {steps} steps)", detail=_heal_status(work, point, steps)):
+        with offloaded(model, c.device), \
+                progress.stage(f"healing ({method}, {steps} steps)", detail=_heal_status(work, point, steps)):
             healed, healing = _heal_point(model, tokenizer, c, work, point, selection, total)
-        progress.say(_healed_line(healing))
-        evaluation = _evaluate(healed, tokenizer, c, progress=progress)
-        del healed
+            progress.say(_healed_line(healing))
+            evaluation = _evaluate(healed, tokenizer, c, progress=progress)
+            del healed
+            _free_accelerator_cache()
     metrics = flatten_metrics(evaluation, None, healing)
     seconds = round(time.perf_counter() - start, 1)
-    save_point(db, n=n, fraction=n / total, criterion=criterion, heal=method, removed_layers=layers,
-               distance=selection.distance if selection else None, metrics=metrics,
-               details={"evaluation": evaluation, "cost": None, "healing": healing, "seconds": seconds})
-    if method != "none" and not c.keep_models:
-        shutil.rmtree(_point_dir(work, *point), ignore_errors=True)
-    return metrics, seconds
+    return dict(n=n, fraction=n / total, criterion=criterion, heal=method, removed_layers=tuple(layers),
+                distance=selection.distance if selection else None, metrics=metrics,
+                details={"evaluation": evaluation, "cost": None, "healing": healing, "seconds": seconds})
+
+
+@contextlib.contextmanager
+def offloaded(model, device: str):
+    """While a healed point trains and is evaluated on the GPU, the sweep's loaded base model waits in CPU
+    memory (``device`` 'cuda'), and comes back after: the GPU holds one model at a time (see the paper
+    config's memory per step). A no-op on CPU, and for 'auto' (a model dispatched over several GPUs by
+    accelerate stays where its hooks put it)."""
+    if device != "cuda":
+        yield model
+        return
+    home = next(model.parameters()).device
+    model.to("cpu")
+    _free_accelerator_cache()
+    try:
+        yield model
+    finally:
+        model.to(home)
+
+
+def _free_accelerator_cache() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _heal_steps(c: SweepConfig, method: str) -> int | str:
@@ -724,6 +775,10 @@ def _heal_point(model, tokenizer, c: SweepConfig, work: Path, point: tuple[int, 
     earlier versions took, without the disk round trip), so the loaded model comes back unchanged for
     the next points. qlora only reads the cut, into a 4-bit copy. The healing is named by the base model
     and the layers removed (in ``heal_config.json``): a rerun recreates the same cut and resumes.
+
+    Called with the base model offloaded to the CPU (:func:`offloaded`): the copy is made there and moved
+    to the GPU alone, and qlora's merge writes each layer straight in the sweep's dtype (``merge_dtype``), so
+    the GPU never holds the base beside the trainee, nor a float32 copy of the merged model.
     """
     from .heal import heal_loaded
 
@@ -739,12 +794,17 @@ def _heal_point(model, tokenizer, c: SweepConfig, work: Path, point: tuple[int, 
     params_before = count_parameters(model)
     with layers_removed(model, selection.layers) as cut:
         record = pruning_record(c.model, total, params_before, cut, selection)
-        trainee = cut if HEALING.get(point[2]).quantized_base else copy.deepcopy(cut)
+        trainee = cut if HEALING.get(point[2]).quantized_base else copy.deepcopy(cut).to(_train_device(c, cut))
         result = heal_loaded(trainee, c.heal_data, str(healed), tokenizer=tokenizer, model_id=model_id, record=record,
                              val_data=c.heal_val_data, preset=c.heal_preset, device=c.device, dtype=c.dtype,
-                             progress=True, **options)
+                             merge_dtype=c.dtype, progress=True, **options)
     del trainee
     return result.model.to(DTYPES[c.dtype]), result.record
+
+
+def _train_device(c: SweepConfig, cut):
+    """Where a copied cut trains: the GPU for device 'cuda' (the base waits on the CPU meanwhile), else where it is."""
+    return "cuda" if c.device == "cuda" else next(cut.parameters()).device
 
 
 def _started_elsewhere(healed: Path, model_id: str) -> bool:

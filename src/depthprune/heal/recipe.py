@@ -135,6 +135,7 @@ def heal_loaded(
     trust_remote_code: bool = False,
     progress: bool | ProgressHook = True,
     load_finished: bool = True,
+    merge_dtype: str | None = None,
     **options,
 ) -> Healed:
     """Heal ``model``, save the merged checkpoint to ``out``, and return the record and the merged model.
@@ -158,7 +159,8 @@ def heal_loaded(
     The same call after a kill continues from the last checkpoint; after success it returns the stored
     record, marked ``already_healed`` (and, with ``load_finished``, the model read back from ``out``). ``restart`` discards an
     unfinished run in ``out`` and starts over; ``force`` replaces whatever else ``out`` holds, once the
-    new result is complete.
+    new result is complete. ``merge_dtype``: the dtype a 4-bit base (qlora) is merged into, layer by layer
+    (default float32: full precision; the sweep asks for its own dtype, so no float32 copy is ever made).
     """
     quiet_bitsandbytes()
     o = resolve_options(preset, **options)
@@ -197,7 +199,7 @@ def heal_loaded(
             return Healed({"stopped_at_step": state.progress.step, "steps": steps}, None)
         result = healing_record(run, state, data)
         base_record = record if in_memory else _input_record(model)
-        merged = finish(run, state, result, base_record or {"source_model": model_id}, save_adapter) \
+        merged = finish(run, state, result, base_record or {"source_model": model_id}, save_adapter, merge_dtype) \
             if processes.main else None
         processes.barrier()
     return Healed(result, merged, state.tokenizer)
@@ -360,12 +362,19 @@ def save_checkpoint(run: Run, state: TrainingState) -> None:
     run.processes.barrier()
 
 
-def merged_model(net: nn.Module, o: HealOptions) -> nn.Module:
-    """The trained model as an ordinary transformers model, merged by its method."""
-    return HEAL_METHODS.get(o.method).merge(net, o)
+def merged_model(net: nn.Module, o: HealOptions, dtype: str | None = None) -> nn.Module:
+    """The trained model as an ordinary transformers model, merged by its method (a 4-bit base into ``dtype``,
+    default float32)."""
+    method = HEAL_METHODS.get(o.method)
+    if method.quantized_base and dtype is not None:
+        from ..models import DTYPES
+
+        return method.merge(net, o, dtype=DTYPES[dtype])
+    return method.merge(net, o)
 
 
-def finish(run: Run, state: TrainingState, result: dict, base_record: dict, save_adapter: bool) -> nn.Module:
+def finish(run: Run, state: TrainingState, result: dict, base_record: dict, save_adapter: bool,
+           merge_dtype: str | None = None) -> nn.Module:
     """Assemble the merged model beside OUT with the settings, log and record; swap it in; drop the work
     folder. Returns the merged model (in eval mode)."""
     adapters = hasattr(state.net, "peft_config")
@@ -376,7 +385,7 @@ def finish(run: Run, state: TrainingState, result: dict, base_record: dict, save
     try:
         if save_adapter and adapters:
             state.net.save_pretrained(tmp / "adapter")
-        merged = merged_model(state.net, run.o)
+        merged = merged_model(state.net, run.o, merge_dtype)
         merged.config.use_cache = True
         merged.save_pretrained(tmp)
         state.tokenizer.save_pretrained(tmp)
