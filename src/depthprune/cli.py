@@ -177,7 +177,7 @@ def _run_sweep(args) -> None:
     if args.heal_option:
         overrides["heal_options"] = dict(args.heal_option)
     config = resolve_config(args.config, **overrides)
-    out = run_sweep(config, force=args.force, quiet=args.quiet)
+    out = run_sweep(config, force=args.force, quiet=args.quiet, ray=args.ray)
     print(f"report: {write_report(out)}")
 
 
@@ -284,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "after an interruption, rerun with --force to continue the new sweep")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bars: one line per stage (and one a minute while a long stage runs), for logs")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run the points as Ray tasks: alone, on a local Ray instance; 'auto', on the cluster this "
+                        "machine joined (`ray start`); HOST:PORT or ray://HOST:PORT, on that cluster (needs "
+                        "depthprune[ray]; see the README's 'Past one machine')")
     add_options(p, SweepConfig, exclude={"model"}, title="settings (each also a key of --config)")
     add_task_data_options(p, title="task data (YAML: the task's name, e.g. `mmlu: DIR`)")
     p.add_argument("--heal-option", action="append", type=_key_value, metavar="KEY=VALUE",

@@ -58,6 +58,7 @@ from .store import (
     point_key,
     point_seconds,
     read_cost,
+    read_failed,
     read_finished,
     read_points,
     save_cost,
@@ -76,7 +77,7 @@ PATH_SETTINGS = ("model", "data", "lm_eval_include", "lm_eval_data", "heal_data"
 # Settings that may change between a run and its resumption: they do not change any result. (The cost is
 # timed again, with the settings of the run, every time a sweep finishes.)
 RESUMABLE_SETTINGS = {"out", "keep_models", "cost", "cost_prefill_len", "cost_decode_tokens", "cost_repeats",
-                      "cost_rounds"}
+                      "cost_rounds", "ray_cpus", "ray_eval_gpus", "ray_heal_gpus"}
 # Keys renamed since: an old config names the new key in its error; an old sweep.yaml is read as renamed.
 RENAMED = {"strategies": "criteria", "tokens": "token_mode"}
 
@@ -453,13 +454,16 @@ def _check_analysis_fits(distances: AngularDistances | None, total: int, work: P
 # ------------------------------------------------------------------------------------------ the run
 
 
-def run_sweep(c: SweepConfig, log=print, force: bool = False, quiet: bool = False) -> Path:
+def run_sweep(c: SweepConfig, log=print, force: bool = False, quiet: bool = False, ray: str | None = None) -> Path:
     """Run every point of ``c`` not yet in ``results.sqlite``, then time the cost; returns the output directory.
 
     Everything is checked before the model is loaded and anything is written; the run holds a lock on
     ``c.out``. ``force``: start over in :func:`force_dir`, which replaces ``c.out`` only once complete
     (the old sweep stays intact until then; an interrupted --force run continues when rerun with --force).
     ``log`` receives every progress line; ``quiet``: no tqdm bars (on standard error), only the lines.
+    ``ray``: run the points as Ray tasks (:mod:`depthprune.ray_sweep`) on a local instance ('local'), the
+    cluster of this machine ('auto') or the cluster at an address; points that fail there are recorded, the
+    others finish, and the sweep then raises one :class:`DepthpruneError` naming them (a rerun retries them).
     """
     c = with_resolved_paths(c)
     out = check_output_dir(Path(c.out), force=True, inputs=_inputs(c))
@@ -471,29 +475,64 @@ def run_sweep(c: SweepConfig, log=print, force: bool = False, quiet: bool = Fals
     calibrating = "calibration" in needs_of(c.criteria)  # a criterion that reads the calibration text itself
     texts = None if state.distances and not calibrating else \
         _readable("calibration data", c.data, load_calibration, _data_options(c))
-    with output_lock(out), library_bars_off(quiet):
-        log(f"loading {c.model}")
-        model, tokenizer = load_model(c.model, device=c.device, dtype=c.dtype)
-        total = num_layers(model)
-        points = _points(c, block_sizes(c, total), total)
-        _check_analysis_fits(state.distances, total, work)
-        db = _setup(c, work, state)
-        try:
-            distances = state.distances or _analyse(model, tokenizer, c, work, texts, log, progress=not quiet)
-            context = SelectionContext(total, distances, model, tokenizer,
-                                       tokenize(texts, tokenizer, c.seq_len) if calibrating else None)
-            progress = SweepProgress(log, [(point_key(*p), kind(p[2])) for p in points], point_seconds(db),
-                                     state.done, quiet=quiet, cost_phase=c.cost, cost_seconds=_last_cost_seconds(db))
-            progress.begin()
-            todo = [p for p in points if point_key(*p) not in state.done]
-            _run_points(model, tokenizer, c, work, db, todo, total, context, progress)
-            if c.cost:
-                _cost_phase(model, c, db, points, total, context, progress)
-        finally:
-            db.close()
-        _finish(c, out, work, len(points), total)
+    cluster = _connect_ray(ray, c, log) if ray is not None else None
+    failures: list[tuple[str, str]] = []
+    try:
+        with output_lock(out), library_bars_off(quiet):
+            log(f"loading {c.model}")
+            model, tokenizer = load_model(c.model, device=c.device, dtype=c.dtype)
+            total = num_layers(model)
+            points = _points(c, block_sizes(c, total), total)
+            _check_analysis_fits(state.distances, total, work)
+            db = _setup(c, work, state)
+            try:
+                distances = state.distances or _analyse(model, tokenizer, c, work, texts, log, progress=not quiet)
+                context = SelectionContext(total, distances, model, tokenizer,
+                                           tokenize(texts, tokenizer, c.seq_len) if calibrating else None)
+                progress = SweepProgress(log, [(point_key(*p), kind(p[2])) for p in points], point_seconds(db),
+                                         state.done, quiet=quiet, cost_phase=c.cost,
+                                         cost_seconds=_last_cost_seconds(db))
+                progress.begin()
+                todo = [p for p in points if point_key(*p) not in state.done]
+                retried = [key for key in read_failed(db) if key in {point_key(*p) for p in todo}]
+                if retried:
+                    log(f"retrying {len(retried)} point(s) that failed before: {', '.join(retried)}")
+                if cluster is None:
+                    _run_points(model, tokenizer, c, work, db, todo, total, context, progress)
+                else:
+                    from .ray_sweep import run_points
+
+                    with offloaded(model, c.device):  # the GPUs are the workers' while the points run
+                        failures = run_points(cluster, c, work, db, todo, total, context, progress)
+                if c.cost and not failures:
+                    _cost_phase(model, c, db, points, total, context, progress)
+            finally:
+                db.close()
+            if failures:
+                from .ray_sweep import summary
+
+                raise DepthpruneError(summary(failures, len(points), work))
+            _finish(c, out, work, len(points), total)
+    finally:
+        if cluster is not None:
+            cluster.close()
     log(f"sweep finished: {len(points)} points in {out}")
     return out
+
+
+def _connect_ray(address: str, c: SweepConfig, log):
+    """Connect to Ray before anything is loaded or written (a bad address fails fast), and check that a
+    point's task fits in the cluster at all."""
+    from .ray_sweep import check_resources, connect
+
+    cluster = connect(address)
+    try:
+        check_resources(cluster, c, healing=any(h != "none" for h in c.heal))
+    except BaseException:
+        cluster.close()
+        raise
+    log(f"points run as tasks on {cluster.describe()}")
+    return cluster
 
 
 def _run_points(model, tokenizer, c: SweepConfig, work: Path, db, todo: list[tuple[int, str, str]], total: int,
