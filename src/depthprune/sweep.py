@@ -202,6 +202,9 @@ def _check_healing(c: SweepConfig) -> None:
         raise DepthpruneError("healing needs training text: pass --heal-data SRC (or `heal_data:` in the config)")
     for method in methods or [None]:
         resolve_options(c.heal_preset, **{**c.heal_options, "method": method})
+    if c.heal_options.get("fsdp"):
+        raise DepthpruneError("heal_options.fsdp: a sweep heals each point in one process, and FSDP shards over "
+                              "several; heal a model that large with `torchrun ... depthprune heal --fsdp`")
 
 
 def block_sizes(c: SweepConfig, total_layers: int) -> list[int]:

@@ -29,7 +29,16 @@ from ..outputs import follow_umask, replace_dir, temporary_dir_beside
 from ..surgery import RECORD_FILE
 from . import checkpoint as ckpt
 from .data import PackedStream, check_vocabulary
-from .distributed import Processes, start, world_size
+from .distributed import (
+    Processes,
+    check_fsdp,
+    full_training_state,
+    gathered,
+    shard,
+    skeleton,
+    start,
+    world_size,
+)
 from .inputs import check_call, check_inputs, loaded_dtype, loaded_identity, model_identity
 from .loss import compute_loss, input_device
 from .methods import HEAL_METHODS, HealMethod
@@ -80,6 +89,8 @@ class Run:
 
     @property
     def load_device(self) -> str:
+        if self.o.fsdp:  # read whole into CPU memory; sharding puts each process's part on its GPU
+            return "cpu"
         return f"cuda:{self.processes.local_rank}" if self.device == "cuda" else self.device
 
 
@@ -98,6 +109,7 @@ class TrainingState:
     saved_at: int | None = None  # the step of the newest checkpoint (None: none yet)
     run_steps: int = 0  # steps taken by this invocation
     started: float = field(default_factory=time.perf_counter)
+    skeleton: nn.Module | None = None  # FSDP, rank 0: the model's modules without weights, filled at the end
 
 
 @dataclass
@@ -165,6 +177,7 @@ def heal_loaded(
     quiet_bitsandbytes()
     o = resolve_options(preset, **options)
     given_dtype, dtype = dtype, check_call(o, device, dtype, world_size(), stop_after)
+    check_fsdp(o, HEAL_METHODS.get(o.method).quantized_base, device, world_size())
     in_memory = isinstance(model, nn.Module)
     if in_memory:
         if tokenizer is None:
@@ -198,6 +211,8 @@ def heal_loaded(
         if not train(run, state, progress):
             return Healed({"stopped_at_step": state.progress.step, "steps": steps}, None)
         result = healing_record(run, state, data)
+        if o.fsdp:  # every process takes part in gathering the shards; rank 0 merges and saves the whole model
+            state.net = gathered(state.net, state.skeleton, processes)
         base_record = record if in_memory else _input_record(model)
         merged = finish(run, state, result, base_record or {"source_model": model_id}, save_adapter, merge_dtype) \
             if processes.main else None
@@ -228,6 +243,10 @@ def setup(run: Run, model, tokenizer, documents: list, trust_remote_code: bool) 
     if o.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     net = run.method.prepare(base, o)
+    kept = None
+    if o.fsdp:  # before the optimizer: sharding replaces the parameters by their shards
+        kept = skeleton(net) if run.processes.main else None
+        shard(net, run.processes, run.device, teacher)
     optimizer = torch.optim.AdamW(list(ckpt.trainable(net).values()), lr=o.lr, weight_decay=o.weight_decay,
                                   betas=(0.9, 0.999), eps=1e-8)
     from transformers import get_scheduler
@@ -235,12 +254,12 @@ def setup(run: Run, model, tokenizer, documents: list, trust_remote_code: bool) 
     scheduler = get_scheduler(SCHEDULES[o.schedule], optimizer, num_warmup_steps=o.warmup,
                               num_training_steps=run.steps)
     train_net = net
-    if run.processes.world > 1:
+    if run.processes.world > 1 and not o.fsdp:
         from torch.nn.parallel import DistributedDataParallel
 
         train_net = DistributedDataParallel(net, device_ids=[run.processes.local_rank] if run.device == "cuda" else None)
     return TrainingState(net, train_net, tokenizer, teacher, optimizer, scheduler,
-                         PackedStream(documents, tokenizer, o.seq_len, o.seed))
+                         PackedStream(documents, tokenizer, o.seq_len, o.seed), skeleton=kept)
 
 
 def resume(run: Run, state: TrainingState) -> None:
@@ -339,7 +358,7 @@ def validate(run: Run, state: TrainingState) -> float | None:
     if run.val_data is None:
         return None
     loss = None
-    if run.processes.main:
+    if run.processes.main or run.o.fsdp:  # a sharded forward needs every process (each computes the same loss)
         from ..evaluate.c4 import c4_loss
 
         o = run.o
@@ -355,9 +374,10 @@ def validate(run: Run, state: TrainingState) -> float | None:
 def save_checkpoint(run: Run, state: TrainingState) -> None:
     """Write the work folder's checkpoint (rank 0, with every process's RNG state); all processes wait."""
     rng_states = run.processes.gather_rng()
+    full = full_training_state(state.net, state.optimizer, list(ckpt.trainable(state.net))) if run.o.fsdp else None
     if run.processes.main:
         ckpt.save_checkpoint(run.work, state.net, state.optimizer, state.scheduler, state.stream,
-                             asdict(state.progress), rng_states)
+                             asdict(state.progress), rng_states, full)
     state.saved_at = state.progress.step
     run.processes.barrier()
 
