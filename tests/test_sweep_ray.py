@@ -11,6 +11,7 @@ import pytest
 from badinput import assert_clean_failure
 
 from depthprune import sweep as sweep_module
+from depthprune.cli import main
 from depthprune.cost import COST_METRICS
 from depthprune.errors import DepthpruneError
 from depthprune.ray_sweep import FAULT_ENV
@@ -60,7 +61,7 @@ def _table(out) -> dict:
 
 
 def test_ray_sweep_equals_serial_and_survives_dead_workers_and_a_killed_driver(
-        local_ray, tiny_checkpoint, tiny_corpus, tmp_path, monkeypatch):
+        local_ray, tiny_checkpoint, tiny_corpus, tmp_path, monkeypatch, capsys):
     serial = run_sweep(_config(tiny_checkpoint, tiny_corpus, tmp_path / "serial"), log=lambda _: None)
     expected = _table(serial)
     assert set(expected) == {"n=0/full/none", DIES, "n=2/deepest/lora", RAISES}
@@ -78,6 +79,9 @@ def test_ray_sweep_equals_serial_and_survives_dead_workers_and_a_killed_driver(
     assert set(_table(tmp_path / "ray")) == {"n=0/full/none", "n=2/deepest/lora"}
     assert not load_cost(tmp_path / "ray")  # no cost phase while points are missing
     assert not (tmp_path / "ray" / "summary.json").exists()
+    capsys.readouterr()
+    assert main(["results", str(tmp_path / "ray")]) == 0
+    assert f"failed: {DIES} (1x" in capsys.readouterr().out
 
     # The rerun runs only the two failed points, then the cost phase in the driver: the serial table.
     lines.clear()

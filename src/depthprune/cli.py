@@ -190,7 +190,7 @@ def _key_value(text: str) -> tuple[str, str]:
 
 def _run_results(args) -> None:
     from .outputs import atomic_write_text, check_output_file
-    from .store import DB_NAME, load_points, table, to_csv
+    from .store import DB_NAME, load_failed, load_points, table, to_csv
 
     if args.csv not in (None, "-"):  # before reading anything: a bad path fails alone
         check_output_file(args.csv, inputs=[os.path.join(args.directory, DB_NAME)], what="CSV file")
@@ -202,6 +202,8 @@ def _run_results(args) -> None:
     print("  ".join(h.rjust(w) for h, w in zip(shown, widths, strict=True)))
     for r in cells:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
+    for key, failure in load_failed(args.directory).items():  # points a Ray sweep could not finish
+        print(f"failed: {key} ({failure['attempts']}x, last {failure['failed']}): {failure['error']}")
     if args.csv == "-":
         print(to_csv(points), end="")
     elif args.csv:

@@ -99,11 +99,14 @@ def connect(address: str) -> Cluster:
     if ray.is_initialized():
         return Cluster(ray, address, opened=False)
     try:
-        ray.init(address=address, include_dashboard=False if address == "local" else None, log_to_driver=True,
-                 configure_logging=False)
+        if address == "local":
+            ray.init(address="local", include_dashboard=False)
+        else:  # a cluster's own settings (and Ray Client's few init arguments) stay as they are
+            ray.init(address=address)
     except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        hint = " (is a cluster running here? `ray start --head`)" if address == "auto" else ""
+        hint = " (is a cluster running here? `ray start --head`)" if address == "auto" else \
+            " (is it a Ray head, and does this process have the cluster's RAY_AUTH_TOKEN if it uses one?)"
         raise DepthpruneError(f"cannot connect to Ray at '{address}'{hint}: {first}") from None
     return Cluster(ray, address, opened=True)
 

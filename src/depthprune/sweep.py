@@ -724,9 +724,9 @@ def run_point(model, tokenizer, c: SweepConfig, work: Path, point: tuple[int, st
             evaluation = _evaluate(cut, tokenizer, c, progress=progress)
     else:
         steps = _heal_steps(c, method)
-        with offloaded(model, c.device), \
-                progress.stage(f"healing ({method}, {steps} steps)", detail=_heal_status(work, point, steps)):
-            healed, healing = _heal_point(model, tokenizer, c, work, point, selection, total)
+        with offloaded(model, c.device):
+            with progress.stage(f"healing ({method}, {steps} steps)", detail=_heal_status(work, point, steps)):
+                healed, healing = _heal_point(model, tokenizer, c, work, point, selection, total)
             progress.say(_healed_line(healing))
             evaluation = _evaluate(healed, tokenizer, c, progress=progress)
             del healed
