@@ -28,10 +28,13 @@ def local_ray(tmp_path_factory):
     """One local Ray instance for the module; its workers inherit the fault switch (first attempts only)."""
     markers = tmp_path_factory.mktemp("faults")
     os.environ[FAULT_ENV] = f"{DIES}|{markers / 'died'}|exit;{RAISES}|{markers / 'raised'}|raise"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # Ray's memory monitor kills workers when the whole machine runs low, whoever uses the memory: on a shared
+    # CI machine that would fail points at random (recorded as 'worker died (OutOfMemoryError)'), so it is off.
+    os.environ["RAY_memory_monitor_refresh_ms"] = "0"
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield markers
     ray.shutdown()
-    del os.environ[FAULT_ENV]
+    del os.environ[FAULT_ENV], os.environ["RAY_memory_monitor_refresh_ms"]
 
 
 def _config(checkpoint, corpus, out, **changes):

@@ -41,6 +41,7 @@ from .progress import SweepProgress, duration, library_bars_off
 from .store import point_key, save_failure
 
 CONNECT_TIMEOUT_S = 10.0
+CANCEL_WAIT_S = 15.0  # how long a stopping driver waits for its cancelled tasks to end
 INSTALL_HINT = "pip install 'depthprune[ray]' (or pip install 'ray[default]')"
 # Tests only: "KEY|MARKER|exit" (or "|raise"), several joined by ';': the task of point KEY exits its worker
 # process at once (or raises), the first time (it creates the file MARKER); every later attempt runs normally.
@@ -173,6 +174,12 @@ def run_points(cluster: Cluster, c, work: Path, db, todo: list[tuple[int, str, s
                 ray.cancel(ref, force=True)
             except Exception:  # noqa: BLE001,S110 - already finished or gone
                 pass
+        # Cancelling is asynchronous: wait (a little) until they are gone, so that a rerun started at once
+        # does not meet a healing still holding its point's folder.
+        try:
+            ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_WAIT_S)
+        except Exception:  # noqa: BLE001,S110 - the driver is leaving anyway
+            pass
         raise
     return failures
 
