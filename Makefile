@@ -22,6 +22,8 @@ $(BIN)/depthprune: pyproject.toml
 	# llama.cpp for the GGUF tests (builds from source, minutes; pip caches the wheel). Best effort: if it
 	# fails to build, those tests skip and everything else still works.
 	$(BIN)/pip install --quiet -e ".[gguf-runtime]" || echo "llama-cpp-python did not install: GGUF runtime tests will skip"
+	# Best effort: Ray for `sweep --ray` and its tests (tests/test_sweep_ray.py skips without it).
+	$(BIN)/pip install --quiet -e ".[ray]" || echo "note: Ray not installed; sweep --ray and its tests are skipped"
 	touch $@
 
 install: $(BIN)/depthprune

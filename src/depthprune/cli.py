@@ -200,7 +200,7 @@ def _run_sweep(args) -> None:
     if args.heal_option:
         overrides["heal_options"] = dict(args.heal_option)
     config = resolve_config(args.config, **overrides)
-    out = run_sweep(config, force=args.force, quiet=args.quiet)
+    out = run_sweep(config, force=args.force, quiet=args.quiet, ray=args.ray)
     print(f"report: {write_report(out)}")
 
 
@@ -213,7 +213,7 @@ def _key_value(text: str) -> tuple[str, str]:
 
 def _run_results(args) -> None:
     from .outputs import atomic_write_text, check_output_file
-    from .store import DB_NAME, load_points, table, to_csv
+    from .store import DB_NAME, load_failed, load_points, table, to_csv
 
     if args.csv not in (None, "-"):  # before reading anything: a bad path fails alone
         check_output_file(args.csv, inputs=[os.path.join(args.directory, DB_NAME)], what="CSV file")
@@ -225,6 +225,8 @@ def _run_results(args) -> None:
     print("  ".join(h.rjust(w) for h, w in zip(shown, widths, strict=True)))
     for r in cells:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
+    for key, failure in load_failed(args.directory).items():  # points a Ray sweep could not finish
+        print(f"failed: {key} ({failure['attempts']}x, last {failure['failed']}): {failure['error']}")
     if args.csv == "-":
         print(to_csv(points), end="")
     elif args.csv:
@@ -323,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "after an interruption, rerun with --force to continue the new sweep")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bars: one line per stage (and one a minute while a long stage runs), for logs")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run the points as Ray tasks: alone, on a local Ray instance; 'auto', on the cluster this "
+                        "machine joined (`ray start`); HOST:PORT or ray://HOST:PORT, on that cluster (needs "
+                        "depthprune[ray]; see the README's 'Past one machine')")
     add_options(p, SweepConfig, exclude={"model"}, title="settings (each also a key of --config)")
     add_task_data_options(p, title="task data (YAML: the task's name, e.g. `mmlu: DIR`)")
     p.add_argument("--heal-option", action="append", type=_key_value, metavar="KEY=VALUE",

@@ -192,6 +192,12 @@ class _SweepOwn:
     keep_models: bool = option(False, help="keep the healed checkpoints under OUT/points")
     task_data: dict = option(help="data source of each task, by task name (YAML: `mmlu: DIR`, CLI: --mmlu DIR)",
                              cli=False, default_factory=dict)
+    # Resources each point's Ray task reserves (sweep --ray); they change no result.
+    ray_cpus: float = option(1.0, above=0, help="with --ray: CPUs each point's task reserves")
+    ray_eval_gpus: float = option(1.0, minimum=0, help="with --ray and device cuda/auto: GPUs an unhealed point's task "
+                                                       "reserves (a fraction lets evaluations share a GPU)")
+    ray_heal_gpus: float = option(1.0, minimum=0, help="with --ray and device cuda/auto: GPUs a healed point's task "
+                                                       "reserves")
 
 
 def _fields(cls, rename: dict[str, str] | None = None, prefix: str = "", exclude=(), defaults=None) -> list[tuple]:
@@ -227,7 +233,7 @@ def _compose() -> type:
         *_fields(EvalOptions),
         *[(name, *own[name]) for name in ("heal_data", "heal_val_data", "heal_preset", "heal_options", "cost")],
         *_fields(CostOptions, prefix="cost_"),
-        *[(name, *own[name]) for name in ("keep_models", "task_data")],
+        *[(name, *own[name]) for name in ("keep_models", "task_data", "ray_cpus", "ray_eval_gpus", "ray_heal_gpus")],
     ]
     seen: set[str] = set(order)
     fields = [(name, *own[name]) for name in order]

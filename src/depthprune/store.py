@@ -3,6 +3,11 @@
 A point is (block size n, selection criterion, healing). Its row holds the settings it ran with and every figure
 it produced, as JSON, so a rerun of the same sweep can skip it and a report can be drawn from the table.
 
+The ``failed`` table holds the points whose run raised or whose worker died (a Ray sweep records them and
+goes on with the others): the key, the error in one line and how often it failed. A point leaves it in the
+transaction that saves its row. Added in issue 12: an older table gains it when a sweep next opens it to
+write (``CREATE TABLE IF NOT EXISTS``), and older versions ignore it.
+
 The ``cost`` table holds one row per distinct layer count: the cost timed in the sweep's final phase (median
 and spread over interleaved rounds). It is rewritten whole, in the same transaction that copies each
 record into the points of that layer count, every time a sweep finishes.
@@ -50,6 +55,17 @@ CREATE TABLE IF NOT EXISTS cost (
 )
 """
 
+_FAILED_SCHEMA = """
+CREATE TABLE IF NOT EXISTS failed (
+    key TEXT PRIMARY KEY,      -- 'n=8/similarity/qlora'
+    n INTEGER NOT NULL,
+    criterion TEXT NOT NULL,
+    heal TEXT NOT NULL,
+    error TEXT NOT NULL,       -- one line: 'RuntimeError: CUDA out of memory ...', 'worker died: ...'
+    attempts INTEGER NOT NULL, -- runs in which it failed
+    failed TEXT NOT NULL
+)
+"""
 
 
 def point_key(n: int, criterion: str, heal: str) -> str:
@@ -118,6 +134,7 @@ def connect(directory: str | Path) -> sqlite3.Connection:
     _migrate(db)
     db.execute(_SCHEMA)
     db.execute(_COST_SCHEMA)
+    db.execute(_FAILED_SCHEMA)
     db.commit()
     return db
 
@@ -128,13 +145,47 @@ def finished_keys(db: sqlite3.Connection) -> set[str]:
 
 def save_point(db: sqlite3.Connection, *, n: int, fraction: float, criterion: str, heal: str, removed_layers,
                distance: float | None, metrics: dict, details: dict) -> None:
-    """Insert one finished point atomically (a crash leaves either the whole row or none)."""
+    """Insert one finished point atomically (a crash leaves either the whole row or none); a failure recorded
+    for it before is dropped in the same transaction."""
     with db:
+        db.execute("DELETE FROM failed WHERE key = ?", (point_key(n, criterion, heal),))
         db.execute(
             "INSERT OR REPLACE INTO points VALUES (?,?,?,?,?,?,?,?,?,?)",
             (point_key(n, criterion, heal), n, fraction, criterion, heal, json.dumps(list(removed_layers)), distance,
              json.dumps(metrics), json.dumps(details), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
         )
+
+
+def save_failure(db: sqlite3.Connection, *, n: int, criterion: str, heal: str, error: str) -> None:
+    """Record that a point failed (one transaction), counting the attempts; its finished row, if any, stays."""
+    key = point_key(n, criterion, heal)
+    line = " ".join(str(error).split()) or "failed"
+    with db:
+        row = db.execute("SELECT attempts FROM failed WHERE key = ?", (key,)).fetchone()
+        db.execute("INSERT OR REPLACE INTO failed VALUES (?,?,?,?,?,?,?)",
+                   (key, n, criterion, heal, line[:2000], (row[0] if row else 0) + 1,
+                    time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
+
+
+def read_failed(db: sqlite3.Connection) -> dict[str, dict]:
+    """Key -> {n, criterion, heal, error, attempts, failed} of every point recorded as failed ({} in an old table)."""
+    if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'failed'").fetchone() is None:
+        return {}
+    names = ("key", "n", "criterion", "heal", "error", "attempts", "failed")
+    return {row[0]: dict(zip(names[1:], row[1:], strict=True))
+            for row in db.execute(f"SELECT {', '.join(names)} FROM failed ORDER BY n, criterion, heal")}
+
+
+def load_failed(directory: str | Path) -> dict[str, dict]:
+    """The failed points of a sweep directory (read only; {} without a results file)."""
+    path = Path(directory) / DB_NAME
+    if not path.is_file():
+        return {}
+    db = _open_existing(path)
+    try:
+        return read_failed(db)
+    finally:
+        db.close()
 
 
 def point_seconds(db: sqlite3.Connection) -> dict[str, float]:

@@ -21,6 +21,7 @@ state of ``OUT``), then loads the model, and only then writes: a bad input never
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -57,6 +58,7 @@ from .store import (
     point_key,
     point_seconds,
     read_cost,
+    read_failed,
     read_finished,
     read_points,
     save_cost,
@@ -75,7 +77,7 @@ PATH_SETTINGS = ("model", "data", "lm_eval_include", "lm_eval_data", "heal_data"
 # Settings that may change between a run and its resumption: they do not change any result. (The cost is
 # timed again, with the settings of the run, every time a sweep finishes.)
 RESUMABLE_SETTINGS = {"out", "keep_models", "cost", "cost_prefill_len", "cost_decode_tokens", "cost_repeats",
-                      "cost_rounds"}
+                      "cost_rounds", "ray_cpus", "ray_eval_gpus", "ray_heal_gpus"}
 # Keys renamed since: an old config names the new key in its error; an old sweep.yaml is read as renamed.
 RENAMED = {"strategies": "criteria", "tokens": "token_mode"}
 
@@ -200,6 +202,9 @@ def _check_healing(c: SweepConfig) -> None:
         raise DepthpruneError("healing needs training text: pass --heal-data SRC (or `heal_data:` in the config)")
     for method in methods or [None]:
         resolve_options(c.heal_preset, **{**c.heal_options, "method": method})
+    if c.heal_options.get("fsdp"):
+        raise DepthpruneError("heal_options.fsdp: a sweep heals each point in one process, and FSDP shards over "
+                              "several; heal a model that large with `torchrun ... depthprune heal --fsdp`")
 
 
 def block_sizes(c: SweepConfig, total_layers: int) -> list[int]:
@@ -452,13 +457,16 @@ def _check_analysis_fits(distances: AngularDistances | None, total: int, work: P
 # ------------------------------------------------------------------------------------------ the run
 
 
-def run_sweep(c: SweepConfig, log=print, force: bool = False, quiet: bool = False) -> Path:
+def run_sweep(c: SweepConfig, log=print, force: bool = False, quiet: bool = False, ray: str | None = None) -> Path:
     """Run every point of ``c`` not yet in ``results.sqlite``, then time the cost; returns the output directory.
 
     Everything is checked before the model is loaded and anything is written; the run holds a lock on
     ``c.out``. ``force``: start over in :func:`force_dir`, which replaces ``c.out`` only once complete
     (the old sweep stays intact until then; an interrupted --force run continues when rerun with --force).
     ``log`` receives every progress line; ``quiet``: no tqdm bars (on standard error), only the lines.
+    ``ray``: run the points as Ray tasks (:mod:`depthprune.ray_sweep`) on a local instance ('local'), the
+    cluster of this machine ('auto') or the cluster at an address; points that fail there are recorded, the
+    others finish, and the sweep then raises one :class:`DepthpruneError` naming them (a rerun retries them).
     """
     c = with_resolved_paths(c)
     out = check_output_dir(Path(c.out), force=True, inputs=_inputs(c))
@@ -470,40 +478,94 @@ def run_sweep(c: SweepConfig, log=print, force: bool = False, quiet: bool = Fals
     calibrating = "calibration" in needs_of(c.criteria)  # a criterion that reads the calibration text itself
     texts = None if state.distances and not calibrating else \
         _readable("calibration data", c.data, load_calibration, _data_options(c))
-    with output_lock(out), library_bars_off(quiet):
-        log(f"loading {c.model}")
-        model, tokenizer = load_model(c.model, device=c.device, dtype=c.dtype)
-        total = num_layers(model)
-        points = _points(c, block_sizes(c, total), total)
-        _check_analysis_fits(state.distances, total, work)
-        db = _setup(c, work, state)
-        try:
-            distances = state.distances or _analyse(model, tokenizer, c, work, texts, log, progress=not quiet)
-            context = SelectionContext(total, distances, model, tokenizer,
-                                       tokenize(texts, tokenizer, c.seq_len) if calibrating else None)
-            progress = SweepProgress(log, [(point_key(*p), kind(p[2])) for p in points], point_seconds(db),
-                                     state.done, quiet=quiet, cost_phase=c.cost, cost_seconds=_last_cost_seconds(db))
-            progress.begin()
-            todo = [p for p in points if point_key(*p) not in state.done]
-            _run_points(model, tokenizer, c, work, db, todo, total, context, progress)
-            if c.cost:
-                _cost_phase(model, c, db, points, total, context, progress)
-        finally:
-            db.close()
-        _finish(c, out, work, len(points), total)
+    cluster = _connect_ray(ray, c, log) if ray is not None else None
+    failures: list[tuple[str, str]] = []
+    try:
+        with output_lock(out), library_bars_off(quiet):
+            log(f"loading {c.model}")
+            model, tokenizer = load_model(c.model, device=c.device, dtype=c.dtype)
+            total = num_layers(model)
+            points = _points(c, block_sizes(c, total), total)
+            _check_analysis_fits(state.distances, total, work)
+            db = _setup(c, work, state)
+            try:
+                distances = state.distances or _analyse(model, tokenizer, c, work, texts, log, progress=not quiet)
+                context = SelectionContext(total, distances, model, tokenizer,
+                                           tokenize(texts, tokenizer, c.seq_len) if calibrating else None)
+                progress = SweepProgress(log, [(point_key(*p), kind(p[2])) for p in points], point_seconds(db),
+                                         state.done, quiet=quiet, cost_phase=c.cost,
+                                         cost_seconds=_last_cost_seconds(db))
+                progress.begin()
+                todo = [p for p in points if point_key(*p) not in state.done]
+                retried = [key for key in read_failed(db) if key in {point_key(*p) for p in todo}]
+                if retried:
+                    log(f"retrying {len(retried)} point(s) that failed before: {', '.join(retried)}")
+                if cluster is None:
+                    _run_points(model, tokenizer, c, work, db, todo, total, context, progress)
+                else:
+                    from .ray_sweep import run_points
+
+                    with offloaded(model, c.device):  # the GPUs are the workers' while the points run
+                        failures = run_points(cluster, c, work, db, todo, total, context, progress)
+                if c.cost and not failures:
+                    _cost_phase(model, c, db, points, total, context, progress)
+            finally:
+                db.close()
+            if failures:
+                from .ray_sweep import summary
+
+                raise DepthpruneError(summary(failures, len(points), work))
+            _finish(c, out, work, len(points), total)
+    finally:
+        if cluster is not None:
+            cluster.close()
     log(f"sweep finished: {len(points)} points in {out}")
     return out
 
 
+def _connect_ray(address: str, c: SweepConfig, log):
+    """Connect to Ray before anything is loaded or written (a bad address fails fast), and check that a
+    point's task fits in the cluster at all."""
+    from .ray_sweep import check_resources, connect
+
+    cluster = connect(address)
+    try:
+        check_resources(cluster, c, healing=any(h != "none" for h in c.heal))
+    except BaseException:
+        cluster.close()
+        raise
+    log(f"points run as tasks on {cluster.describe()}")
+    return cluster
+
+
 def _run_points(model, tokenizer, c: SweepConfig, work: Path, db, todo: list[tuple[int, str, str]], total: int,
                 context: SelectionContext, progress: SweepProgress) -> None:
+    """The serial executor: each point in turn, in this process, on the loaded model (the seam that
+    :mod:`depthprune.ray_sweep` replaces by Ray tasks); a point that raises stops the sweep."""
     for point in todo:
         key = point_key(*point)
         with progress.point(key):
-            metrics, seconds = _run_point(model, tokenizer, c, work, db, point, total, context, progress)
-            progress.say(f"done in {duration(seconds)}: " + ", ".join(
-                f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and not k.endswith("_chance")))
-        progress.finished(key, seconds)
+            row = run_point(model, tokenizer, c, work, point, select_point(point, context), total, progress)
+            record_point(c, work, db, row, progress)
+        progress.finished(key, row["details"]["seconds"])
+
+
+def select_point(point: tuple[int, str, str], context: SelectionContext):
+    """The layers a point removes (its criterion's :class:`~depthprune.select.Selection`; None for the full model).
+    Cheap once the analysis is done: the Ray driver computes it for every point and sends it by value."""
+    n, criterion, _ = point
+    return choose(criterion, n, context) if n > 0 else None
+
+
+def record_point(c: SweepConfig, work: Path, db, row: dict, progress: SweepProgress) -> None:
+    """Save one point's row (one transaction; a failure recorded for it goes), say its numbers, and drop its
+    healed model unless kept. Only the process that owns ``results.sqlite`` calls this."""
+    save_point(db, **row)
+    metrics = row["metrics"]
+    progress.say(f"done in {duration(row['details']['seconds'])}: " + ", ".join(
+        f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and not k.endswith("_chance")))
+    if row["heal"] != "none" and not c.keep_models:
+        shutil.rmtree(_point_dir(work, row["n"], row["criterion"], row["heal"]), ignore_errors=True)
 
 
 def _points(c: SweepConfig, sizes: list[int], total: int) -> list[tuple[int, str, str]]:
@@ -643,13 +705,17 @@ def _point_dir(work: Path, n: int, criterion: str, heal: str) -> Path:
     return work / "points" / f"n{n:03d}-{criterion}-{heal}"
 
 
-def _run_point(model, tokenizer, c: SweepConfig, work: Path, db, point: tuple[int, str, str], total: int,
-               context: SelectionContext, progress: SweepProgress) -> tuple[dict, float]:
-    """Evaluate one point and record it in one transaction; returns its metrics and the seconds it took.
-    (Its cost metrics come later, from the cost phase.)"""
+def run_point(model, tokenizer, c: SweepConfig, work: Path, point: tuple[int, str, str], selection, total: int,
+              progress: SweepProgress) -> dict:
+    """Evaluate one point (cut, heal, evaluate) and return its row, the keyword arguments of
+    :func:`~depthprune.store.save_point` (with the seconds it took in ``details``); writes no row.
+
+    ``model`` comes back unchanged, so the next point can use it. Its cost metrics come later, from the cost
+    phase. Runs in the sweep's process (serial) or in a Ray worker (``ray_sweep``), which returns the row
+    to the driver.
+    """
     n, criterion, method = point
     start = time.perf_counter()
-    selection = choose(criterion, n, context) if n > 0 else None
     layers = selection.layers if selection else ()
     progress.say(f"cut: removing layers {list(layers) if layers else 'none'}")
     healing = None
@@ -658,19 +724,46 @@ def _run_point(model, tokenizer, c: SweepConfig, work: Path, db, point: tuple[in
             evaluation = _evaluate(cut, tokenizer, c, progress=progress)
     else:
         steps = _heal_steps(c, method)
-        with progress.stage(f"healing ({method}, {steps} steps)", detail=_heal_status(work, point, steps)):
-            healed, healing = _heal_point(model, tokenizer, c, work, point, selection, total)
-        progress.say(_healed_line(healing))
-        evaluation = _evaluate(healed, tokenizer, c, progress=progress)
-        del healed
+        with offloaded(model, c.device):
+            with progress.stage(f"healing ({method}, {steps} steps)", detail=_heal_status(work, point, steps)):
+                healed, healing = _heal_point(model, tokenizer, c, work, point, selection, total)
+            progress.say(_healed_line(healing))
+            evaluation = _evaluate(healed, tokenizer, c, progress=progress)
+            del healed
+            _free_accelerator_cache()
     metrics = flatten_metrics(evaluation, None, healing)
     seconds = round(time.perf_counter() - start, 1)
-    save_point(db, n=n, fraction=n / total, criterion=criterion, heal=method, removed_layers=layers,
-               distance=selection.distance if selection else None, metrics=metrics,
-               details={"evaluation": evaluation, "cost": None, "healing": healing, "seconds": seconds})
-    if method != "none" and not c.keep_models:
-        shutil.rmtree(_point_dir(work, *point), ignore_errors=True)
-    return metrics, seconds
+    return dict(n=n, fraction=n / total, criterion=criterion, heal=method, removed_layers=tuple(layers),
+                distance=selection.distance if selection else None, metrics=metrics,
+                details={"evaluation": evaluation, "cost": None, "healing": healing, "seconds": seconds})
+
+
+@contextlib.contextmanager
+def offloaded(model, device: str):
+    """While a healed point trains and is evaluated on the GPU, the sweep's loaded base model waits in CPU
+    memory (``device`` 'cuda'), and comes back after: the GPU holds one model at a time (see the paper
+    config's memory per step). A no-op on CPU, and for 'auto' (a model dispatched over several GPUs by
+    accelerate stays where its hooks put it)."""
+    if device != "cuda":
+        yield model
+        return
+    home = next(model.parameters()).device
+    model.to("cpu")
+    _free_accelerator_cache()
+    try:
+        yield model
+    finally:
+        model.to(home)
+
+
+def _free_accelerator_cache() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _heal_steps(c: SweepConfig, method: str) -> int | str:
@@ -724,6 +817,10 @@ def _heal_point(model, tokenizer, c: SweepConfig, work: Path, point: tuple[int, 
     earlier versions took, without the disk round trip), so the loaded model comes back unchanged for
     the next points. qlora only reads the cut, into a 4-bit copy. The healing is named by the base model
     and the layers removed (in ``heal_config.json``): a rerun recreates the same cut and resumes.
+
+    Called with the base model offloaded to the CPU (:func:`offloaded`): the copy is made there and moved
+    to the GPU alone, and qlora's merge writes each layer straight in the sweep's dtype (``merge_dtype``), so
+    the GPU never holds the base beside the trainee, nor a float32 copy of the merged model.
     """
     from .heal import heal_loaded
 
@@ -739,12 +836,17 @@ def _heal_point(model, tokenizer, c: SweepConfig, work: Path, point: tuple[int, 
     params_before = count_parameters(model)
     with layers_removed(model, selection.layers) as cut:
         record = pruning_record(c.model, total, params_before, cut, selection)
-        trainee = cut if HEALING.get(point[2]).quantized_base else copy.deepcopy(cut)
+        trainee = cut if HEALING.get(point[2]).quantized_base else copy.deepcopy(cut).to(_train_device(c, cut))
         result = heal_loaded(trainee, c.heal_data, str(healed), tokenizer=tokenizer, model_id=model_id, record=record,
                              val_data=c.heal_val_data, preset=c.heal_preset, device=c.device, dtype=c.dtype,
-                             progress=True, **options)
+                             merge_dtype=c.dtype, progress=True, **options)
     del trainee
     return result.model.to(DTYPES[c.dtype]), result.record
+
+
+def _train_device(c: SweepConfig, cut):
+    """Where a copied cut trains: the GPU for device 'cuda' (the base waits on the CPU meanwhile), else where it is."""
+    return "cuda" if c.device == "cuda" else next(cut.parameters()).device
 
 
 def _started_elsewhere(healed: Path, model_id: str) -> bool:

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import DepthpruneError
 from ..outputs import atomic_output_dir
-from .distributed import set_rng_state
+from .distributed import is_sharded, load_full_training_state, set_rng_state
 
 CHECKPOINT_DIR = "checkpoint"
 WEIGHTS_FILE = "trainable.safetensors"
@@ -29,16 +29,20 @@ def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(work: Path, model, optimizer, scheduler, stream, progress: dict, rng_states: list[dict]) -> None:
-    """Write ``work/checkpoint``; a complete new one replaces the old one only once it is whole."""
+def save_checkpoint(work: Path, model, optimizer, scheduler, stream, progress: dict, rng_states: list[dict],
+                    full: tuple[dict, dict] | None = None) -> None:
+    """Write ``work/checkpoint``; a complete new one replaces the old one only once it is whole. ``full``: the
+    trainable weights and optimizer state gathered from FSDP shards (``distributed.full_training_state``),
+    written in place of the model's and optimizer's own (the same layout)."""
     from safetensors.torch import save_file
 
+    weights, optimizer_state = full if full is not None else (trainable(model), optimizer.state_dict())
     tensors: dict[str, torch.Tensor] = {}
     state = {"format": FORMAT, "progress": progress, "data": stream.state_dict(), "scheduler": scheduler.state_dict(),
-             "optimizer": _optimizer_to_safe(optimizer.state_dict(), tensors),
+             "optimizer": _optimizer_to_safe(optimizer_state, tensors),
              "rng": _rng_to_safe(rng_states, tensors)}
     with atomic_output_dir(work / CHECKPOINT_DIR, force=True) as tmp:
-        save_file({n: p.detach().cpu().contiguous() for n, p in trainable(model).items()}, str(tmp / WEIGHTS_FILE))
+        save_file({n: p.detach().cpu().contiguous() for n, p in weights.items()}, str(tmp / WEIGHTS_FILE))
         save_file(tensors, str(tmp / TENSORS_FILE))
         (tmp / STATE_FILE).write_text(json.dumps(state) + "\n", encoding="utf-8")
 
@@ -62,10 +66,14 @@ def load_checkpoint(work: Path, model, optimizer, scheduler, stream, rank: int =
             raise ValueError(f"format {state.get('format')!r}, this version reads {FORMAT}")
         if set(weights) != set(params) or any(weights[n].shape != p.shape for n, p in params.items()):
             raise ValueError("its weights do not match this model's trainable weights")
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(weights[name])
-        optimizer.load_state_dict(_optimizer_from_safe(state["optimizer"], tensors, list(params.values())))
+        optimizer_state = _optimizer_from_safe(state["optimizer"], tensors, list(params.values()))
+        if is_sharded(model):  # FSDP: every process reads the whole checkpoint and keeps its shards
+            load_full_training_state(model, optimizer, list(params), weights, optimizer_state)
+        else:
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(weights[name])
+            optimizer.load_state_dict(optimizer_state)
         scheduler.load_state_dict(state["scheduler"])
         stream.load_state_dict(state["data"])
         rng_states = _rng_from_safe(state["rng"], tensors)

@@ -29,7 +29,16 @@ from ..outputs import follow_umask, replace_dir, temporary_dir_beside
 from ..surgery import RECORD_FILE
 from . import checkpoint as ckpt
 from .data import PackedStream, check_vocabulary
-from .distributed import Processes, start, world_size
+from .distributed import (
+    Processes,
+    check_fsdp,
+    full_training_state,
+    gathered,
+    shard,
+    skeleton,
+    start,
+    world_size,
+)
 from .inputs import check_call, check_inputs, loaded_dtype, loaded_identity, model_identity
 from .loss import compute_loss, input_device
 from .methods import HEAL_METHODS, HealMethod
@@ -80,6 +89,8 @@ class Run:
 
     @property
     def load_device(self) -> str:
+        if self.o.fsdp:  # read whole into CPU memory; sharding puts each process's part on its GPU
+            return "cpu"
         return f"cuda:{self.processes.local_rank}" if self.device == "cuda" else self.device
 
 
@@ -98,6 +109,7 @@ class TrainingState:
     saved_at: int | None = None  # the step of the newest checkpoint (None: none yet)
     run_steps: int = 0  # steps taken by this invocation
     started: float = field(default_factory=time.perf_counter)
+    skeleton: nn.Module | None = None  # FSDP, rank 0: the model's modules without weights, filled at the end
 
 
 @dataclass
@@ -135,6 +147,7 @@ def heal_loaded(
     trust_remote_code: bool = False,
     progress: bool | ProgressHook = True,
     load_finished: bool = True,
+    merge_dtype: str | None = None,
     **options,
 ) -> Healed:
     """Heal ``model``, save the merged checkpoint to ``out``, and return the record and the merged model.
@@ -158,11 +171,13 @@ def heal_loaded(
     The same call after a kill continues from the last checkpoint; after success it returns the stored
     record, marked ``already_healed`` (and, with ``load_finished``, the model read back from ``out``). ``restart`` discards an
     unfinished run in ``out`` and starts over; ``force`` replaces whatever else ``out`` holds, once the
-    new result is complete.
+    new result is complete. ``merge_dtype``: the dtype a 4-bit base (qlora) is merged into, layer by layer
+    (default float32: full precision; the sweep asks for its own dtype, so no float32 copy is ever made).
     """
     quiet_bitsandbytes()
     o = resolve_options(preset, **options)
     given_dtype, dtype = dtype, check_call(o, device, dtype, world_size(), stop_after)
+    check_fsdp(o, HEAL_METHODS.get(o.method).quantized_base, device, world_size())
     in_memory = isinstance(model, nn.Module)
     if in_memory:
         if tokenizer is None:
@@ -196,8 +211,10 @@ def heal_loaded(
         if not train(run, state, progress):
             return Healed({"stopped_at_step": state.progress.step, "steps": steps}, None)
         result = healing_record(run, state, data)
+        if o.fsdp:  # every process takes part in gathering the shards; rank 0 merges and saves the whole model
+            state.net = gathered(state.net, state.skeleton, processes)
         base_record = record if in_memory else _input_record(model)
-        merged = finish(run, state, result, base_record or {"source_model": model_id}, save_adapter) \
+        merged = finish(run, state, result, base_record or {"source_model": model_id}, save_adapter, merge_dtype) \
             if processes.main else None
         processes.barrier()
     return Healed(result, merged, state.tokenizer)
@@ -226,6 +243,10 @@ def setup(run: Run, model, tokenizer, documents: list, trust_remote_code: bool) 
     if o.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     net = run.method.prepare(base, o)
+    kept = None
+    if o.fsdp:  # before the optimizer: sharding replaces the parameters by their shards
+        kept = skeleton(net) if run.processes.main else None
+        shard(net, run.processes, run.device, teacher)
     optimizer = torch.optim.AdamW(list(ckpt.trainable(net).values()), lr=o.lr, weight_decay=o.weight_decay,
                                   betas=(0.9, 0.999), eps=1e-8)
     from transformers import get_scheduler
@@ -233,12 +254,12 @@ def setup(run: Run, model, tokenizer, documents: list, trust_remote_code: bool) 
     scheduler = get_scheduler(SCHEDULES[o.schedule], optimizer, num_warmup_steps=o.warmup,
                               num_training_steps=run.steps)
     train_net = net
-    if run.processes.world > 1:
+    if run.processes.world > 1 and not o.fsdp:
         from torch.nn.parallel import DistributedDataParallel
 
         train_net = DistributedDataParallel(net, device_ids=[run.processes.local_rank] if run.device == "cuda" else None)
     return TrainingState(net, train_net, tokenizer, teacher, optimizer, scheduler,
-                         PackedStream(documents, tokenizer, o.seq_len, o.seed))
+                         PackedStream(documents, tokenizer, o.seq_len, o.seed), skeleton=kept)
 
 
 def resume(run: Run, state: TrainingState) -> None:
@@ -337,7 +358,7 @@ def validate(run: Run, state: TrainingState) -> float | None:
     if run.val_data is None:
         return None
     loss = None
-    if run.processes.main:
+    if run.processes.main or run.o.fsdp:  # a sharded forward needs every process (each computes the same loss)
         from ..evaluate.c4 import c4_loss
 
         o = run.o
@@ -353,19 +374,27 @@ def validate(run: Run, state: TrainingState) -> float | None:
 def save_checkpoint(run: Run, state: TrainingState) -> None:
     """Write the work folder's checkpoint (rank 0, with every process's RNG state); all processes wait."""
     rng_states = run.processes.gather_rng()
+    full = full_training_state(state.net, state.optimizer, list(ckpt.trainable(state.net))) if run.o.fsdp else None
     if run.processes.main:
         ckpt.save_checkpoint(run.work, state.net, state.optimizer, state.scheduler, state.stream,
-                             asdict(state.progress), rng_states)
+                             asdict(state.progress), rng_states, full)
     state.saved_at = state.progress.step
     run.processes.barrier()
 
 
-def merged_model(net: nn.Module, o: HealOptions) -> nn.Module:
-    """The trained model as an ordinary transformers model, merged by its method."""
-    return HEAL_METHODS.get(o.method).merge(net, o)
+def merged_model(net: nn.Module, o: HealOptions, dtype: str | None = None) -> nn.Module:
+    """The trained model as an ordinary transformers model, merged by its method (a 4-bit base into ``dtype``,
+    default float32)."""
+    method = HEAL_METHODS.get(o.method)
+    if method.quantized_base and dtype is not None:
+        from ..models import DTYPES
+
+        return method.merge(net, o, dtype=DTYPES[dtype])
+    return method.merge(net, o)
 
 
-def finish(run: Run, state: TrainingState, result: dict, base_record: dict, save_adapter: bool) -> nn.Module:
+def finish(run: Run, state: TrainingState, result: dict, base_record: dict, save_adapter: bool,
+           merge_dtype: str | None = None) -> nn.Module:
     """Assemble the merged model beside OUT with the settings, log and record; swap it in; drop the work
     folder. Returns the merged model (in eval mode)."""
     adapters = hasattr(state.net, "peft_config")
@@ -376,7 +405,7 @@ def finish(run: Run, state: TrainingState, result: dict, base_record: dict, save
     try:
         if save_adapter and adapters:
             state.net.save_pretrained(tmp / "adapter")
-        merged = merged_model(state.net, run.o)
+        merged = merged_model(state.net, run.o, merge_dtype)
         merged.config.use_cache = True
         merged.save_pretrained(tmp)
         state.tokenizer.save_pretrained(tmp)

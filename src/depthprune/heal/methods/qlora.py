@@ -2,6 +2,11 @@
 
 The merge de-quantizes the base to float32 and adds the LoRA update there, never re-quantizing (merging
 into 4-bit weights loses quality): the result computes exactly the function that was trained.
+
+It works one linear layer at a time: de-quantize that layer to float32, add its LoRA delta, store it in the
+output dtype (float32 by default; the sweep asks for its bfloat16), replace the 4-bit layer and its adapter,
+and let both go before the next. The merge's peak is therefore the model plus one layer's float32 copy, not
+a float32 copy of every linear layer at once (≈ 27 GB for Llama-2-7B).
 """
 
 from __future__ import annotations
@@ -19,18 +24,57 @@ def prepare(model, options):
     return add_lora(model, options)
 
 
-def merge(model, options):
+def merge(model, options, dtype=None):
+    """Fold every LoRA adapter into its de-quantized base layer, layer by layer; returns the plain model.
+
+    ``dtype``: the dtype of the merged linear layers (default float32, bit for bit what de-quantizing the
+    whole model and adding every delta gives); with another dtype the model's other weights are cast to it
+    too. Each layer is done on its own device; the 4-bit layer and its adapter are dropped as soon as their
+    merged replacement is in place, so no float32 copy of more than one layer exists at a time.
+    """
     import torch
     from peft.tuners.lora import LoraLayer
 
-    dequantize_model(model, torch.float32)
+    target = dtype or torch.float32
+    wrapped = {name for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+    names = [name for name, module in model.named_modules()
+             if name in wrapped or (_is_4bit(module) and name.rpartition(".")[0] not in wrapped)]
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, LoraLayer):
-                base = module.get_base_layer()
-                for adapter in module.active_adapters:
-                    base.weight += module.get_delta_weight(adapter).to(base.weight.dtype)
-    return forget_quantization(model.unload())
+        for name in names:  # names only: holding the modules would keep every replaced layer alive
+            _replace(model, name, _merged_linear(model.get_submodule(name), target))
+    merged = forget_quantization(model.unload() if hasattr(model, "unload") else model)
+    if dtype is not None and dtype != torch.float32:
+        merged.to(dtype)  # the rest (embeddings, norms, the head): small next to the linear layers
+    return merged
+
+
+def _is_4bit(module) -> bool:
+    return type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes")
+
+
+def _merged_linear(module, dtype):
+    """A plain nn.Linear in ``dtype`` holding the de-quantized weight of ``module`` (a 4-bit layer, or a LoRA
+    wrapper of one or of a float layer) plus its active LoRA deltas, computed in float32."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+    from torch import nn
+
+    base = module.get_base_layer() if isinstance(module, LoraLayer) else module
+    weight = _dequantized_weight(base) if _is_4bit(base) else base.weight.detach().float()
+    if isinstance(module, LoraLayer):
+        for adapter in module.active_adapters:
+            weight += module.get_delta_weight(adapter).to(torch.float32)
+    linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, dtype=dtype,
+                       device=weight.device)
+    linear.weight.copy_(weight)
+    if base.bias is not None:
+        linear.bias.copy_(base.bias)
+    return linear
+
+
+def _replace(model, name: str, module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def dequantize_model(model, dtype=None):
@@ -74,6 +118,8 @@ def forget_quantization(model):
         if getattr(model, attr, False):
             setattr(model, attr, False)
     model.hf_quantizer = None
+    if "quantization_method" in vars(model):  # else model.to(dtype) refuses: "cannot cast a bitsandbytes model"
+        del model.quantization_method
     return model
 
 
