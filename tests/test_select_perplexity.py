@@ -57,17 +57,39 @@ def test_gemma_layers_keep_their_own_attention_type():
     assert abs(wrong / runner.num_predicted - right) > 1e-4
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2", "qwen2"])
-def test_greedy_equals_the_naive_greedy(arch):
+@pytest.mark.parametrize("arch,batch_size", [("llama", 4), ("gemma3", 4), ("gpt2", 4), ("qwen2", 4), ("llama", 1),
+                                             ("gemma3", 1)])
+def test_greedy_equals_the_naive_greedy(arch, batch_size):
+    """Batches of 1: candidates stop early after a few sequences, and runs carried between steps are partial."""
     model, seqs = tiny_model(arch), sequences()
     order, losses = greedy(model, seqs, 4)
-    context = _context(model, seqs)
+    context = _context(model, seqs, batch_size=batch_size)
     for n in range(1, 5):
         selection = choose("perplexity-greedy", n, context)
         assert selection.layers == tuple(sorted(order[:n]))
         assert selection.scores["removal_order"] == order[:n]
         assert selection.scores["loss_after_step"] == pytest.approx(losses[:n], rel=1e-5)
     assert selection.scores["full_loss"] == pytest.approx(cut_loss(model, seqs), rel=1e-5)
+
+
+def test_greedy_reuses_the_layers_before_the_removed_one():
+    """After a step removes the layer at position q, candidates before q do not run the layers up to q again."""
+    from depthprune.select import _calibration
+
+    model, seqs = tiny_model("llama"), sequences()
+    counts = {}
+    for reuse in (True, False):
+        context = _context(model, seqs)
+        choose("perplexity-greedy", 1, context)
+        runner = context.cache["runner"]
+        if not reuse:
+            context.cache["greedy"]["reuse"] = None
+        calls = []
+        original = runner.call
+        runner.call = lambda *a: calls.append(1) or original(*a)
+        counts[reuse] = (choose("perplexity-greedy", 3, context).layers, len(calls))
+    assert counts[True][0] == counts[False][0] and counts[True][1] < counts[False][1]
+    assert _calibration.STATE_BUDGET_BYTES > 0
 
 
 def test_greedy_order_is_computed_once_and_extended():

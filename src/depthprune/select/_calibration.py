@@ -198,12 +198,19 @@ class LayerRunner:
 
     @torch.no_grad()
     def removal_losses(self, kept: Sequence[int], candidates: Sequence[int], *, exhaustive: bool,
-                       hint: dict | None = None, desc: str = "candidates") -> dict[int, float | None]:
+                       hint: dict | None = None, desc: str = "candidates", states: list | None = None,
+                       reuse: dict | None = None, record: dict | None = None) -> dict[int, float | None]:
         """The calibration loss of the cut without each candidate layer (original indices, all in ``kept``).
 
         ``exhaustive=False`` (a greedy step needs only the best candidate): a candidate stops as soon as its
         partial sum of NLLs (never decreasing: each NLL is >= 0) exceeds the best complete one, and its value
-        is then None. ``hint``: earlier losses, to try the likely best candidates first.
+        is then None. ``hint``: earlier losses, to try the likely best candidates first. ``states``: the
+        inputs of the kept layers per batch (:meth:`states`), when already known.
+
+        ``reuse[(c, b)]``: the inputs of the kept layers at positions p+1 … m of the cut without candidate c,
+        known from an earlier step (the layers between c and the layer removed since are the same), so c runs
+        from position m on. ``record``: filled with the same for every candidate run here (while they fit in
+        the memory budget), for the next step.
         """
         kept = list(kept)
         position = {index: p for p, index in enumerate(kept)}
@@ -215,19 +222,20 @@ class LayerRunner:
                 order = list(candidates)
                 sums = dict.fromkeys(order, 0.0)
                 for b in range(len(self.batches)):
-                    states = self.states(kept, b)
+                    batch_states = self.states(kept, b)
                     for c in order:
                         p = position[c]
-                        sums[c] += self._nll_sum(self.run(kept, p + 1, states[p], b), b)
+                        sums[c] += self._nll_sum(self.run(kept, p + 1, batch_states[p], b), b)
                     bar.update(len(order) / len(self.batches))
                 return {c: s / self.num_predicted for c, s in sums.items()}
-            states = [self.states(kept, b) for b in range(len(self.batches))]
+            states = states or [self.states(kept, b) for b in range(len(self.batches))]
             order = self._likely_best_first(candidates, position, states[0], hint)
-            best = math.inf
+            best, budget = math.inf, [STATE_BUDGET_BYTES - self.state_bytes * (len(kept) + 1)]
             for c in order:
                 p, total = position[c], 0.0
                 for b in range(len(self.batches)):
-                    total += self._nll_sum(self.run(kept, p + 1, states[b][p], b), b)
+                    known = dict((reuse or {}).get((c, b)) or {p + 1: states[b][p]})
+                    total += self._nll_sum(self._run_recording(kept, known, b, record, (c, b), budget), b)
                     if not exhaustive and total > best * (1 + 1e-9):
                         total = None
                         break
@@ -239,6 +247,18 @@ class LayerRunner:
             bar.close()
         return losses
 
+    def _run_recording(self, kept: list, known: dict, b: int, record: dict | None, key, budget: list) -> torch.Tensor:
+        """Run the kept layers from the last known input on; with ``record``, keep every input (position ->
+        tensor; ``len(kept)``: the output) while the budget lasts. Returns the last layer's output."""
+        start = max(known)
+        hidden = known[start]
+        for j in range(start, len(kept)):
+            hidden = self.call(kept[j], hidden, b)
+            known[j + 1] = hidden
+        if record is not None and budget[0] > 0:
+            budget[0] -= (len(kept) - start) * hidden.numel() * hidden.element_size()
+            record[key] = known
+        return hidden
 
     def _likely_best_first(self, candidates, position: dict, states: list[torch.Tensor], hint: dict | None) -> list:
         """Candidates in the order to try them: by ``hint`` (earlier losses) when given, else by how little
@@ -273,26 +293,49 @@ def best_of(losses: dict[int, float | None]) -> int:
 def greedy_order(context, n: int) -> dict:
     """SLEB's greedy removal order, extended to ``n`` layers (cached in the context: each n takes a prefix).
 
-    Returns ``{"order": [...], "losses": [loss after each removal], "full_loss": ...}``.
+    Returns ``{"order": [...], "losses": [loss after each removal], "full_loss": ...}``. Between steps it
+    keeps each candidate's run: after layer w (at position q) goes, a candidate c before it needs none of the
+    layers between c and w again (their inputs are unchanged), only those after w; and the inputs of the new
+    model's layers are the winner's run.
     """
     runner = runner_for(context)
     state = context.cache.setdefault("greedy", {"order": [], "losses": [], "full_loss": runner.full_loss})
-    hint = context.cache.get("oneshot")
+    hint = state.get("hint", context.cache.get("oneshot"))
     total = len(runner.layers)
     while len(state["order"]) < n:
         kept = [i for i in range(total) if i not in state["order"]]
+        runs: dict = {}
+        states = None
         if not state["order"] and hint is not None and all(v is not None for v in hint.values()):
             losses = hint  # the one-shot scores are the first greedy step
         else:
-            losses = runner.removal_losses(kept, kept, exhaustive=False, hint=hint,
+            fits = runner.state_bytes * (len(kept) + 1) <= STATE_BUDGET_BYTES
+            states = (state.get("states") or [runner.states(kept, b) for b in range(len(runner.batches))]) \
+                if fits else None
+            losses = runner.removal_losses(kept, kept, exhaustive=False, hint=hint, states=states,
+                                           reuse=state.get("reuse"), record=runs,
                                            desc=f"perplexity-greedy step {len(state['order']) + 1}")
         best = best_of(losses)
         if not state["order"]:
             context.cache.setdefault("greedy_first_step", losses)
         state["order"].append(best)
         state["losses"].append(losses[best])
-        hint = losses
+        state["hint"] = hint = losses
+        state["states"], state["reuse"] = _next_step(kept, best, states, runs)
     return state
+
+
+def _next_step(kept: list, winner: int, states: list | None, runs: dict):
+    """What the next greedy step can start from: the inputs of the layers of the model without ``winner``
+    (the current ones before it, then the winner's run), and for each candidate c before the winner its
+    recorded inputs up to the layer after the winner (the layers between c and the winner are unchanged)."""
+    q = kept.index(winner)
+    reuse = {(c, b): {j: known[j] for j in range(kept.index(c) + 1, q + 1)}
+             for (c, b), known in runs.items() if c != winner and kept.index(c) < q}
+    batches = range(len(states or []))
+    if states is None or not all((winner, b) in runs for b in batches):
+        return None, reuse
+    return [states[b][:q] + [runs[(winner, b)][j] for j in range(q + 1, len(kept) + 1)] for b in batches], reuse
 
 
 def oneshot_losses(context) -> dict[int, float]:
