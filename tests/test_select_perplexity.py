@@ -86,7 +86,7 @@ def test_greedy_reuses_the_layers_before_the_removed_one():
             context.cache["greedy"]["reuse"] = None
         calls = []
         original = runner.call
-        runner.call = lambda *a: calls.append(1) or original(*a)
+        runner.call = lambda *a, calls=calls, original=original: calls.append(1) or original(*a)
         counts[reuse] = (choose("perplexity-greedy", 3, context).layers, len(calls))
     assert counts[True][0] == counts[False][0] and counts[True][1] < counts[False][1]
     assert _calibration.STATE_BUDGET_BYTES > 0
