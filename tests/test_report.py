@@ -186,9 +186,9 @@ def test_report_has_every_figure_tables_csv_and_the_fits(tmp_path):
     fake_sweep(tmp_path, mmlu=lambda n, s, h: 0.70 if n < 6 else 0.30)
     html = write_report(tmp_path).read_text()
     folder = tmp_path / "report"
-    for name in ("accuracy.png", "c4_loss.png", "heatmap.png", "best_block.png", "cost.png"):
+    for name in ("accuracy.png", "c4_loss.png", "heatmap.png", "best_block.png", "cost.png", "selections.png"):
         assert (folder / name).stat().st_size > 5_000
-    assert html.count("data:image/png;base64,") == 5
+    assert html.count("data:image/png;base64,") == 6
     summary = json.loads((folder / "summary.json").read_text())
     fit = summary["cost_fits"]["prefill_ms_per_token"]
     assert fit["per_unit"] == pytest.approx(0.5) and fit["r2"] == pytest.approx(1.0) and fit["problems"] == []

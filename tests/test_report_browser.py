@@ -95,7 +95,7 @@ def test_report_in_a_browser(tmp_path, source):
     m = measure(write_report(directory), tmp_path)
     assert m["clientWidth"] > WIDTH - 50, "the window size did not apply: the width checks would mean nothing"
     assert m["scrollWidth"] <= m["clientWidth"], f"the page scrolls sideways at {WIDTH} px: {m}"
-    assert len(m["images"]) == 5 and min(m["images"]) > 0, f"an image did not load: {m['images']}"
+    assert len(m["images"]) == 6 and min(m["images"]) > 0, f"an image did not load: {m['images']}"
     assert m["mainTable"] and m["mainTable"][0] <= m["mainTable"][1], f"the main table does not fit: {m['mainTable']}"
     assert m["fullTableInDetails"] and m["csvLinks"] == 2
 

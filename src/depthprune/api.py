@@ -194,12 +194,13 @@ def prune(
     """Remove a block of layers and save the pruned checkpoint with its ``depthprune.json``; returns that record.
 
     Give the block as ``n`` layers, a ``fraction`` of them, or an explicit ``layers`` spec ('20-27',
-    '3,7,9'). ``criterion`` is a name of the criteria registry (``depthprune.CRITERIA``): 'similarity'
-    needs ``distances`` (a directory from :func:`analyze`) or ``data`` to measure them now; a criterion
-    that needs calibration text needs ``data``. A loaded ``model`` is cut only while it is saved and then
-    restored, unless ``inplace=True`` leaves it cut (its removed layers can then be freed). ``stream`` and
-    ``max_memory`` choose how the distances are measured, as in :func:`analyze` (the cut itself loads the
-    model). Every input is checked before the model loads.
+    '3,7,9'). ``criterion`` is a name of the criteria registry (``depthprune.CRITERIA``): 'similarity' and
+    'block-influence' need ``distances`` (a directory from :func:`analyze`) or ``data`` to measure them now;
+    a criterion that needs calibration text (iterative-similarity, perplexity-greedy, perplexity-oneshot,
+    taylor) needs ``data`` and measures on it (``batch_size`` sequences at a time). A loaded ``model`` is cut
+    only while it is saved and then restored, unless ``inplace=True`` leaves it cut (its removed layers can
+    then be freed). ``stream`` and ``max_memory`` choose how the distances are measured, as in :func:`analyze`
+    (the cut itself loads the model). Every input is checked before the model loads.
     """
     if sum(x is not None for x in (n, fraction, layers)) != 1:
         raise DepthpruneError("give exactly one of --n, --fraction or --layers")
@@ -213,6 +214,9 @@ def prune(
     check_output_dir(out, force, _input_paths(model, distances, data.source if data else None))
     if isinstance(distances, (str, Path)):
         distances = load_distances(distances)
+    entry = CRITERIA.get(criterion) if layers is None else None
+    if entry is not None and entry.check_distances is not None and distances is not None:
+        entry.check_distances(distances)  # e.g. block influence from distances that predate it
     measuring = distances is None and needs == "distances"
     if measuring and data is None:
         raise DepthpruneError(f"criterion '{criterion}' needs --distances DIR (from `depthprune analyze`) or --data SRC")
@@ -235,7 +239,8 @@ def prune(
         selection: Selection = explicit_selection(layers, total, distances)
     else:
         sequences = tokenize(texts, tokenizer, data.seq_len) if needs == "calibration" else None
-        context = SelectionContext(total, distances, model, tokenizer, sequences)
+        context = SelectionContext(total, distances, model, tokenizer, sequences, batch_size=batch_size,
+                                   token_mode=token_mode, progress=progress)
         selection = choose(criterion, block_size(total, n=n, fraction=fraction), context)
     params_before = count_parameters(model)
     cut = contextlib.nullcontext(remove_layers(model, selection.layers)) if inplace else \

@@ -228,8 +228,13 @@ def _save(fig, path: str | Path) -> Path:
     return Path(path)
 
 
-def plot_heatmap(distances: AngularDistances, path: str | Path, title: str | None = None) -> Path:
-    """Block size n (rows) against starting layer ℓ (columns), colour = D[n][ℓ], with ℓ*(n) marked."""
+def plot_heatmap(distances: AngularDistances, path: str | Path, title: str | None = None,
+                 selections: dict[str, dict[int, list[int]]] | None = None) -> Path:
+    """Block size n (rows) against starting layer ℓ (columns), colour = D[n][ℓ], with ℓ*(n) marked.
+
+    ``selections`` (criterion -> n -> removed layers): each criterion's removed layers are drawn on row n
+    as its own markers, one per removed layer, so a non-contiguous cut shows every layer it removes (a
+    contiguous block ℓ..ℓ+n-1 is a run of markers starting at its ℓ)."""
     L = distances.num_layers
     grid = np.full((L, L), np.nan)  # row n-1, column ℓ; blocks running past the last layer stay blank
     for n in range(1, L + 1):
@@ -242,14 +247,110 @@ def plot_heatmap(distances: AngularDistances, path: str | Path, title: str | Non
                       extent=(-0.5, L - 0.5, 0.5, L + 0.5))
     ax.plot(best, np.arange(1, L + 1), linestyle="none", marker="o", markersize=3.5, markerfacecolor="white",
             markeredgecolor="black", markeredgewidth=0.6, label=r"$\ell^*(n)$ = argmin$_\ell$ d")
+    selections = {c: by_n for c, by_n in (selections or {}).items() if by_n}
+    for i, (criterion, by_n) in enumerate(selections.items()):
+        color, marker = criterion_style(criterion)
+        offset = (i - (len(selections) - 1) / 2) * min(0.12, 0.8 / max(1, len(selections)))
+        xs = [layer for n in sorted(by_n) for layer in by_n[n]]
+        ys = [n + offset for n in sorted(by_n) for _ in by_n[n]]
+        ax.plot(xs, ys, linestyle="none", marker=marker, markersize=3, color=color, markeredgecolor="black",
+                markeredgewidth=0.3, label=f"{criterion}: removed layers")
     fig.colorbar(image, ax=ax, label=r"angular distance $d(x^{(\ell)}, x^{(\ell+n)})$")
     ax.set_xlabel(r"first layer of the block, $\ell$ (0-based)")
     ax.set_ylabel("block size $n$ (layers)")
     model = distances.meta.get("model", "")
     ax.set_title(title or f"{model}: {distances.num_samples} samples, {'last token' if distances.tokens == 'last' else 'all tokens'}", fontsize=10)
-    ax.legend(loc="upper right", fontsize=8, framealpha=0.85)
+    ax.legend(loc="upper right", fontsize=7 if selections else 8, framealpha=0.85)
     fig.tight_layout()
     return _save(fig, path)
+
+
+# --- comparing criteria ---------------------------------------------------------------------------------
+
+
+def selections(points: list[dict]) -> dict[str, dict[int, list[int]]]:
+    """criterion -> n -> the layers it removes (the unhealed points; healing does not change the cut)."""
+    from .select import CRITERIA
+
+    found: dict[str, dict[int, list[int]]] = {}
+    for p in sorted(points, key=lambda p: p["n"]):
+        if p["n"] > 0 and p["criterion"] != "full":
+            found.setdefault(p["criterion"], {}).setdefault(p["n"], sorted(p["removed_layers"]))
+    names = CRITERIA.names()  # the registry's order, as the curves' colours
+    return dict(sorted(found.items(), key=lambda item: names.index(item[0]) if item[0] in names else len(names)))
+
+
+def jaccard(a, b) -> float:
+    """|A ∩ B| / |A ∪ B| of two sets of layers (1 for two empty sets)."""
+    a, b = set(a), set(b)
+    return len(a & b) / len(a | b) if a | b else 1.0
+
+
+def overlap(points: list[dict]) -> list[dict]:
+    """The Jaccard overlap of every pair of criteria at every n both measured."""
+    chosen = selections(points)
+    names = list(chosen)
+    rows = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            shared = sorted(set(chosen[a]) & set(chosen[b]))
+            rows.append({"criteria": [a, b], "by_n": {n: round(jaccard(chosen[a][n], chosen[b][n]), 4) for n in shared}})
+    return rows
+
+
+def plot_selections(points: list[dict], path: str | Path, total_layers: int | None = None) -> Path | None:
+    """One panel per criterion: the layers it removes (columns) at each n of the sweep (rows)."""
+    chosen = selections(points)
+    if not chosen:
+        return None
+    total = total_layers or max(1 + max(layer for by_n in chosen.values() for ls in by_n.values() for layer in ls), 1)
+    sizes = sorted({n for by_n in chosen.values() for n in by_n})
+    cols = min(3, len(chosen))
+    rows = (len(chosen) + cols - 1) // cols
+    fig = _figure(4.0 * cols, 0.45 * len(sizes) * rows + 1.3 * rows + 0.4)
+    axes = list(fig.subplots(rows, cols, squeeze=False).flat)
+    for ax, (criterion, by_n) in zip(axes, chosen.items(), strict=False):
+        color, _ = criterion_style(criterion)
+        grid = np.zeros((len(sizes), total))
+        for r, n in enumerate(sizes):
+            grid[r, by_n.get(n, [])] = 1 if n in by_n else np.nan
+        from matplotlib.colors import ListedColormap
+
+        ax.imshow(grid, aspect="auto", cmap=ListedColormap(["#f2f2f2", color]), vmin=0, vmax=1,
+                  interpolation="nearest", extent=(-0.5, total - 0.5, len(sizes) - 0.5, -0.5))
+        ax.set_yticks(range(len(sizes)), [str(n) for n in sizes])
+        ax.set_xticks(range(0, total, max(1, total // 10)))
+        ax.set_xticks(np.arange(-0.5, total, 1), minor=True)
+        ax.grid(which="minor", axis="x", color="white", linewidth=0.5)
+        ax.tick_params(which="minor", length=0)
+        ax.set_title(criterion, fontsize=9, color=color)
+        ax.set_xlabel("layer (0-based)", fontsize=8)
+        ax.set_ylabel("n removed", fontsize=8)
+    for ax in axes[len(chosen):]:
+        ax.set_visible(False)
+    fig.suptitle("Layers each criterion removes (filled), per number of layers removed", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def selection_table(points: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Rows n, columns criteria: the layers removed, as '3,7,9-10'."""
+    from .select import format_layers
+
+    chosen = selections(points)
+    sizes = sorted({n for by_n in chosen.values() for n in by_n})
+    return (["n"] + list(chosen),
+            [[str(n)] + [format_layers(by_n[n]) if n in by_n else "" for by_n in chosen.values()] for n in sizes])
+
+
+def overlap_table(points: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Rows: pairs of criteria; columns: n; cells: the Jaccard overlap of their removed layers."""
+    pairs = overlap(points)
+    sizes = sorted({n for pair in pairs for n in pair["by_n"]})
+    rows = [[f"{a} / {b}"] + [f"{pair['by_n'][n]:.2f}" if n in pair["by_n"] else "" for n in sizes]
+            + [f"{np.mean(list(pair['by_n'].values())):.2f}" if pair["by_n"] else ""]
+            for pair in pairs for a, b in [pair["criteria"]]]
+    return ["criteria"] + [f"n={n}" for n in sizes] + ["mean"], rows
 
 
 def plot_best_block(distances: AngularDistances, path: str | Path) -> Path:
@@ -512,10 +613,10 @@ def _accuracy_cell(value: float, n: int | None) -> str:
 
 
 def _layers(removed: list[int]) -> str:
-    if not removed:
-        return "–"
-    contiguous = removed == list(range(removed[0], removed[-1] + 1))
-    return f"{len(removed)}: {removed[0]}–{removed[-1]}" if contiguous and len(removed) > 1 else f"{len(removed)}: {','.join(map(str, removed))}"
+    """'4: 20-23' or '4: 3,7,9-10': the count, then compact inclusive ranges (non-contiguous cuts as they are)."""
+    from .select import format_layers
+
+    return f"{len(removed)}: {format_layers(removed)}" if removed else "–"
 
 
 def main_table(points: list[dict]) -> tuple[list[str], list[list[str]]]:
@@ -634,6 +735,22 @@ def _criteria_html(points: list[dict]) -> str:
         else "<p>Layers are 0-based and ranges inclusive.</p>"
 
 
+def _comparison_html(points: list[dict]) -> list[str]:
+    """The layers each criterion removes at each n, and how much the criteria agree (when there are several)."""
+    header, rows = selection_table(points)
+    if not rows:
+        return []
+    parts = ["<h2>Layers removed by each criterion</h2><p>0-based, inclusive ranges; a criterion that is not "
+             "contiguous may remove layers anywhere ('3,7,9-10').</p>",
+             f"<div class='scroll'>{_html_table(header, rows, table_id='selection-table')}</div>"]
+    overlap_header, overlap_rows = overlap_table(points)
+    if overlap_rows:
+        parts += ["<h2>Overlap between criteria</h2><p>Jaccard index |A ∩ B| / |A ∪ B| of the layers two criteria "
+                  "remove at the same n: 1 = the same layers, 0 = none in common.</p>",
+                  f"<div class='scroll'>{_html_table(overlap_header, overlap_rows, table_id='overlap-table')}</div>"]
+    return parts
+
+
 def cost_table(points: list[dict]) -> tuple[list[str], list[list[str]]]:
     """One row per layer count timed in the cost phase: medians and [fastest–slowest round] ([] for older sweeps)."""
     measured = _cost_points(points)
@@ -688,8 +805,11 @@ def write_report(directory: str | Path, sigmas: float = 2.0) -> Path:
          "chance (the majority class for BoolQ); grey band: within noise of it. Healed curves join only the healed "
          "fractions; the star is the full model."),
         (plot_c4_loss(points, folder / "c4_loss.png"), "C4 validation loss, normalised by ln(vocabulary size)"),
-        (plot_heatmap(distances, folder / "heatmap.png") if distances else None,
-         "Angular distance d(x^(l), x^(l+n)) for every block; dots: the optimal first layer l*(n)"),
+        (plot_heatmap(distances, folder / "heatmap.png", selections=selections(points)) if distances else None,
+         "Angular distance d(x^(l), x^(l+n)) for every block; white dots: the optimal first layer l*(n); coloured "
+         "markers on row n: every layer each criterion removes at that n (non-contiguous cuts included)"),
+        (plot_selections(points, folder / "selections.png", distances.num_layers if distances else None),
+         "The layers each criterion removes at each n of the sweep"),
         (plot_best_block(distances, folder / "best_block.png") if distances else None,
          "Optimal first layer l*(n) and its distance vs block size n"),
         (plot_cost(points, folder / "cost.png"),
@@ -703,7 +823,10 @@ def write_report(directory: str | Path, sigmas: float = 2.0) -> Path:
     full_header, full_rows = full_table(points)
     sizes = {t: sample_size(full, t) for t in accuracy_tasks(points)} if full else {}
     summary = {"sigmas": sigmas, "collapse_definition": collapse_definition(sigmas), "sample_sizes": sizes,
-               "collapse": verdicts, "cost_fits": fits}
+               "collapse": verdicts, "cost_fits": fits,
+               "selections": {c: {str(n): ls for n, ls in by_n.items()} for c, by_n in selections(points).items()},
+               "overlap_jaccard": [{"criteria": p["criteria"], "by_n": {str(n): v for n, v in p["by_n"].items()}}
+                                   for p in overlap(points)]}
     atomic_write_text(folder / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
     csv_text = to_csv(points)
     atomic_write_text(folder / "results.csv", csv_text)
@@ -734,6 +857,7 @@ def write_report(directory: str | Path, sigmas: float = 2.0) -> Path:
         f"Every column: <a href='results.csv'>results.csv</a> beside this file, or "
         f"<a download='results.csv' href='{csv_uri}'>the copy embedded in this page</a>.</p>",
         f"<div class='scroll'>{_html_table(*main_table(points), table_id='main-table')}</div>",
+        *_comparison_html(points),
         *[_image(path, caption) for path, caption in figures],
     ]
     if fits:

@@ -8,6 +8,9 @@ norm. For every sample we take x⁽ˡ⁾ at the chosen token(s), and
 One forward pass per batch gives all L+1 states, so we average the full (L+1)×(L+1) matrix of pairwise
 distances at once; D[n][ℓ] is its entry (ℓ, ℓ+n). The LM head is never run (we call the backbone), and
 only the selected token vectors are kept, so memory does not grow with the number of samples.
+
+The same pass also accumulates ShortGPT's block influence (Men et al. 2024), BI(ℓ) = 1 − the mean over all
+real tokens of cos(x⁽ˡ⁾, x⁽ˡ⁺¹⁾), whatever token mode the distances use; it is saved beside them.
 """
 
 from __future__ import annotations
@@ -37,14 +40,24 @@ DEFINITION = (
 )
 
 
+BLOCK_INFLUENCE_DEFINITION = (
+    "block_influence[l] = 1 - mean over all real tokens of all samples of cos(x_l, x_{l+1}), the input and "
+    "output of layer l at the same token (ShortGPT, Men et al. 2024)"
+)
+
+
 @dataclass
 class AngularDistances:
-    """Mean pairwise angular distances between layer inputs, with how they were measured."""
+    """Mean pairwise angular distances between layer inputs, with how they were measured.
+
+    ``block_influence``: BI(ℓ) for each layer (None in files written before it was measured).
+    """
 
     pairwise: np.ndarray  # (L+1, L+1): mean of arccos(cos)/pi between x_i and x_j
     num_samples: int
     tokens: str
     meta: dict = field(default_factory=dict)  # model, data, seq_len, seed, ...
+    block_influence: np.ndarray | None = None  # (L,): 1 - mean cos(x_l, x_{l+1}) over all real tokens
 
     @property
     def num_layers(self) -> int:
@@ -93,6 +106,9 @@ class AngularDistances:
             ],
             "by_block_size": {str(n): self.block(n).tolist() for n in range(1, L + 1)},
             "pairwise": self.pairwise.tolist(),
+            **({} if self.block_influence is None else {
+                "block_influence_definition": BLOCK_INFLUENCE_DEFINITION,
+                "block_influence": self.block_influence.tolist()}),
         }
 
     def to_csv_rows(self) -> list[list]:
@@ -109,7 +125,8 @@ class AngularDistances:
         atomic_write_text(directory / "distances.csv", "\n".join(lines) + "\n")
 
 
-_STRUCTURE_KEYS = ("format", "definition", "num_layers", "tokens", "num_samples", "best", "by_block_size", "pairwise")
+_STRUCTURE_KEYS = ("format", "definition", "num_layers", "tokens", "num_samples", "best", "by_block_size", "pairwise",
+                   "block_influence_definition", "block_influence")
 
 
 def load_distances(path: str | Path) -> AngularDistances:
@@ -127,7 +144,9 @@ def load_distances(path: str | Path) -> AngularDistances:
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
         raise DepthpruneError(f"'{path}' is not a depthprune distances file (format {found!r}, expected {FORMAT!r})")
-    return AngularDistances(_pairwise(raw, path), _num_samples(raw, path), _tokens(raw, path), _meta(raw, path))
+    pairwise = _pairwise(raw, path)
+    return AngularDistances(pairwise, _num_samples(raw, path), _tokens(raw, path), _meta(raw, path),
+                            _block_influence(raw, path, len(pairwise) - 1))
 
 
 def _damaged(path: Path, problem: str) -> DepthpruneError:
@@ -149,6 +168,18 @@ def _pairwise(raw: dict, path: Path) -> np.ndarray:
     if layers is not None and layers != pairwise.shape[0] - 1:
         raise _damaged(path, f"num_layers {layers!r} does not match the {len(pairwise)} x {len(pairwise)} matrix")
     return pairwise
+
+
+def _block_influence(raw: dict, path: Path, layers: int) -> np.ndarray | None:
+    if raw.get("block_influence") is None:
+        return None  # written before block influence was measured
+    try:
+        values = np.array(raw["block_influence"], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise _damaged(path, "'block_influence' is not a list of numbers") from None
+    if values.shape != (layers,) or not np.isfinite(values).all() or (values < -1e-9).any() or (values > 2).any():
+        raise _damaged(path, f"'block_influence' must hold {layers} finite values in [0, 2]")
+    return values
 
 
 def _num_samples(raw: dict, path: Path) -> int:
@@ -211,9 +242,17 @@ def measure_distances(
     # Every state is gathered onto one device (the first layer's: with device_map they differ).
     states: list[torch.Tensor | None] = [None] * (L + 1)
     select: dict[str, torch.Tensor] = {}
+    # Block influence: the sum over real tokens of cos(x_l, x_{l+1}), from the full states before any token
+    # is selected; only the previous layer's input is held at a time.
+    cos_sums = torch.zeros(L, dtype=torch.float64, device=device)
+    previous: dict[str, torch.Tensor] = {}
 
     def keep(index: int, hidden: torch.Tensor) -> None:
         hidden = hidden.to(device)
+        real = hidden[select["mask"]].to(torch.float64)  # (real tokens of the batch, H)
+        if index > 0:
+            cos_sums[index - 1] += torch.nn.functional.cosine_similarity(previous["real"], real, dim=-1).sum()
+        previous["real"] = real
         if tokens == "last":
             hidden = hidden[torch.arange(hidden.shape[0], device=device), select["last"]]
         states[index] = hidden.to(torch.float64)
@@ -235,12 +274,14 @@ def measure_distances(
     total = torch.zeros((L + 1, L + 1), dtype=torch.float64, device=device)
     pass_positions = _accepts(layout.backbone, "position_ids")
     bar = tqdm(total=len(ordered), unit="sample", desc="angular distances", disable=not progress)
+    real_tokens = 0
     try:
         for batch in batches(ordered, batch_size, pad_token_id, padding_side):
             batch = batch.to(device)
             mask = batch.attention_mask.bool()
             positions = torch.arange(mask.shape[1], device=device)
             select["last"] = torch.where(mask, positions, -1).max(dim=1).values
+            select["mask"] = mask
             kwargs = {"position_ids": batch.position_ids} if pass_positions else {}
             layout.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **kwargs)
             stacked = torch.stack(states, dim=-2)  # last: (B, L+1, H); all: (B, T, L+1, H)
@@ -255,9 +296,13 @@ def measure_distances(
                     )
                     total += per_token / len(real)
             states[:] = [None] * (L + 1)
+            previous.clear()
+            real_tokens += int(mask.sum())
             bar.update(len(mask))
     finally:
         bar.close()
         for handle in handles:
             handle.remove()
-    return AngularDistances((total / len(ordered)).cpu().numpy(), len(ordered), tokens)
+    influence = (1.0 - cos_sums / real_tokens).cpu().numpy()
+    return AngularDistances((total / len(ordered)).cpu().numpy(), len(ordered), tokens,
+                            block_influence=np.clip(influence, 0.0, 2.0))

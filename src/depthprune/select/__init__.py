@@ -3,8 +3,10 @@
 A :class:`Criterion` names what it needs (``"distances"``: the analysis pass; ``"calibration"``: the model,
 its tokenizer and tokenized calibration sequences; ``"nothing"``) and chooses ``n`` layers from a
 :class:`SelectionContext`. :func:`choose` checks the request and the answer, whichever criterion it is.
-Built in: ``similarity`` (``select/similarity.py``) and ``deepest`` (``select/deepest.py``). An explicit
-``--layers`` spec is not a criterion: :func:`explicit_selection` records it as ``explicit``.
+Built in, one module each: ``similarity``, ``deepest``, ``block-influence``, ``iterative-similarity``,
+``perplexity-greedy``, ``perplexity-oneshot`` and ``taylor`` (the loss-based ones share the fast path of
+``select/_calibration.py``). An explicit ``--layers`` spec is not a criterion: :func:`explicit_selection`
+records it as ``explicit``.
 
 This package stays light (no torch at import): the CLI reads the registry to build its flags.
 """
@@ -46,13 +48,22 @@ class Selection:
 
 @dataclass
 class SelectionContext:
-    """What a criterion may look at: the layer count always; distances, model and data when it needs them."""
+    """What a criterion may look at: the layer count always; distances, model and data when it needs them.
+
+    ``batch_size``, ``token_mode`` (None: the distances' mode, else 'last') and ``progress`` tell the criteria
+    that measure how to. ``cache`` holds what a criterion computed that serves other n (the greedy order, the
+    one-shot losses, the captured layer arguments): one context per model and calibration set, e.g. a sweep's.
+    """
 
     num_layers: int
     distances: AngularDistances | None = None
     model: Any = None
     tokenizer: Any = None
     sequences: Sequence[Sequence[int]] | None = None  # tokenized calibration sequences
+    batch_size: int = 8
+    token_mode: str | None = None
+    progress: bool = False
+    cache: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -61,7 +72,8 @@ class Criterion:
 
     ``description``: one line, naming the paper it comes from. ``needs``: 'distances', 'calibration' or
     'nothing'. ``contiguous``: whether it always removes one block. ``select(context, n)`` returns a
-    :class:`Selection` of exactly ``n`` layers.
+    :class:`Selection` of exactly ``n`` layers. ``check_distances(distances)``, optional: raise a one-line
+    :class:`DepthpruneError` when given distances cannot serve it (checked before any model loads).
     """
 
     name: str
@@ -69,6 +81,7 @@ class Criterion:
     needs: str
     contiguous: bool
     select: Callable[[SelectionContext, int], Selection]
+    check_distances: Callable[[AngularDistances], None] | None = None
 
     def __post_init__(self) -> None:
         if self.needs not in NEEDS:
@@ -166,6 +179,8 @@ def choose(criterion: str, n: int, context: SelectionContext) -> Selection:
         raise DepthpruneError(f"criterion '{criterion}' needs angular distances: pass --distances DIR or --data SRC")
     if entry.needs == "calibration" and (context.model is None or not context.sequences):
         raise DepthpruneError(f"criterion '{criterion}' needs the model and calibration text: pass --data SRC")
+    if entry.check_distances is not None and context.distances is not None:
+        entry.check_distances(context.distances)
     selection = entry.select(context, n)
     layers = selection.layers
     if len(layers) != n or len(set(layers)) != n or list(layers) != sorted(layers) or not all(
@@ -196,6 +211,7 @@ def explicit_selection(spec: str, num_layers: int, distances: AngularDistances |
 
 # The built-in criteria register themselves on import, in this order (the CLI's, the report's colours);
 # each is one module (and its test).
-BUILT_IN = ("similarity", "deepest")
+BUILT_IN = ("similarity", "deepest", "block_influence", "iterative_similarity", "perplexity_greedy",
+            "perplexity_oneshot", "taylor")
 for _module in BUILT_IN:
     importlib.import_module(f".{_module}", __name__)
