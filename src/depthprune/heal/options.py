@@ -52,6 +52,9 @@ class HealOptions:
     val_sequences: int = option(64, help="validation sequences of --seq-len tokens", minimum=1)
     seed: int = option(0, help="seed of data order, LoRA init and dropout", minimum=0, below=2**32)
     gradient_checkpointing: bool = option(False, help="trade compute for activation memory")
+    loss_chunk: int = option(256, help="positions per chunk of the vocabulary projection and loss: the logits of a "
+                                       "whole batch are never held at once (0: all at once, from the model's logits)",
+                             minimum=0)
     text_field: str = option("text", help="field holding the text")
     data_config: str | None = option(None, help="Hugging Face dataset config (e.g. 'en' for allenai/c4)")
     data_split: str = option("train", help="Hugging Face split of --data")
