@@ -136,13 +136,16 @@ class Trainer:
         dataset = [{"input_ids": torch.tensor(s), "labels": torch.tensor(s)} for b in batches for s in b]
         self.go, self.done = threading.Semaphore(0), threading.Semaphore(0)
         self.error: BaseException | None = None
+        self.closing = False
         outer = self
 
         class Turns(TrainerCallback):
             def on_step_begin(self, *a, **k):
                 outer.go.acquire()
 
-            def on_step_end(self, *a, **k):
+            def on_step_end(self, args, state, control, **k):
+                if outer.closing:
+                    control.should_training_stop = True
                 outer.done.release()
 
         args = TrainingArguments(output_dir=out, per_device_train_batch_size=len(batches[0]), max_steps=steps,
@@ -170,7 +173,9 @@ class Trainer:
             raise self.error
 
     def close(self) -> None:
-        self.go.release()  # let it run out
+        self.closing = True  # one last step, then the Trainer stops
+        self.go.release()
+        self.thread.join()
 
 
 def measure(contenders: dict, rounds: int, warmup: int) -> dict[str, list[tuple[float, float]]]:

@@ -151,3 +151,36 @@ def test_plain_loss_fallback_for_other_heads():
     fused, _ = _loss_and_grads(net, None, ids)
     plain, _ = _loss_and_grads(net, None, ids, loss_chunk=0)
     torch.testing.assert_close(fused, plain)
+
+
+def _heal_losses(tiny_checkpoint, out, **options) -> list[float]:
+    documents = torch.randint(3, 96, (30, 50), generator=torch.Generator().manual_seed(5)).tolist()
+    logs: list[dict] = []
+    heal(str(tiny_checkpoint), documents, out, progress=logs.append,
+         **{**dict(steps=3, batch_size=4, seq_len=32, rank=4, lr=1e-2, warmup=1, eval_every=100, save_every=100),
+            **options})
+    return [r["loss"] for r in logs]
+
+
+def test_qlora_from_cached_dequantized_weights_trains_the_same_function(tiny_checkpoint, tmp_path):
+    from safetensors.torch import load_file
+
+    plain = _heal_losses(tiny_checkpoint, tmp_path / "plain", method="qlora", dropout=0.1)
+    cached = _heal_losses(tiny_checkpoint, tmp_path / "cached", method="qlora", dropout=0.1,
+                          qlora_cache_dequantized=True)
+    assert cached == plain  # bit for bit: the same de-quantized values, the same matmuls
+    a, b = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("plain", "cached"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bf16_autocast_stays_near_float32(tiny_checkpoint, tmp_path):
+    fp32 = _heal_losses(tiny_checkpoint, tmp_path / "fp32", method="lora", dropout=0.0)
+    bf16 = _heal_losses(tiny_checkpoint, tmp_path / "bf16", method="lora", dropout=0.0, bf16_autocast=True)
+    assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=2e-2)  # bf16 keeps 8 bits of mantissa
+
+
+@pytest.mark.slow
+def test_compiled_layers_give_the_same_losses(tiny_checkpoint, tmp_path):
+    eager = _heal_losses(tiny_checkpoint, tmp_path / "eager", method="lora", dropout=0.0)
+    compiled = _heal_losses(tiny_checkpoint, tmp_path / "compiled", method="lora", dropout=0.0, compile=True)
+    assert compiled == pytest.approx(eager, rel=1e-5, abs=1e-6)
