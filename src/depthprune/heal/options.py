@@ -55,6 +55,16 @@ class HealOptions:
     fsdp: bool = option(False, help="shard weights, gradients and optimizer state over the torchrun processes "
                                     "(FSDP2), for full/lora/dora healing or distillation of models larger than one "
                                     "GPU; not with qlora")
+    loss_chunk: int = option(256, help="positions per chunk of the vocabulary projection and loss: the logits of a "
+                                       "whole batch are never held at once (0: all at once, from the model's logits)",
+                             minimum=0)
+    compile: bool = option(False, help="torch.compile each decoder layer (the first steps pay the compilation)")
+    bf16_autocast: bool = option(False, help="compute in bfloat16 under autocast, weights and optimizer in their dtype "
+                                             "(faster where the CPU or GPU has bf16 units; results differ at bf16 "
+                                             "precision)")
+    qlora_cache_dequantized: bool = option(
+        False, help="qlora on CPU: de-quantize the 4-bit base once and keep the copy (the dtype's size instead of 4 "
+                    "bits per weight) rather than at every forward and backward; the same 4-bit function trains")
     text_field: str = option("text", help="field holding the text")
     data_config: str | None = option(None, help="Hugging Face dataset config (e.g. 'en' for allenai/c4)")
     data_split: str = option("train", help="Hugging Face split of --data")

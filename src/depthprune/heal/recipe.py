@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import DepthpruneError
-from ..models import load_model, quiet_bitsandbytes
+from ..models import decoder_layout, load_model, quiet_bitsandbytes
 from ..outputs import follow_umask, replace_dir, temporary_dir_beside
 from ..surgery import RECORD_FILE
 from . import checkpoint as ckpt
@@ -247,6 +247,8 @@ def setup(run: Run, model, tokenizer, documents: list, trust_remote_code: bool) 
     if o.fsdp:  # before the optimizer: sharding replaces the parameters by their shards
         kept = skeleton(net) if run.processes.main else None
         shard(net, run.processes, run.device, teacher)
+    if o.compile:
+        compile_layers(net)
     optimizer = torch.optim.AdamW(list(ckpt.trainable(net).values()), lr=o.lr, weight_decay=o.weight_decay,
                                   betas=(0.9, 0.999), eps=1e-8)
     from transformers import get_scheduler
@@ -347,7 +349,8 @@ def _forward_backward(run: Run, state: TrainingState) -> torch.Tensor:
         ids = torch.tensor(mine[k * micro : (k + 1) * micro], dtype=torch.long, device=input_device(state.net))
         sync = k == o.grad_accum - 1 or world == 1
         with contextlib.nullcontext() if sync else state.train_net.no_sync():
-            loss, lm, kd = compute_loss(state.train_net, state.teacher, ids, o)
+            with torch.autocast(ids.device.type, torch.bfloat16, enabled=o.bf16_autocast):
+                loss, lm, kd = compute_loss(state.train_net, state.teacher, ids, o)
             (loss / o.grad_accum).backward()
         sums += torch.tensor([loss.item(), lm.item(), kd.item() if kd is not None else 0.0], dtype=torch.float64)
     return run.processes.all_mean(sums / o.grad_accum)
@@ -475,6 +478,14 @@ def _base_model(run: Run, model, tokenizer, trust_remote_code: bool):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return base, tokenizer
+
+
+def compile_layers(net: nn.Module) -> None:
+    """torch.compile each decoder layer in place (one graph per layer, reused by its siblings); the loss,
+    head and optimizer stay eager."""
+    inner = net.get_base_model() if hasattr(net, "get_base_model") else net
+    for layer in decoder_layout(inner).layers:
+        layer.compile()
 
 
 def _input_record(spec: str) -> dict | None:

@@ -7,6 +7,12 @@ It works one linear layer at a time: de-quantize that layer to float32, add its 
 output dtype (float32 by default; the sweep asks for its bfloat16), replace the 4-bit layer and its adapter,
 and let both go before the next. The merge's peak is therefore the model plus one layer's float32 copy, not
 a float32 copy of every linear layer at once (≈ 27 GB for Llama-2-7B).
+
+On CPU bitsandbytes de-quantizes every 4-bit weight at every forward and again at every backward. With
+``qlora_cache_dequantized`` each weight is de-quantized once, at prepare, and its 4-bit layer computes from
+that copy: the same values (the 4-bit weights, de-quantized exactly as bitsandbytes does), so the same
+function trains, for the memory of the copy (its dtype's size per weight instead of half a byte). GPUs
+keep bitsandbytes' CUDA kernels.
 """
 
 from __future__ import annotations
@@ -21,7 +27,40 @@ def prepare(model, options):
 
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=options.gradient_checkpointing,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(options, "qlora_cache_dequantized", False):
+        cache_dequantized(model)
     return add_lora(model, options)
+
+
+def cache_dequantized(model) -> int:
+    """Make every 4-bit linear layer on the CPU compute from a copy of its weights de-quantized once (as
+    bitsandbytes' CPU path de-quantizes them at each call); returns how many. The 4-bit weights stay the
+    layer's parameters (checkpoints and the merge read them)."""
+    import types
+
+    import bitsandbytes as bnb
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and module.weight.device.type == "cpu":
+            module.dequantized = _dequantized_weight(module)  # float32
+            module.forward = types.MethodType(_forward_from_cache, module)
+            count += 1
+    return count
+
+
+def _forward_from_cache(self, x):
+    """bitsandbytes' Linear4bit.forward with the de-quantization done once (``self.dequantized``)."""
+    import torch.nn.functional as F
+
+    if not self.compute_type_is_set:
+        self.set_compute_type(x)
+        self.compute_type_is_set = True
+    inp_dtype = x.dtype
+    if self.compute_dtype is not None:
+        x = x.to(self.compute_dtype)
+    bias = None if self.bias is None else self.bias.to(x.dtype)
+    return F.linear(x, self.dequantized.to(x.dtype), bias).to(inp_dtype)
 
 
 def merge(model, options, dtype=None):
