@@ -93,9 +93,13 @@ class Depthprune:
         self.state.stream = Batches(batches)
         self.state.net.train()
         self.losses: list[float] = []
+        self.rng = torch.get_rng_state()
 
     def step(self) -> None:
+        # Each variant draws its dropout masks from its own RNG stream, as if it ran alone.
+        outside, _ = torch.get_rng_state(), torch.set_rng_state(self.rng)
         self.losses.append(self.recipe.train_step(self.run, self.state)["loss"])
+        self.rng, _ = torch.get_rng_state(), torch.set_rng_state(outside)
 
 
 class Forward:
@@ -264,12 +268,14 @@ def profile_step(dp: Depthprune) -> list[str]:
         else:
             seconds[CATEGORIES[4]] += own
     counted = sum(seconds.values())
-    scale = cpu / max(counted, 1e-9)  # the profiler's own cost inflates its times: scale them to the step's CPU
-    lines = [f"profile of one depthprune step: wall {wall:.2f} s, CPU {cpu:.2f} s (profiled; ops scaled to the step's "
-             "CPU time)", "| where | CPU s | share |", "|---|---:|---:|"]
+    scale = cpu / max(counted, 1e-9)
+    lines = [f"profile of one depthprune step: wall {wall:.2f} s, CPU {cpu:.2f} s; the ops' self times add up to "
+             f"{counted:.2f} s", "| where | CPU s | share |", "|---|---:|---:|"]
     if scale > 1:  # ops account for less than the CPU time: the rest is Python and framework code
         seconds[CATEGORIES[7]] = cpu - counted
         scale = 1.0
+    else:  # the profiler's own cost inflates the ops' times: scale them to the step's CPU time
+        lines[0] += " (scaled to the step's CPU time; the Python overhead is below what the profiler resolves)"
     for name, s in seconds.items():
         lines.append(f"| {name} | {s * scale:.2f} | {100 * s * scale / cpu:.0f} % |")
     return lines
@@ -307,7 +313,7 @@ def main() -> None:
                     dps[variant] = Depthprune(args.model, method, o, batches, Path(work) / variant)
                 contenders["forward"] = Forward(next(iter(dps.values())).state.net, batches)
                 contenders.update({f"depthprune[{v}]": dp for v, dp in dps.items()})
-                if not args.no_trainer:
+                if not args.no_trainer and method in ("lora", "full"):  # the Trainer script knows these two
                     trainer = Trainer(args.model, method, batches, args.rank, rounds + 2, str(Path(work) / "trainer"))
                     stack.callback(trainer.close)
                     contenders["peft+Trainer"] = trainer

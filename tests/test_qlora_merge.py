@@ -51,11 +51,12 @@ def _live_bytes() -> tuple[int, int]:
             if not isinstance(obj, torch.Tensor) or obj.device.type != "cpu":
                 continue
             storage = obj.untyped_storage()
-        except Exception:  # noqa: BLE001 - some tensor subclasses have no storage to count
+            pointer = storage.data_ptr()
+        except Exception:  # noqa: BLE001 - tensor subclasses (fake tensors an earlier compile left) have no data
             continue
-        if storage.data_ptr() in seen or storage.nbytes() == 0:
+        if pointer in seen or storage.nbytes() == 0:
             continue
-        seen.add(storage.data_ptr())
+        seen.add(pointer)
         total += storage.nbytes()
         matrices += obj.dtype == torch.float32 and obj.dim() == 2 and min(obj.shape) > 8  # not LoRA's rank-4 A/B
     return total, matrices

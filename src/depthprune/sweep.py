@@ -831,6 +831,8 @@ def _heal_point(model, tokenizer, c: SweepConfig, work: Path, point: tuple[int, 
     record = read_record(healed) if healed.is_dir() else None
     if record is not None and "healing" in record:  # healed before the sweep was stopped, not yet evaluated
         healed_model, _ = load_model(str(healed), device=c.device, dtype=c.dtype)
+        # Named like the in-memory result of an uninterrupted run, so the recorded evaluation is the same.
+        healed_model.config.name_or_path = model.config.name_or_path
         return healed_model, record["healing"]
     options = {**c.heal_options, "method": point[2]}
     params_before = count_parameters(model)
