@@ -169,6 +169,17 @@ def _check_cut(config, n: int | None, fraction: float | None, layers: str | None
         check_length(config, data.seq_len, "--seq-len")
 
 
+def check_cut_request(n: int | None, fraction: float | None, layers: str | None, criterion: str) -> str:
+    """Check how the layers to cut are asked for (before anything loads); returns what the criterion needs."""
+    if sum(x is not None for x in (n, fraction, layers)) != 1:
+        raise DepthpruneError("give exactly one of --n, --fraction or --layers")
+    if layers is not None:
+        layer_ranges(layers)
+        return "nothing"
+    check_block_request(n, fraction)
+    return CRITERIA.get(criterion).needs
+
+
 def prune(
     model,
     out: str | Path,
@@ -202,13 +213,7 @@ def prune(
     then be freed). ``stream`` and ``max_memory`` choose how the distances are measured, as in :func:`analyze`
     (the cut itself loads the model). Every input is checked before the model loads.
     """
-    if sum(x is not None for x in (n, fraction, layers)) != 1:
-        raise DepthpruneError("give exactly one of --n, --fraction or --layers")
-    needs = CRITERIA.get(criterion).needs if layers is None else "nothing"
-    if layers is not None:
-        layer_ranges(layers)
-    else:
-        check_block_request(n, fraction)
+    needs = check_cut_request(n, fraction, layers, criterion)
     analysis = _check_measuring(batch_size, token_mode) if data is not None else None
     config = check_model(model, trust_remote_code)
     check_output_dir(out, force, _input_paths(model, distances, data.source if data else None))

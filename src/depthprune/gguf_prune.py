@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .api import _check_measuring, _measure_texts, load_calibration
+from .api import _check_measuring, _measure_texts, check_cut_request, load_calibration
 from .config import AnalysisOptions, DataOptions
 from .data import tokenize
 from .errors import DepthpruneError
@@ -21,10 +21,8 @@ from .select import (
     Selection,
     SelectionContext,
     block_size,
-    check_block_request,
     choose,
     explicit_selection,
-    layer_ranges,
 )
 from .similarity import AngularDistances, load_distances
 
@@ -77,13 +75,7 @@ def prune_gguf(
     Arguments as :func:`depthprune.prune`; ``swa_pattern`` as :func:`depthprune.gguf_surgery.cut_gguf`.
     Every input is checked before anything is measured or written.
     """
-    if sum(x is not None for x in (n, fraction, layers)) != 1:
-        raise DepthpruneError("give exactly one of --n, --fraction or --layers")
-    needs = CRITERIA.get(criterion).needs if layers is None else "nothing"
-    if layers is not None:
-        layer_ranges(layers)
-    else:
-        check_block_request(n, fraction)
+    needs = check_cut_request(n, fraction, layers, criterion)
     analysis = _check_measuring(batch_size, token_mode)
     source = gguf_source(model)
     check_output_file(out, [source, distances if isinstance(distances, (str, Path)) else None,
