@@ -228,6 +228,24 @@ def test_validation_record_and_refusals(tiny, tmp_path, shared_data):
         heal(str(tiny), _documents(8, 100), stopped, method="lora", steps=4, lr=1.0, **SMALL)
 
 
+def test_a_run_recorded_before_an_option_existed_resumes_at_its_default(tiny, tmp_path, monkeypatch):
+    from depthprune.heal import recipe
+
+    resumed = []
+    monkeypatch.setattr(recipe, "resume", lambda run, state, real=recipe.resume: resumed.append(real(run, state)))
+    stopped = tmp_path / "stopped"
+    heal(str(tiny), _documents(8, 100), stopped, method="lora", steps=4, stop_after=1, **SMALL)
+    config = json.loads((stopped / "heal_config.json").read_text())
+    for newer in ("compile", "loss_chunk", "bf16_autocast"):  # as an older version recorded the run
+        del config[newer]
+    (stopped / "heal_config.json").write_text(json.dumps(config))
+    with pytest.raises(DepthpruneError, match=r"other settings \(compile\)"):
+        heal(str(tiny), _documents(8, 100), stopped, method="lora", steps=4, compile=True, **SMALL)
+    assert not resumed
+    heal(str(tiny), _documents(8, 100), stopped, method="lora", steps=4, **SMALL)
+    assert len(resumed) == 1  # resumed, not started over
+
+
 def test_default_target_modules_are_the_mlp():
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 

@@ -78,6 +78,8 @@ PRESETS: dict[str, dict] = {
                       save_every=5, val_sequences=16),
 }
 
+# Each option's default, for runs recorded before the option existed.
+OPTION_DEFAULTS = {f.name: f.default for f in dataclasses.fields(HealOptions)}
 # Options that may change between a run and its resumption without changing its result.
 RESUMABLE_CHANGES = {"eval_every", "save_every", "val_sequences", "gradient_checkpointing"}
 _NAMES = ("text_field", "data_split", "teacher", "data_config")  # non-empty when given

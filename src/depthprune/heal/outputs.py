@@ -26,7 +26,7 @@ from ..outputs import (
 )
 from ..surgery import RECORD_FILE
 from .checkpoint import CHECKPOINT_DIR
-from .options import RESUMABLE_CHANGES
+from .options import OPTION_DEFAULTS, RESUMABLE_CHANGES
 
 CONFIG_FILE = "heal_config.json"
 LOG_FILE = "heal_log.jsonl"
@@ -76,6 +76,9 @@ class Plan:
 def _changed(previous: dict, identity: dict) -> list[str]:
     if "tokens" in previous and "train_tokens" not in previous:  # the name of --train-tokens before 0.2
         previous = {("train_tokens" if k == "tokens" else k): v for k, v in previous.items()}
+    # An option added since that run was recorded is no change while it is given at its default: the older
+    # version trained as that default does.
+    previous = {**{k: v for k, v in OPTION_DEFAULTS.items() if k not in previous}, **previous}
     return sorted(k for k in set(previous) | set(identity)
                   if k not in RESUMABLE_CHANGES and previous.get(k) != identity.get(k))
 
