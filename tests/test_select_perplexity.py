@@ -139,3 +139,42 @@ def test_batch_by_batch_path_equals_the_stored_states(monkeypatch):
     monkeypatch.setattr(_calibration, "STATE_BUDGET_BYTES", 0)
     streamed = LayerRunner(model, seqs, batch_size=2).removal_losses(range(6), range(6), exhaustive=True)
     assert streamed == pytest.approx(stored, rel=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "opt", "gpt2"])  # gemma2: soft-capped logits; opt: project_out
+def test_vocabulary_subset_bound_is_below_the_loss_and_exact_on_the_whole_vocabulary(arch):
+    model, seqs = tiny_model(arch), sequences()
+    runner = LayerRunner(model, seqs, batch_size=4)
+    assert runner.can_bound()
+    vocabulary = runner.layout.lm_head.weight.shape[0]
+    with torch.no_grad():
+        last = [runner.states(list(range(6)), b)[-1] for b in range(len(runner.batches))]
+        subsets = runner.vocabulary_subsets(last)
+        for b, hidden in enumerate(runner.run([0, 2, 3, 5], 0, runner.embeddings[b], b) for b in range(len(last))):
+            exact = runner.nll_sum(hidden, b)
+            assert len(subsets[b][0]) == -(-vocabulary // 8)
+            assert runner._nll_lower_bound(hidden, b, subsets[b]) < exact
+            everything = (torch.arange(vocabulary), torch.ones(len(runner.targets[b][0]), dtype=torch.bool))
+            assert runner._nll_lower_bound(hidden, b, everything) == pytest.approx(exact, rel=1e-6)
+
+
+def test_the_bound_skips_full_heads_and_chooses_the_same(monkeypatch):
+    """With the subset grown to the whole vocabulary the bound equals the loss, so every candidate but the
+    best is dropped without its full head; the order and losses are those computed without any bound."""
+    from depthprune.select import _calibration
+
+    model, seqs = tiny_model("llama"), sequences()
+    heads = {}
+    for bound in (False, True):
+        monkeypatch.setattr(_calibration, "SUBSET_FRACTION", 1)
+        monkeypatch.setattr(LayerRunner, "can_bound", lambda self, bound=bound: bound)
+        context = _context(model, seqs, batch_size=16)  # one batch: no stop on a partial sum
+        calls = []
+        original = LayerRunner._nll_sum
+        monkeypatch.setattr(LayerRunner, "_nll_sum",
+                            lambda self, *a, calls=calls, original=original: calls.append(1) or original(self, *a))
+        selection = choose("perplexity-greedy", 3, context)
+        heads[bound] = (selection.scores, len(calls))
+        monkeypatch.undo()
+    assert heads[True][0] == heads[False][0]
+    assert heads[True][1] < heads[False][1] / 2
