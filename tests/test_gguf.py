@@ -45,6 +45,7 @@ def _write_tiny_gguf(path: Path, arch: str = "llama", blocks: int = 4, sliding_w
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list([f"t{i}" for i in range(VOCAB)])
     writer.add_chat_template("{{ messages }}")
+    writer.add_size_label("as named by its maker")
     writer.add_tensor("token_embd.weight", rng.standard_normal((VOCAB, HIDDEN), dtype=np.float32))
     for i in range(blocks):
         writer.add_tensor(f"blk.{i}.attn_norm.weight", rng.standard_normal(HIDDEN, dtype=np.float32))
@@ -95,6 +96,9 @@ def test_cut_copies_kept_tensors_byte_for_byte_and_renumbers(tiny_gguf, tmp_path
     assert field_value(reader, "depthprune.criterion") == "similarity"
     assert field_value(reader, "depthprune.source") == "tiny.gguf"
     assert field_value(reader, "depthprune.layers_before") == 4
+    from gguf.utility import size_label
+
+    assert field_value(reader, "general.size_label") == size_label(sum(int(t.n_elements) for t in reader.tensors), 0, 0, 0)
     assert record["layers_after"] == 2 and record["bytes_after"] == out.stat().st_size
     assert _nothing_written(tmp_path, {"tiny.gguf", "cut.gguf"})  # no temporaries left
 

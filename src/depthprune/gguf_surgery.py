@@ -221,6 +221,8 @@ def _copy_metadata(reader, writer, plan: CutPlan) -> None:
         value = field.contents()
         if name == f"{plan.arch}.block_count":
             value = len(plan.kept)
+        elif name == "general.size_label":  # e.g. "135M": the cut model's own parameter count
+            value = _size_label(reader, plan)
         elif name in plan.per_layer_keys:
             value = [value[i] for i in plan.kept]
         sub_type = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
@@ -228,6 +230,12 @@ def _copy_metadata(reader, writer, plan: CutPlan) -> None:
     if plan.swa_array is not None:
         writer.add_key_value(f"{plan.arch}.attention.sliding_window_pattern", list(plan.swa_array),
                              GGUFValueType.ARRAY, sub_type=GGUFValueType.BOOL)
+
+
+def _size_label(reader, plan: CutPlan) -> str:
+    from gguf.utility import size_label
+
+    return size_label(sum(int(tensor.n_elements) for _, tensor in _kept_tensors(reader, plan)), 0, 0, 0)
 
 
 def _provenance(writer, plan: CutPlan, source: str, criterion: str, distance: float | None) -> None:
