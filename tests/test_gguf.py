@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from badinput import assert_clean_failure
 from conftest import VOCAB, tiny_model, tiny_tokenizer
 
 from depthprune.errors import DepthpruneError
@@ -196,6 +197,17 @@ def test_cli_prunes_a_gguf_into_a_gguf(tiny_gguf, tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
     assert main(["prune", str(tiny_gguf), "--n", "1", "--criterion", "deepest", "--out", str(out), "--force"]) == 0
     assert field_value(open_gguf(out), "depthprune.removed_layers") == [2]  # deepest: before the last layer
+
+
+def test_a_gguf_transformers_cannot_load_is_one_line_with_its_cause(tmp_path, monkeypatch, capsys, shared_data):
+    """The tiny file's per-layer head_count_kv is a list transformers refuses; its multi-line validation
+    error becomes one line that still says which field."""
+    source = _write_tiny_gguf(tmp_path / "tiny.gguf")
+    monkeypatch.setenv("DEPTHPRUNE_CACHE", str(tmp_path / "cache"))
+    line = assert_clean_failure(capsys, ["analyze", str(source), "--data", str(shared_data / "c4" / "validation.jsonl"),
+                                         "--out", str(tmp_path / "out")],
+                                "transformers could not load GGUF file", watch=[tmp_path])
+    assert "num_key_value_heads" in line
 
 
 def test_cli_refuses_a_gguf_output_from_a_checkpoint(tiny_checkpoint, tmp_path, capsys):

@@ -111,7 +111,7 @@ def _check_gguf(gguf: Path) -> None:
     try:
         GGUFReader(str(gguf))
     except Exception as exc:  # the reader raises ValueError, struct errors, etc. on corrupt files
-        raise DepthpruneError(f"'{gguf}' is not a readable GGUF file ({type(exc).__name__}: {exc})") from None
+        raise DepthpruneError(f"'{gguf}' is not a readable GGUF file ({type(exc).__name__}: {_first_line(exc)})") from None
 
 
 def convert_gguf(gguf: str | Path) -> Path:
@@ -128,7 +128,7 @@ def convert_gguf(gguf: str | Path) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as exc:
-        raise DepthpruneError(f"transformers could not load GGUF file '{gguf}': {exc}") from None
+        raise DepthpruneError(f"transformers could not load GGUF file '{gguf}': {_first_line(exc)}") from None
     # A GGUF-loaded model carries a quantization_config and refuses save_pretrained: rebuild it clean.
     config = loaded.config
     if hasattr(config, "quantization_config"):
@@ -155,8 +155,13 @@ def convert_gguf(gguf: str | Path) -> Path:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """The gist of an exception's message on one line: its first line, and the next one too when the first
+    only introduces it ("Validation error for field 'x':")."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    text = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _weight_files(directory: Path) -> list[Path]:
