@@ -4,7 +4,7 @@ A :class:`Criterion` names what it needs (``"distances"``: the analysis pass; ``
 its tokenizer and tokenized calibration sequences; ``"nothing"``) and chooses ``n`` layers from a
 :class:`SelectionContext`. :func:`choose` checks the request and the answer, whichever criterion it is.
 Built in, one module each: ``similarity``, ``deepest``, ``block-influence``, ``iterative-similarity``,
-``perplexity-greedy``, ``perplexity-oneshot`` and ``taylor`` (the loss-based ones share the fast path of
+``perplexity-greedy``, ``perplexity-oneshot``, ``taylor`` and ``taylor-plus`` (the loss-based ones share the fast path of
 ``select/_calibration.py``). An explicit ``--layers`` spec is not a criterion: :func:`explicit_selection`
 records it as ``explicit``.
 
@@ -212,6 +212,6 @@ def explicit_selection(spec: str, num_layers: int, distances: AngularDistances |
 # The built-in criteria register themselves on import, in this order (the CLI's, the report's colours);
 # each is one module (and its test).
 BUILT_IN = ("similarity", "deepest", "block_influence", "iterative_similarity", "perplexity_greedy",
-            "perplexity_oneshot", "taylor")
+            "perplexity_oneshot", "taylor", "taylor_plus")
 for _module in BUILT_IN:
     importlib.import_module(f".{_module}", __name__)

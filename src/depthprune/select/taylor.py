@@ -3,8 +3,8 @@ weights of |weight × ∂L/∂weight|, L the calibration loss; remove the n leas
 
 One forward and backward pass over the calibration sequences (gradients only for the decoder layers; the LM
 head in chunks, so no full-vocabulary logits of all positions exist at once). The paper's Taylor+ also keeps
-its first and last few blocks out of the candidates; that heuristic is not applied here, so the criterion
-may remove them. Its scores are every layer's importance.
+its first and last few blocks out of the candidates: that is ``taylor-plus``; this criterion may remove
+them. Its scores are every layer's importance.
 """
 
 from __future__ import annotations
