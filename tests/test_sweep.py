@@ -65,6 +65,23 @@ def test_sweep_rows_report_and_resume(tiny_checkpoint, tiny_corpus, shared_data,
         run_sweep(_config(tiny_checkpoint, tiny_corpus, shared_data, tmp_path / "whole", limit=2, mmlu_limit=2), log=lambda _: None)
 
 
+def test_a_sweep_grows_with_more_criteria_and_sizes(tiny_checkpoint, tiny_corpus, shared_data, tmp_path, monkeypatch):
+    """Criteria, sizes and healings only choose which points run: adding some keeps the finished points."""
+    out = tmp_path / "s"
+    small = dict(tasks="c4", cost=False)
+    run_sweep(_config(tiny_checkpoint, tiny_corpus, shared_data, out, n="0,2", criteria="deepest", **small),
+              log=lambda _: None)
+    evaluated = []
+    real = sweep_module._evaluate
+    monkeypatch.setattr(sweep_module, "_evaluate", lambda *a, **k: evaluated.append(1) or real(*a, **k))
+    run_sweep(_config(tiny_checkpoint, tiny_corpus, shared_data, out, n="0,2,4", criteria="deepest,similarity",
+                      **small), log=lambda _: None)
+    assert len(evaluated) == 3  # 2/similarity, 4/deepest, 4/similarity: not the full model nor 2/deepest again
+    assert {(p["n"], p["criterion"]) for p in load_points(out)} == {
+        (0, "full"), (2, "deepest"), (2, "similarity"), (4, "deepest"), (4, "similarity")}
+    assert "similarity" in (out / "sweep.yaml").read_text()
+
+
 def test_sweep_with_healing_resumes_an_interrupted_heal(tiny_checkpoint, tiny_corpus, shared_data, tmp_path,
                                                         monkeypatch):
     from depthprune import heal as heal_module

@@ -76,8 +76,11 @@ ANALYSIS_DIR = "analysis"
 PATH_SETTINGS = ("model", "data", "lm_eval_include", "lm_eval_data", "heal_data", "heal_val_data")
 # Settings that may change between a run and its resumption: they do not change any result. (The cost is
 # timed again, with the settings of the run, every time a sweep finishes.)
+# Settings that choose only which points run: a point's result does not depend on them, so a sweep rerun
+# with more criteria, fractions or healings keeps its finished points and runs the new ones.
+POINT_SETTINGS = {"fractions", "n", "criteria", "heal", "heal_fractions"}
 RESUMABLE_SETTINGS = {"out", "keep_models", "cost", "cost_prefill_len", "cost_decode_tokens", "cost_repeats",
-                      "cost_rounds", "ray_cpus", "ray_eval_gpus", "ray_heal_gpus"}
+                      "cost_rounds", "ray_cpus", "ray_eval_gpus", "ray_heal_gpus", *POINT_SETTINGS}
 # Keys renamed since: an old config names the new key in its error; an old sweep.yaml is read as renamed.
 RENAMED = {"strategies": "criteria", "tokens": "token_mode"}
 
