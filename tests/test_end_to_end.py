@@ -37,3 +37,35 @@ def test_analyze_prune_reload_generate(alias, layers, n, shared_data, tmp_path):
         uncached = model.generate(**prompt, max_new_tokens=8, do_sample=False, use_cache=False)
     assert torch.equal(cached, uncached) and cached.shape[1] > prompt["input_ids"].shape[1]
     assert tokenizer.decode(cached[0], skip_special_tokens=True).startswith("The capital of France is")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("alias", ["smollm2-135m", "gemma3-270m"])
+def test_loss_based_criteria_on_the_embedded_models(alias, shared_data, tmp_path, monkeypatch):
+    """On the real vocabularies (49k and 262k) the vocabulary-subset bound chooses what the full losses choose;
+    and a loss-based criterion prunes from the CLI."""
+    from depthprune.data import load_texts, tokenize
+    from depthprune.select import SelectionContext, choose
+    from depthprune.select._calibration import LayerRunner
+
+    c4 = shared_data / "c4" / "validation.jsonl"
+    model, tokenizer = load_model(alias)
+    sequences = tokenize(load_texts(str(c4), 4, seed=0), tokenizer, 24)
+    layers = model.config.num_hidden_layers
+
+    def greedy():
+        return choose("perplexity-greedy", 2, SelectionContext(layers, None, model, tokenizer, sequences, batch_size=2))
+
+    bounded = greedy()
+    monkeypatch.setattr(LayerRunner, "can_bound", lambda self: False)
+    full = greedy()
+    assert bounded.layers == full.layers
+    assert bounded.scores["removal_order"] == full.scores["removal_order"]
+    assert bounded.scores["loss_after_step"] == pytest.approx(full.scores["loss_after_step"], rel=1e-6)
+
+    out = tmp_path / "cut"
+    assert main(["prune", alias, "--criterion", "taylor-plus", "--n", "2", "--data", str(c4), "--samples", "2",
+                 "--seq-len", "16", "--out", str(out)]) == 0
+    record = read_record(out)
+    assert record["criterion"] == "taylor-plus" and len(record["removed_layers"]) == 2
+    assert not set(record["removed_layers"]) & {0, 1, 2, 3, layers - 2, layers - 1}
