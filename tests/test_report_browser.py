@@ -110,14 +110,14 @@ def test_screenshot_is_1400_px_wide(tmp_path):
     assert png_size(shot) == (WIDTH, 600)
 
 
-if __name__ == "__main__":  # renew examples/*/report/screenshot.png from the committed results
+if __name__ == "__main__":  # renew examples/NAME/report/screenshot.png from the committed results (NAME...: those)
     import tempfile
 
     from PIL import Image
 
     if CHROMIUM is None:
         sys.exit("Chromium is not installed")
-    for name in ("smollm2-135m", "gemma3-270m"):
+    for name in sys.argv[1:] or ("smollm2-135m", "gemma3-270m", "criteria-smollm2-135m", "criteria-gemma3-270m"):
         with tempfile.TemporaryDirectory() as scratch:
             tmp = Path(scratch)
             shot = screenshot(write_report(example_copy(name, tmp)), tmp, tmp / "shot.png")
