@@ -20,7 +20,7 @@ SPREAD = [0, 2, 5]  # first, inner and last layer: nothing contiguous about it
 
 SCORES = {"similarity": "distance_by_start", "block-influence": "block_influence",
           "iterative-similarity": "distance_when_removed", "perplexity-greedy": "loss_after_step",
-          "perplexity-oneshot": "loss_without_layer", "taylor": "importance"}
+          "perplexity-oneshot": "loss_without_layer", "taylor": "importance", "taylor-plus": "protected"}
 
 
 def _input(length: int = 12) -> torch.Tensor:
