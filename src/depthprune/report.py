@@ -450,11 +450,24 @@ def plot_c4_loss(points: list[dict], path: str | Path) -> Path | None:
     ax = fig.subplots()
     _draw_curves(ax, points, "c4_loss_norm")
     ax.set_ylabel("C4 validation loss / ln(vocabulary size)")
+    values = [p["metrics"]["c4_loss_norm"] for p in points if (p["metrics"].get("c4_loss_norm") or 0) > 0]
+    # One collapsed cut (a loss many times the others) would flatten every other curve on a linear axis.
+    wide = bool(values) and max(values) > 4 * min(values)
+    if wide:
+        ax.set_yscale("log")
+    axes = [ax]
     vocab = next((_record(p, "c4").get("vocab_size") for p in points if _record(p, "c4").get("vocab_size")), None)
     if vocab:
         nats = math.log(vocab)
-        ax.secondary_yaxis("right", functions=(lambda y: y * nats, lambda y: y / nats)).set_ylabel("nats")
-    ax.set_title("C4 validation loss (lower is better)", fontsize=10)
+        axes.append(ax.secondary_yaxis("right", functions=(lambda y: y * nats, lambda y: y / nats)))
+        axes[-1].set_ylabel("nats")
+    if wide:
+        from matplotlib.ticker import FormatStrFormatter
+
+        for axis in axes:  # 0.3, 2, 20 rather than 3 x 10^-1
+            axis.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+            axis.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    ax.set_title("C4 validation loss (lower is better" + (", log scale)" if wide else ")"), fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
