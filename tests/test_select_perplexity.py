@@ -166,7 +166,7 @@ def test_the_bound_skips_full_heads_and_chooses_the_same(monkeypatch):
     model, seqs = tiny_model("llama"), sequences()
     heads = {}
     for bound in (False, True):
-        monkeypatch.setattr(_calibration, "SUBSET_FRACTION", 1)
+        monkeypatch.setattr(_calibration, "SUBSET_DIVISOR", 1)
         monkeypatch.setattr(LayerRunner, "can_bound", lambda self, bound=bound: bound)
         context = _context(model, seqs, batch_size=16)  # one batch: no stop on a partial sum
         calls = []

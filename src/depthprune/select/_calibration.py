@@ -48,7 +48,7 @@ from ..models import decoder_layout
 # beyond it each batch's states are recomputed per step and candidates run batch by batch.
 STATE_BUDGET_BYTES = 3 * 2**30
 HEAD_CHUNK = 512  # positions per LM-head chunk: (chunk, vocab) float32 logits at a time
-SUBSET_FRACTION = 8  # the vocabulary subset of the loss bound: this fraction (1/8) of the vocabulary
+SUBSET_DIVISOR = 8  # the loss bound uses 1/SUBSET_DIVISOR of the vocabulary
 BOUND_MARGIN = 1e-4  # relative: a candidate is dropped only when its bound exceeds the best loss by more
 
 
@@ -214,7 +214,7 @@ class LayerRunner:
         """Whether the vocabulary-subset bound applies: a plain linear LM head in float32 or float64."""
         head = self.layout.lm_head
         return (type(head) is torch.nn.Linear and head.weight.dtype in (torch.float32, torch.float64)
-                and head.weight.shape[0] >= 2 * SUBSET_FRACTION)
+                and head.weight.shape[0] >= 2 * SUBSET_DIVISOR)
 
     def vocabulary_subsets(self, last: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per batch, from the current model's last-layer outputs ``last``: the token ids of the 1/8 of the
@@ -227,7 +227,7 @@ class LayerRunner:
             for s in range(0, len(rows), HEAD_CHUNK):
                 chunk = torch.softmax(self._logits(hidden[rows[s : s + HEAD_CHUNK], cols[s : s + HEAD_CHUNK]]), -1).sum(0)
                 mass = chunk if mass is None else mass + chunk
-            subset = torch.topk(mass, -(-mass.numel() // SUBSET_FRACTION)).indices
+            subset = torch.topk(mass, -(-mass.numel() // SUBSET_DIVISOR)).indices
             subsets.append((subset, torch.isin(targets, subset)))
         return subsets
 
