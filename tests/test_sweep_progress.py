@@ -207,6 +207,21 @@ def test_progress_counts_points_finished_in_earlier_runs():
     assert "cost phase" not in without_cost[0] and "cost phase" in lines[1]
 
 
+def test_points_running_at_once_shorten_the_estimate():
+    """Under Ray, k tasks at a time finish the remaining work k times sooner (never more than the points left)."""
+    lines = Lines()
+    keys = [("n=0/full/none", "unhealed")] + [(f"n={n}/deepest/none", "unhealed") for n in (1, 2, 3, 4)]
+    progress = SweepProgress(lines, keys, {"n=0/full/none": 60.0}, {"n=0/full/none"}, cost_phase=False)
+    progress.log_eta()
+    progress.parallel = 2
+    progress.log_eta()
+    progress.parallel = 8
+    progress.log_eta()
+    assert lines[0].startswith("ETA: 4 points left (4 unhealed), about 4m00s")
+    assert lines[1].startswith("ETA: 4 points left (4 unhealed; 2 at a time), about 2m00s")
+    assert lines[2].startswith("ETA: 4 points left (4 unhealed; 4 at a time), about 1m00s")
+
+
 def test_the_cost_table_is_written_in_one_transaction(tmp_path):
     db = connect(tmp_path)
     from depthprune.store import read_cost, save_cost

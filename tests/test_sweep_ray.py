@@ -75,6 +75,7 @@ def test_ray_sweep_equals_serial_and_survives_dead_workers_and_a_killed_driver(
     with pytest.raises(DepthpruneError, match=r"^2 of 4 points failed: .*rerun the same command to retry only these"):
         run_sweep(config, log=lines.append, ray="local")
     assert (local_ray / "died").is_file() and (local_ray / "raised").is_file()
+    assert any("2 at a time" in line for line in lines if line.startswith("ETA: ")), lines  # 2 CPUs, 1 per task
     failed = load_failed(tmp_path / "ray")
     assert set(failed) == {DIES, RAISES}
     assert failed[DIES]["error"].startswith("worker died") and failed[DIES]["attempts"] == 1

@@ -123,6 +123,7 @@ class SweepProgress:
         self.cost_phase, self.cost_seconds = cost_phase, cost_seconds
         self.prefix = ""
         self.heartbeat = QUIET_HEARTBEAT_S if quiet else HEARTBEAT_S
+        self.parallel = 1  # points that run at once (a Ray cluster's task slots): the estimate divides by it
 
     @property
     def bars(self) -> bool:
@@ -162,7 +163,10 @@ class SweepProgress:
             self.log(f"ETA: all {self.total} points finished ({known}){cost}")
             return
         seconds, unknown = estimate(self.times, left)
+        at_once = min(self.parallel, len(left))
+        seconds /= at_once  # the points' own times add up; k at a time end k times sooner
         counts = ", ".join(f"{left.count(k)} {k}" for k in KINDS if k in left)
+        counts += f"; {at_once} at a time" if at_once > 1 else ""
         bound = "at least " if unknown else "about "
         cost = "" if not self.cost_phase else f" + the cost phase (about {duration(self.cost_seconds)} last time)" \
             if self.cost_seconds else " + the cost phase"

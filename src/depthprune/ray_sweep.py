@@ -83,6 +83,14 @@ class Cluster:
     def resources(self) -> dict:
         return self.ray.cluster_resources()
 
+    def slots(self, c) -> int:
+        """How many point tasks of sweep ``c`` the cluster runs at once (by its CPUs, and its GPUs on a GPU sweep)."""
+        r = self.resources()
+        counts = [r.get("CPU", 0) / c.ray_cpus] if c.ray_cpus else []
+        if c.device != "cpu":
+            counts += [r.get("GPU", 0) / g for g in (c.ray_eval_gpus, c.ray_heal_gpus) if g]
+        return max(1, int(min(counts, default=1)))
+
     def describe(self) -> str:
         r = self.resources()
         gpus = f", {r['GPU']:g} GPUs" if r.get("GPU") else ""
@@ -149,6 +157,7 @@ def run_points(cluster: Cluster, c, work: Path, db, todo: list[tuple[int, str, s
         options = {**task_resources(c, point), "max_retries": 0, "retry_exceptions": False,
                    "name": f"depthprune {key}"}
         pending[task.options(**options).remote(c, str(work), point, select_point(point, context), total)] = point
+    progress.parallel = cluster.slots(c)
     progress.say(f"{len(todo)} points sent to {cluster.describe()}, each task {c.ray_cpus:g} CPU(s)"
                  + (f", {c.ray_heal_gpus:g} GPU(s) healed / {c.ray_eval_gpus:g} unhealed" if c.device != "cpu" else ""))
     failures: list[tuple[str, str]] = []
