@@ -28,7 +28,7 @@ import torch
 
 from depthprune.data import batches, load_texts, pad_id, tokenize
 from depthprune.models import load_model, num_layers
-from depthprune.select import SelectionContext, choose
+from depthprune.select import CRITERIA, SelectionContext, choose
 from depthprune.similarity import measure_distances
 from depthprune.surgery import layers_removed
 
@@ -116,14 +116,20 @@ def main() -> None:
               f"{naive.cpu / fast.cpu:.2f}x (CPU)", flush=True)
         results["greedy_naive"] = {"wall": naive.wall, "cpu": naive.cpu, "order": order, "same_selections": same}
 
-    rows = [("similarity", 0.0, 0.0, "in the analysis pass"), ("block-influence", 0.0, 0.0, "in the analysis pass"),
-            ("deepest", 0.0, 0.0, "nothing to measure"),
-            ("perplexity-greedy", fast.wall, fast.cpu, f"n=1..{args.max_n}, the order computed once")]
-    for name in ("iterative-similarity", "perplexity-oneshot", "taylor"):
-        with Clock() as clock:
-            choose(name, args.max_n, context())
-        rows.append((name, clock.wall, clock.cpu, f"n={args.max_n}"))
-        print(f"{name}: wall {clock.wall:.1f} s, CPU {clock.cpu:.1f} s", flush=True)
+    rows = []
+    for entry in CRITERIA:  # every registered criterion, plug-ins included
+        name = entry.name
+        if entry.needs == "distances":  # what they read (distances, block influence) comes from the pass
+            rows.append((name, 0.0, 0.0, "in the analysis pass"))
+        elif entry.needs == "nothing":
+            rows.append((name, 0.0, 0.0, "nothing to measure"))
+        elif name == "perplexity-greedy":
+            rows.append((name, fast.wall, fast.cpu, f"n=1..{args.max_n}, the order computed once"))
+        else:
+            with Clock() as clock:
+                choose(name, args.max_n, context())
+            rows.append((name, clock.wall, clock.cpu, f"n={args.max_n}"))
+            print(f"{name}: wall {clock.wall:.1f} s, CPU {clock.cpu:.1f} s", flush=True)
     print(f"\nevery criterion's own work beyond the analysis pass, as a multiple of one pass "
           f"(wall {analysis.wall:.1f} s, CPU {analysis.cpu:.1f} s):")
     print(f"{'criterion':22} {'wall s':>8} {'CPU s':>8} {'x pass (CPU)':>13}  note")
