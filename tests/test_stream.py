@@ -58,6 +58,7 @@ def test_streamed_equals_in_memory(saved, arch, tokens, padding_side):
     streamed = stream_distances(path, sequences, batch_size=3, token_mode=tokens, padding_side=padding_side,
                                 progress=False)
     np.testing.assert_allclose(streamed.pairwise, expected.pairwise, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(streamed.block_influence, expected.block_influence, atol=1e-9, rtol=0)
     assert streamed.num_samples == 7 and streamed.tokens == tokens
     assert streamed.block(1).min() > 1e-3  # not trivially zero: a wrong layer would show
 
@@ -269,6 +270,10 @@ def test_cli_prune_measures_streamed(tiny_checkpoint, tiny_corpus, tmp_path):
     assert main([*common, "--out", str(tmp_path / "memory")]) == 0
     assert main([*common, "--stream", "--out", str(tmp_path / "stream")]) == 0
     assert read_record(tmp_path / "stream")["removed_layers"] == read_record(tmp_path / "memory")["removed_layers"]
+    influence = [*common, "--criterion", "block-influence", "--n", "3"]
+    assert main([*influence, "--out", str(tmp_path / "bi-memory")]) == 0
+    assert main([*influence, "--stream", "--out", str(tmp_path / "bi-stream")]) == 0
+    assert read_record(tmp_path / "bi-stream")["removed_layers"] == read_record(tmp_path / "bi-memory")["removed_layers"]
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -313,5 +318,6 @@ def test_gemma3_270m_streamed_equals_in_memory(shared_data):
     expected = analyze("gemma3-270m", data, batch_size=4, token_mode="all", progress=False)
     streamed = analyze("gemma3-270m", data, batch_size=4, token_mode="all", stream=True, progress=False)
     np.testing.assert_allclose(streamed.pairwise, expected.pairwise, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(streamed.block_influence, expected.block_influence, atol=1e-9, rtol=0)
     assert streamed.meta["num_tokens"] == expected.meta["num_tokens"] and streamed.num_layers == 18
     assert streamed.meta["streamed"] is True and "streamed" not in expected.meta

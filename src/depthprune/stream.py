@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -405,13 +406,16 @@ def _return_free_memory() -> None:
 
 class _DistanceCollector:
     """Keeps, per batch and layer input x⁽ˡ⁾, the token vectors the distances need; then averages as
-    :func:`~depthprune.similarity.measure_distances` does, on the same values in the same float64 arithmetic."""
+    :func:`~depthprune.similarity.measure_distances` does, on the same values in the same float64 arithmetic.
+    Block influence is summed as each layer runs: cos(input, output) over every real token."""
 
     def __init__(self, batch_list: Sequence[Batch], num_layers: int, token_mode: str, token_chunk: int = 1024):
         self.masks = [b.attention_mask.bool() for b in batch_list]
         self.last = [torch.where(m, torch.arange(m.shape[1]), -1).max(dim=1).values for m in self.masks]
         self.token_mode, self.token_chunk = token_mode, token_chunk
         self.kept: list[list[torch.Tensor | None]] = [[None] * (num_layers + 1) for _ in batch_list]
+        self.cos_sums = torch.zeros(num_layers, dtype=torch.float64)
+        self.real_tokens = sum(int(m.sum()) for m in self.masks)
 
     def _keep(self, index: int, b: int, hidden: torch.Tensor) -> None:
         mask = self.masks[b].to(hidden.device)
@@ -425,6 +429,16 @@ class _DistanceCollector:
         if layer == 0:
             self._keep(0, b, inputs)
         self._keep(layer + 1, b, output)
+        mask = self.masks[b].to(inputs.device)
+        before, after = inputs[mask], output[mask]
+        for s in range(0, len(before), self.token_chunk):  # float64 copies of a chunk of tokens at a time
+            self.cos_sums[layer] += float(torch.nn.functional.cosine_similarity(
+                before[s : s + self.token_chunk].to(torch.float64), after[s : s + self.token_chunk].to(torch.float64),
+                dim=-1).sum())
+
+    def block_influence(self) -> np.ndarray:
+        """BI(ℓ) = 1 - mean over every real token of cos(x⁽ˡ⁾, x⁽ˡ⁺¹⁾), as the in-memory pass computes it."""
+        return np.clip((1.0 - self.cos_sums / self.real_tokens).numpy(), 0.0, 2.0)
 
     def total(self) -> torch.Tensor:
         """Sum over samples of the (L+1)×(L+1) mean-angle matrices."""
@@ -471,7 +485,8 @@ def stream_distances(
     collector = _DistanceCollector(batch_list, _num_layers(checkpoint, trust_remote_code), token_mode)
     stream_layers(checkpoint, batch_list, collector, dtype=dtype, device=device, offload=offload,
                   trust_remote_code=trust_remote_code, progress=progress)
-    return AngularDistances((collector.total() / len(ordered)).numpy(), len(ordered), token_mode)
+    return AngularDistances((collector.total() / len(ordered)).numpy(), len(ordered), token_mode,
+                            block_influence=collector.block_influence())
 
 
 def _num_layers(checkpoint: Checkpoint, trust_remote_code: bool) -> int:
