@@ -225,7 +225,8 @@ class LayerRunner:
             rows, cols, targets = self.targets[b]
             mass = None
             for s in range(0, len(rows), HEAD_CHUNK):
-                chunk = torch.softmax(self._logits(hidden[rows[s : s + HEAD_CHUNK], cols[s : s + HEAD_CHUNK]]), -1).sum(0)
+                logits = self._logits(hidden[rows[s : s + HEAD_CHUNK], cols[s : s + HEAD_CHUNK]])
+                chunk = torch.softmax(logits, dim=-1).sum(0)
                 mass = chunk if mass is None else mass + chunk
             subset = torch.topk(mass, -(-mass.numel() // SUBSET_DIVISOR)).indices
             subsets.append((subset, torch.isin(targets, subset)))
@@ -259,8 +260,9 @@ class LayerRunner:
 
         ``exhaustive=False`` (a greedy step needs only the best candidate): a candidate stops as soon as its
         partial sum of NLLs (never decreasing: each NLL is >= 0), or first of their vocabulary-subset lower
-        bounds, exceeds the best complete one, and its value is then None. ``hint``: earlier losses, to try the likely best candidates first. ``states``: the
-        inputs of the kept layers per batch (:meth:`states`), when already known.
+        bounds, exceeds the best complete one, and its value is then None. ``hint``: earlier losses, to try
+        the likely best candidates first. ``states``: the inputs of the kept layers per batch
+        (:meth:`states`), when already known.
 
         ``reuse[(c, b)]``: the inputs of the kept layers at positions p+1 … m of the cut without candidate c,
         known from an earlier step (the layers between c and the layer removed since are the same), so c runs
