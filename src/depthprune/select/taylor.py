@@ -52,11 +52,17 @@ def importance(context: SelectionContext) -> list[float]:
     return scores
 
 
-def select(context: SelectionContext, n: int) -> Selection:
+def least_important(context: SelectionContext, n: int, criterion: str, last: frozenset = frozenset()) -> Selection:
+    """The ``n`` layers of least importance; the layers in ``last`` are ranked after all others."""
     scores = importance(context)
-    ranked = sorted(range(len(scores)), key=lambda layer: (scores[layer], layer))
-    return Selection(tuple(sorted(ranked[:n])), "taylor", None,
-                     {"importance": [float(f"{v:.8g}") for v in scores], "ranking": ranked})
+    ranked = sorted(range(len(scores)), key=lambda layer: (layer in last, scores[layer], layer))
+    extra = {"protected": sorted(last)} if last else {}
+    return Selection(tuple(sorted(ranked[:n])), criterion, None,
+                     {"importance": [float(f"{v:.8g}") for v in scores], "ranking": ranked, **extra})
+
+
+def select(context: SelectionContext, n: int) -> Selection:
+    return least_important(context, n, "taylor")
 
 
 CRITERION = CRITERIA.register(Criterion(

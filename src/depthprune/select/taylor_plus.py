@@ -12,7 +12,7 @@ Its scores: every layer's importance, the ranking, and the layers it protects.
 from __future__ import annotations
 
 from . import CRITERIA, Criterion, Selection, SelectionContext
-from .taylor import importance
+from .taylor import least_important
 
 FIRST_KEPT, LAST_KEPT = 4, 2  # the blocks Kim et al.'s heuristic protects at each end
 
@@ -23,12 +23,7 @@ def protected_layers(num_layers: int) -> list[int]:
 
 
 def select(context: SelectionContext, n: int) -> Selection:
-    scores = importance(context)
-    protected = set(protected_layers(len(scores)))
-    ranked = sorted(range(len(scores)), key=lambda layer: (layer in protected, scores[layer], layer))
-    return Selection(tuple(sorted(ranked[:n])), "taylor-plus", None,
-                     {"importance": [float(f"{v:.8g}") for v in scores], "ranking": ranked,
-                      "protected": sorted(protected)})
+    return least_important(context, n, "taylor-plus", frozenset(protected_layers(context.num_layers)))
 
 
 CRITERION = CRITERIA.register(Criterion(
