@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from depthprune.data import batches, load_texts, pad_id, tokenize
-from depthprune.models import decoder_layout, load_model
-from depthprune.similarity import measure_distances
+from depthprune.measure.distances import measure_distances
+from depthprune.model.load import decoder_layout, load_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "c4" / "validation.jsonl"
 

@@ -3,7 +3,7 @@
 For each model and method, a fresh process (so peaks do not mix), one torch thread:
   in-memory  the model loaded whole as load_model loads it (from_pretrained, safetensors, float32), then
              the texts tokenized and depthprune.measure_distances
-  streamed   depthprune.stream.compute_distances_streamed: meta skeleton, embedding rows, one layer at a time
+  streamed   depthprune.measure.stream.compute_distances_streamed: meta skeleton, embedding rows, one layer at a time
 Each process first imports everything (transformers, accelerate, the model's modeling code) and loads the calibration texts and the tokenizer (the same for both
 methods), then measures the analysis alone: the peak rise of the resident set above that point (sampled every
 2 ms), wall and CPU time. The tokenizer's own memory is printed apart (Gemma 3's 262k-token tokenizer
@@ -44,8 +44,8 @@ def child(method: str, alias: str, samples: int, seq_len: int, batch_size: int, 
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     from depthprune.data import load_texts, pad_id, tokenize
-    from depthprune.similarity import measure_distances
-    from depthprune.stream import compute_distances_streamed, local_checkpoint
+    from depthprune.measure.distances import measure_distances
+    from depthprune.measure.stream import compute_distances_streamed, local_checkpoint
 
     torch.set_num_threads(1)
     texts = load_texts(data, samples, seed=0)
@@ -83,7 +83,7 @@ def child(method: str, alias: str, samples: int, seq_len: int, batch_size: int, 
 
 def _time_layer_loads() -> dict:
     """Add up the seconds spent reading and placing layer weights (``load_seconds``, ``layers``)."""
-    from depthprune import stream
+    from depthprune.measure import stream as stream
 
     totals = {"load_s": 0.0, "layers": 0}
     original = stream._Skeleton.load_layer
@@ -102,7 +102,7 @@ def _time_layer_loads() -> dict:
 def _layer_size(directory, tokenizer, texts, seq_len: int, batch_size: int) -> dict:
     """One decoder layer's parameters and the padded tokens that went through each layer."""
     from depthprune.data import tokenize
-    from depthprune.stream import Checkpoint, _group_layers
+    from depthprune.measure.stream import Checkpoint, _group_layers
 
     checkpoint = Checkpoint(directory)
     names = next(iter(_group_layers(checkpoint.entries).values()))

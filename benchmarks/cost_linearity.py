@@ -1,7 +1,7 @@
 """Does removing layers save what it should? Cost against layers removed, in one run.
 
 For n = 0, step, 2·step, ... layers removed (the deepest block, cut in memory), measures prefill and
-decode time per token and weight memory with depthprune.cost.measure_cost, the block sizes interleaved
+decode time per token and weight memory with depthprune.measure.cost.measure_cost, the block sizes interleaved
 round after round so machine noise hits all alike (the best round counts). Then fits
 cost = fixed + per_layer × layers kept and prints R² and the fitted saving per layer divided by the
 measured cost of one layer (hooks around each layer of the full model): 1.00 means every removed layer
@@ -16,10 +16,10 @@ import argparse
 
 import torch
 
-from depthprune.cost import linear_fit, measure_cost
-from depthprune.models import load_model, num_layers
+from depthprune.measure.cost import linear_fit, measure_cost
+from depthprune.model.load import load_model, num_layers
+from depthprune.model.surgery import layers_removed
 from depthprune.select import choose_block
-from depthprune.surgery import layers_removed
 
 COSTS = [("prefill_ms_per_token", "layer_prefill_ms_per_token", "prefill ms/token"),
          ("decode_ms_per_token", "layer_decode_ms_per_token", "decode ms/token"),

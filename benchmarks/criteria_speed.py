@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 
 from depthprune.data import batches, load_texts, pad_id, tokenize
-from depthprune.models import load_model, num_layers
+from depthprune.measure.distances import measure_distances
+from depthprune.model.load import load_model, num_layers
+from depthprune.model.surgery import layers_removed
 from depthprune.select import CRITERIA, SelectionContext, choose
-from depthprune.similarity import measure_distances
-from depthprune.surgery import layers_removed
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "c4" / "validation.jsonl"
 

@@ -26,8 +26,8 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
 from depthprune import load_model
-from depthprune.evaluate.boolq import evaluate_boolq, load_boolq
-from depthprune.evaluate.mmlu import LETTERS, build_prompt, evaluate_mmlu, format_subject, load_mmlu
+from depthprune.evaluate.tasks.boolq import evaluate_boolq, load_boolq
+from depthprune.evaluate.tasks.mmlu import LETTERS, build_prompt, evaluate_mmlu, format_subject, load_mmlu
 
 LM_EVAL_TASKS = Path(lm_eval.__file__).parent / "tasks"
 DEFAULT_DATA = Path(os.environ.get("DEPTHPRUNE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))

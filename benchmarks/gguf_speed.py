@@ -35,7 +35,7 @@ def peak_rss_bytes() -> int:
 
 def worker(args) -> None:
     """One measurement in this process: prefill ``--prefill`` tokens, then decode ``--decode`` one at a time."""
-    from depthprune.gguf_runtime import c4_token_stream, load_llama
+    from depthprune.gguf.runtime import c4_token_stream, load_llama
 
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
@@ -69,7 +69,7 @@ def measure(path: Path, args) -> dict:
 
 def c4_loss(path: Path, sequences: int, seq_len: int) -> float:
     """Mean next-token loss in llama.cpp over packed C4 sequences (the cut's own tokenizer = the source's)."""
-    from depthprune.gguf_runtime import c4_token_stream, load_llama, mean_nll, next_token_logits
+    from depthprune.gguf.runtime import c4_token_stream, load_llama, mean_nll, next_token_logits
 
     llm = load_llama(path, n_ctx=seq_len, threads=2)
     stream = c4_token_stream(llm, DATA / "c4" / "validation.jsonl", sequences * seq_len)
@@ -80,9 +80,9 @@ def c4_loss(path: Path, sequences: int, seq_len: int) -> float:
 def make_cuts(model: str, fractions: list[float], out: Path, reuse: bool) -> list[dict]:
     """The similarity cut of each fraction as a GGUF file (the source itself for 0); ``reuse``: keep existing files."""
     from depthprune.errors import DepthpruneError
-    from depthprune.gguf_surgery import cut_gguf, field_value, gguf_architecture, gguf_block_count, open_gguf
-    from depthprune.models import resolve_model_source
-    from depthprune.similarity import load_distances
+    from depthprune.gguf.surgery import cut_gguf, field_value, gguf_architecture, gguf_block_count, open_gguf
+    from depthprune.measure.distances import load_distances
+    from depthprune.model.load import resolve_model_source
 
     source = Path(resolve_model_source(model).location)
     reader = open_gguf(source)

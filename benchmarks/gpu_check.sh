@@ -82,7 +82,7 @@ qlora_cuda() {
 import sys
 import bitsandbytes as bnb
 import torch
-from depthprune.models import load_model
+from depthprune.model.load import load_model
 
 model, _ = load_model(sys.argv[1], device="cuda", dtype="bfloat16", quantize="nf4")
 layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from depthprune.cli import main
+from depthprune.cli.app import main
 
 
 def snapshot(*roots: Path) -> dict[str, tuple]:

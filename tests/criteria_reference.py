@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from conftest import VOCAB
 
-from depthprune.models import decoder_layout
-from depthprune.surgery import layers_removed
+from depthprune.model.load import decoder_layout
+from depthprune.model.surgery import layers_removed
 
 
 def sequences(count: int = 6, seed: int = 1, low: int = 6, high: int = 15) -> list[list[int]]:

@@ -23,8 +23,8 @@ from transformers import AutoModelForCausalLM
 import depthprune
 from depthprune import DataOptions, DepthpruneError
 from depthprune.evaluate import suite
-from depthprune.models import num_layers
-from depthprune.similarity import AngularDistances
+from depthprune.measure.distances import AngularDistances
+from depthprune.model.load import num_layers
 
 ROOT_CANNOT_BE_REFUSED = pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
 BINARY = b"\xff\xfe\x00\x81" + random.Random(0).randbytes(2000)

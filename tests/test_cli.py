@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from depthprune.cli import main
-from depthprune.surgery import read_record
+from depthprune.cli.app import main
+from depthprune.model.surgery import read_record
 
 
 def _run(capsys, *argv):

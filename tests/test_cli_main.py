@@ -11,7 +11,8 @@ import time
 import pytest
 from badinput import assert_clean_failure, run
 
-from depthprune import cli
+import depthprune
+from depthprune.cli import app as cli
 from depthprune.errors import DepthpruneError
 from depthprune.outputs import (
     LOCK_SUFFIX,
@@ -158,7 +159,7 @@ def test_lock_of_a_killed_process_is_free(tmp_path):
     out = tmp_path / "out"
     code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from depthprune.outputs import output_lock\n"
             "with output_lock(sys.argv[2]):\n    print('locked', flush=True); time.sleep(60)")
-    src = os.path.join(os.path.dirname(cli.__file__), "..")
+    src = os.path.join(os.path.dirname(depthprune.__file__), "..")
     holder = subprocess.Popen([sys.executable, "-c", code, src, str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from depthprune import cost
-from depthprune.cost import linear_fit, measure_cost, weight_bytes
-from depthprune.surgery import remove_layers
+from depthprune.measure import cost as cost
+from depthprune.measure.cost import linear_fit, measure_cost, weight_bytes
+from depthprune.model.surgery import remove_layers
 
 
 def test_measure_cost_fields_and_sizes():

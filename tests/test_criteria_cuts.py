@@ -10,11 +10,11 @@ from conftest import VOCAB, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 import depthprune
-from depthprune.cli import main
+from depthprune.cli.app import main
 from depthprune.config import DataOptions
 from depthprune.errors import DepthpruneError
+from depthprune.model.surgery import layers_removed, read_record, remove_layers
 from depthprune.select import CRITERIA
-from depthprune.surgery import layers_removed, read_record, remove_layers
 
 SPREAD = [0, 2, 5]  # first, inner and last layer: nothing contiguous about it
 

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from depthprune.cli import main
-from depthprune.models import load_model
-from depthprune.surgery import read_record
+from depthprune.cli.app import main
+from depthprune.model.load import load_model
+from depthprune.model.surgery import read_record
 
 
 @pytest.mark.slow
@@ -46,7 +46,7 @@ def test_loss_based_criteria_on_the_embedded_models(alias, shared_data, tmp_path
     and a loss-based criterion prunes from the CLI."""
     from depthprune.data import load_texts, tokenize
     from depthprune.select import SelectionContext, choose
-    from depthprune.select._calibration import LayerRunner
+    from depthprune.select.calibration import LayerRunner
 
     c4 = shared_data / "c4" / "validation.jsonl"
     model, tokenizer = load_model(alias)

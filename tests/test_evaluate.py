@@ -10,8 +10,9 @@ import torch
 from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
 from depthprune.errors import DepthpruneError
-from depthprune.evaluate import boolq, mmlu, scoring
-from depthprune.models import convert_gguf, resolve_model_source
+from depthprune.evaluate import scoring
+from depthprune.evaluate.tasks import boolq, mmlu
+from depthprune.model.load import convert_gguf, resolve_model_source
 
 
 @pytest.fixture(scope="session")
@@ -280,8 +281,8 @@ def test_boolq_bad_data(tmp_path):
 @pytest.fixture
 def tiny_checkpoint(tokenizer, tmp_path):
     """A tiny Llama saved like a pruned checkpoint (3 layers, layer 1 removed), with the real tokenizer."""
+    from depthprune.model.surgery import pruning_record, remove_layers, save_pruned
     from depthprune.select import explicit_selection
-    from depthprune.surgery import pruning_record, remove_layers, save_pruned
 
     model = _llama(tokenizer, num_hidden_layers=3)
     remove_layers(model, [1])
@@ -291,7 +292,7 @@ def tiny_checkpoint(tokenizer, tmp_path):
 
 def test_cli_eval_writes_results(tiny_checkpoint, mmlu_dir, tmp_path, capsys):
     from depthprune import evaluate_model
-    from depthprune.cli import main
+    from depthprune.cli.app import main
 
     boolq_file = _write_boolq(tmp_path / "boolq.jsonl")
     out = tmp_path / "results" / "r.json"
@@ -323,7 +324,7 @@ def test_cli_eval_writes_results(tiny_checkpoint, mmlu_dir, tmp_path, capsys):
     ],
 )
 def test_cli_eval_needs_data_options(argv, message, capsys):
-    from depthprune.cli import main
+    from depthprune.cli.app import main
 
     assert main(["eval", "smollm2-135m", *argv]) == 2
     assert message in capsys.readouterr().err

@@ -20,9 +20,9 @@ from badinput import assert_clean_failure
 from conftest import VOCAB, tiny_model, tiny_tokenizer
 
 from depthprune.errors import DepthpruneError
-from depthprune.export import export, export_gguf, kept_ranges, mergekit_yaml
-from depthprune.gguf_surgery import cut_gguf, field_value, open_gguf, swa_period_pattern
-from depthprune.surgery import RECORD_FILE, remove_layers
+from depthprune.gguf.export import export, export_gguf, kept_ranges, mergekit_yaml
+from depthprune.gguf.surgery import cut_gguf, field_value, open_gguf, swa_period_pattern
+from depthprune.model.surgery import RECORD_FILE, remove_layers
 
 HIDDEN = 32
 
@@ -187,7 +187,7 @@ def test_bad_cuts_fail_with_one_line_and_write_nothing(tmp_path, case, match):
 
 
 def test_cli_prunes_a_gguf_into_a_gguf(tiny_gguf, tmp_path, capsys):
-    from depthprune.cli import main
+    from depthprune.cli.app import main
 
     out = tmp_path / "cut.gguf"
     assert main(["prune", str(tiny_gguf), "--layers", "1-2", "--out", str(out)]) == 0
@@ -211,7 +211,7 @@ def test_a_gguf_transformers_cannot_load_is_one_line_with_its_cause(tmp_path, mo
 
 
 def test_cli_refuses_a_gguf_output_from_a_checkpoint(tiny_checkpoint, tmp_path, capsys):
-    from depthprune.cli import main
+    from depthprune.cli.app import main
 
     assert main(["prune", str(tiny_checkpoint), "--layers", "1", "--out", str(tmp_path / "cut.gguf")]) == 2
     assert "needs a .gguf file or an embedded alias" in capsys.readouterr().err
@@ -219,7 +219,7 @@ def test_cli_refuses_a_gguf_output_from_a_checkpoint(tiny_checkpoint, tmp_path, 
 
 
 def test_cli_exports(tiny_gguf, tiny_checkpoint, tmp_path, capsys):
-    from depthprune.cli import main
+    from depthprune.cli.app import main
 
     ckpt = _pruned_checkpoint(tmp_path / "ckpt", "llama", [1], str(tiny_gguf))
     assert main(["export", str(ckpt), "--outtype", "q8_0", "--out", str(tmp_path / "m.gguf")]) == 0
@@ -422,7 +422,7 @@ def _agreement(llama_logits: np.ndarray, hf_logits: np.ndarray) -> dict:
 @pytest.fixture(scope="module", params=list(EMBEDDED_CUTS))
 def embedded(request, tmp_path_factory, shared_data):
     """An embedded model's GGUF, its 25 % cut written by cut_gguf, the HF model and C4 token ids."""
-    from depthprune.models import load_model, resolve_model_source
+    from depthprune.model.load import load_model, resolve_model_source
 
     _llama_cpp()
     alias = request.param
@@ -460,8 +460,8 @@ def test_embedded_cut_generates_and_matches_the_hf_cut_in_llama_cpp(embedded):
     layer lands far outside them (top-1 0.34 / 0.05, mean |Δ| 3.1 / 5.1), and so would a renumbering error
     or a wrong attention type (Gemma 3's global layers use another RoPE base than its sliding ones).
     """
-    from depthprune.gguf_runtime import load_llama, next_token_logits
-    from depthprune.surgery import layers_removed
+    from depthprune.gguf.runtime import load_llama, next_token_logits
+    from depthprune.model.surgery import layers_removed
 
     model, ids, layers = embedded["model"], embedded["ids"], embedded["layers"]
     full = _agreement(next_token_logits(load_llama(embedded["source"]), ids), _hf_logits(model, ids))
@@ -495,8 +495,8 @@ EXPORTED = {"smollm2-135m": ("f16", "bf16", "q8_0"), "gemma3-270m": ("q8_0",)}
 def test_exported_checkpoint_matches_hf_loss_and_tokenizes_identically_in_llama_cpp(embedded, shared_data):
     """A cut float checkpoint (a healed one has the same form) exported to GGUF: same C4 loss in llama.cpp as in HF."""
     from depthprune.api import prune
-    from depthprune.gguf_runtime import load_llama, mean_nll, next_token_logits
-    from depthprune.models import load_model
+    from depthprune.gguf.runtime import load_llama, mean_nll, next_token_logits
+    from depthprune.model.load import load_model
     from depthprune.select import format_layers
 
     ckpt = embedded["dir"] / "checkpoint"
@@ -523,8 +523,8 @@ def test_exported_checkpoint_matches_hf_loss_and_tokenizes_identically_in_llama_
 @pytest.mark.slow
 def test_cli_prunes_an_embedded_model_by_measured_similarity_into_a_gguf(tmp_path, shared_data, capsys):
     """The selection is measured on the de-quantized copy; the cut is applied to the 4-bit file."""
-    from depthprune.cli import main
-    from depthprune.models import resolve_model_source
+    from depthprune.cli.app import main
+    from depthprune.model.load import resolve_model_source
 
     out = tmp_path / "cut.gguf"
     assert main(["prune", "smollm2-135m", "--fraction", "0.1", "--data", str(shared_data / "c4" / "validation.jsonl"),

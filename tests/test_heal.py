@@ -16,11 +16,11 @@ from safetensors.torch import load_file
 
 from depthprune import DepthpruneError
 from depthprune import heal_model as heal
-from depthprune.cli import main
+from depthprune.cli.app import main
 from depthprune.heal.loss import distillation_loss
 from depthprune.heal.methods.adapters import default_target_modules
 from depthprune.heal.methods.qlora import dequantize_model
-from depthprune.models import disable_cpu_repacking
+from depthprune.model.load import disable_cpu_repacking
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 VOCAB = 512

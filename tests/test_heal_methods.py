@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from depthprune import heal_model as heal
 from depthprune.heal import HEAL_METHODS, resolve_options
 from depthprune.heal.loss import compute_loss
-from depthprune.models import load_model
+from depthprune.model.load import load_model
 
 
 def _ids(vocab: int, seed: int = 3) -> torch.Tensor:
@@ -65,8 +65,8 @@ def test_every_method_trains_and_merges_exactly(tiny_checkpoint, name):
 
 
 def test_method_choices_come_from_the_registry():
-    from depthprune.cli import build_parser
-    from depthprune.sweep import heal_methods
+    from depthprune.cli.app import build_parser
+    from depthprune.sweep.run import heal_methods
 
     assert heal_methods() == ("none", *HEAL_METHODS.names()) and "dora" in heal_methods()
     heal_parser = build_parser()._subparsers._group_actions[0].choices["heal"]

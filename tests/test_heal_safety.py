@@ -62,7 +62,7 @@ def logged_steps(out: Path) -> list[int]:
 def reference(tiny_checkpoint, tiny_corpus, tmp_path_factory) -> Path:
     """The uninterrupted run every interrupted one must match."""
     out = tmp_path_factory.mktemp("reference") / "healed"
-    from depthprune.cli import main
+    from depthprune.cli.app import main
 
     assert main(heal_argv(tiny_checkpoint, tiny_corpus, out)) == 0
     return out
@@ -72,7 +72,7 @@ def reference(tiny_checkpoint, tiny_corpus, tmp_path_factory) -> Path:
 def unfinished(tiny_checkpoint, tiny_corpus, tmp_path_factory) -> Path:
     """The same run stopped after step 1: OUT holds its checkpoint, log and settings."""
     out = tmp_path_factory.mktemp("unfinished") / "healed"
-    from depthprune.cli import main
+    from depthprune.cli.app import main
 
     assert main(heal_argv(tiny_checkpoint, tiny_corpus, out, "--stop-after", "1")) == 0
     return out
@@ -414,12 +414,12 @@ def test_force_keeps_the_old_result_until_the_new_one_is_complete(capsys, tmp_pa
 DRIVER = r"""
 import importlib, json, os, sys, time
 
-from depthprune.cli import build_parser, main
+from depthprune.cli.app import build_parser, main
 
 build_parser()
 heal = importlib.import_module("depthprune.heal.recipe")
 report = {"bitsandbytes_before_heal": "bitsandbytes" in sys.modules, "runs": []}
-from depthprune.models import quiet_bitsandbytes
+from depthprune.model.load import quiet_bitsandbytes
 quiet_bitsandbytes()  # as heal() does before transformers or peft import bitsandbytes
 import peft, safetensors.torch, transformers  # noqa: E401,F401  (shared with the forked runs)
 

@@ -74,7 +74,7 @@ def test_the_fused_loss_never_computes_full_logits():
 def test_frozen_parts_get_no_gradient_work(tiny_checkpoint):
     """The embedding, the output layer and every layer before the first adapter are outside the autograd graph:
     their outputs need no gradient, so backward stops at the first adapter."""
-    from depthprune.models import load_model
+    from depthprune.model.load import load_model
 
     for method in ("lora", "qlora"):
         entry = HEAL_METHODS.get(method)

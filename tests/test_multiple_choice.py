@@ -9,9 +9,9 @@ import pytest
 from test_evaluate import _llama, naive_loglikelihoods, tokenizer  # noqa: F401  (the session tokenizer fixture)
 
 from depthprune.errors import DepthpruneError
-from depthprune.evaluate.arc import build_prompt, evaluate_arc, load_arc
-from depthprune.evaluate.hellaswag import evaluate_hellaswag, load_hellaswag
 from depthprune.evaluate.multiple_choice import multiple_choice_accuracy
+from depthprune.evaluate.tasks.arc import build_prompt, evaluate_arc, load_arc
+from depthprune.evaluate.tasks.hellaswag import evaluate_hellaswag, load_hellaswag
 
 
 def test_hellaswag_docs_equal_lm_evals(shared_data):

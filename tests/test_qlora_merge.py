@@ -10,7 +10,7 @@ import torch
 
 from depthprune.heal import resolve_options
 from depthprune.heal.methods import qlora
-from depthprune.models import load_model
+from depthprune.model.load import load_model
 
 pytest.importorskip("bitsandbytes")
 

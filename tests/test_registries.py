@@ -13,16 +13,16 @@ import pytest
 from badinput import assert_clean_failure
 from conftest import tiny_model, tiny_tokenizer
 
-from depthprune.cli import build_parser, main
+from depthprune.cli.app import build_parser, main
 from depthprune.config import EvalOptions
 from depthprune.data import load_texts, tokenize
 from depthprune.errors import DepthpruneError
 from depthprune.evaluate.registry import EVAL_TASKS, EvalTask, accuracy_flatten
-from depthprune.report import criterion_style, task_title, write_report
+from depthprune.measure.distances import measure_distances
+from depthprune.report.html import criterion_style, task_title, write_report
 from depthprune.select import CRITERIA, NEEDS, Criterion, Selection, SelectionContext, choose
-from depthprune.similarity import measure_distances
-from depthprune.store import load_points
-from depthprune.sweep import _check_task_data, flatten_metrics, resolve_config, run_sweep
+from depthprune.sweep.run import _check_task_data, flatten_metrics, resolve_config, run_sweep
+from depthprune.sweep.store import load_points
 
 # ------------------------------------------------------------------------------------------ helpers
 

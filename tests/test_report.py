@@ -8,10 +8,11 @@ import multiprocessing
 import numpy as np
 import pytest
 
-from depthprune import report
-from depthprune.cli import main
+from depthprune.cli.app import main
+from depthprune.measure.distances import AngularDistances
 from depthprune.outputs import TEMP_MARK
-from depthprune.report import (
+from depthprune.report import html as report
+from depthprune.report.html import (
     accuracy_tasks,
     collapse_point,
     collapse_points,
@@ -20,8 +21,7 @@ from depthprune.report import (
     wilson_interval,
     write_report,
 )
-from depthprune.similarity import AngularDistances
-from depthprune.store import connect, finished_keys, load_points, save_point, to_csv
+from depthprune.sweep.store import connect, finished_keys, load_points, save_point, to_csv
 
 L = 10
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from depthprune.report import write_report
+from depthprune.report.html import write_report
 
 CHROMIUM = next((p for p in map(shutil.which, ["chromium", "chromium-browser", "google-chrome"]) if p), None)
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from depthprune import report
-from depthprune.report import jaccard, overlap, selection_table, selections, write_report
-from depthprune.similarity import AngularDistances
-from depthprune.store import connect, load_points, save_point
+from depthprune.measure.distances import AngularDistances
+from depthprune.report import html as report
+from depthprune.report.html import jaccard, overlap, selection_table, selections, write_report
+from depthprune.sweep.store import connect, load_points, save_point
 
 L = 12
 CUTS = {"similarity": {2: [8, 9], 4: [6, 7, 8, 9]},

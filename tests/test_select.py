@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from depthprune.errors import DepthpruneError
+from depthprune.measure.distances import AngularDistances
 from depthprune.select import block_size, choose_block, explicit_selection, format_layers, parse_layers
-from depthprune.similarity import AngularDistances
 
 
 def _distances(L: int = 8) -> AngularDistances:

@@ -11,9 +11,9 @@ from badinput import assert_clean_failure
 from conftest import tiny_model
 from criteria_reference import block_influence, sequences
 
+from depthprune.measure.distances import load_distances, measure_distances
+from depthprune.model.surgery import read_record
 from depthprune.select import SelectionContext, choose
-from depthprune.similarity import load_distances, measure_distances
-from depthprune.surgery import read_record
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
@@ -49,8 +49,8 @@ def test_saved_beside_the_distances(tmp_path):
 
 
 def test_prune_from_distances_needs_no_pass(tiny_checkpoint, tiny_corpus, tmp_path, capsys, monkeypatch):
-    from depthprune import similarity
-    from depthprune.cli import main
+    from depthprune.cli.app import main
+    from depthprune.measure import distances as similarity
 
     assert main(["analyze", str(tiny_checkpoint), "--data", str(tiny_corpus), "--samples", "8", "--seq-len", "16",
                  "--out", str(tmp_path / "a")]) == 0
@@ -66,7 +66,7 @@ def test_prune_from_distances_needs_no_pass(tiny_checkpoint, tiny_corpus, tmp_pa
 
 
 def test_old_distances_without_block_influence_are_refused(tiny_checkpoint, tiny_corpus, tmp_path, capsys):
-    from depthprune.cli import main
+    from depthprune.cli.app import main
 
     assert main(["analyze", str(tiny_checkpoint), "--data", str(tiny_corpus), "--samples", "8", "--seq-len", "16",
                  "--out", str(tmp_path / "old")]) == 0

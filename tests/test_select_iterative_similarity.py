@@ -6,9 +6,9 @@ import pytest
 from conftest import tiny_model, tiny_tokenizer
 from criteria_reference import sequences
 
+from depthprune.measure.distances import measure_distances
+from depthprune.model.surgery import remove_layers
 from depthprune.select import SelectionContext, choose
-from depthprune.similarity import measure_distances
-from depthprune.surgery import remove_layers
 
 
 def naive_order(arch: str, seqs, n: int, tokens: str) -> list[int]:

@@ -9,7 +9,7 @@ from conftest import tiny_model, tiny_tokenizer
 from criteria_reference import cut_loss, greedy, oneshot, sequences
 
 from depthprune.select import SelectionContext, choose
-from depthprune.select._calibration import LayerRunner
+from depthprune.select.calibration import LayerRunner
 
 ARCHS = ["llama", "gemma3", "gemma2", "qwen3", "gpt2", "opt", "gpt_neox", "phi3"]
 
@@ -74,7 +74,7 @@ def test_greedy_equals_the_naive_greedy(arch, batch_size):
 
 def test_greedy_reuses_the_layers_before_the_removed_one():
     """After a step removes the layer at position q, candidates before q do not run the layers up to q again."""
-    from depthprune.select import _calibration
+    from depthprune.select import calibration as _calibration
 
     model, seqs = tiny_model("llama"), sequences()
     counts = {}
@@ -132,7 +132,7 @@ def test_oneshot_and_greedy_share_their_first_step():
 
 def test_batch_by_batch_path_equals_the_stored_states(monkeypatch):
     """Calibration sets too large to keep every state run batch by batch, with the same losses."""
-    from depthprune.select import _calibration
+    from depthprune.select import calibration as _calibration
 
     model, seqs = tiny_model("gemma3"), sequences()
     stored = LayerRunner(model, seqs, batch_size=2).removal_losses(range(6), range(6), exhaustive=True)
@@ -161,7 +161,7 @@ def test_vocabulary_subset_bound_is_below_the_loss_and_exact_on_the_whole_vocabu
 def test_the_bound_skips_full_heads_and_chooses_the_same(monkeypatch):
     """With the subset grown to the whole vocabulary the bound equals the loss, so every candidate but the
     best is dropped without its full head; the order and losses are those computed without any bound."""
-    from depthprune.select import _calibration
+    from depthprune.select import calibration as _calibration
 
     model, seqs = tiny_model("llama"), sequences()
     heads = {}

@@ -10,8 +10,8 @@ import torch
 from conftest import VOCAB, tiny_model
 
 from depthprune.errors import DepthpruneError
-from depthprune.models import decoder_layout
-from depthprune.similarity import AngularDistances, load_distances, measure_distances
+from depthprune.measure.distances import AngularDistances, load_distances, measure_distances
+from depthprune.model.load import decoder_layout
 
 
 def _sequences(count: int = 7, seed: int = 1) -> list[list[int]]:

@@ -14,9 +14,8 @@ from test_similarity import _sequences
 
 from depthprune.data import batches
 from depthprune.errors import DepthpruneError
-from depthprune.models import decoder_layout
-from depthprune.similarity import measure_distances
-from depthprune.stream import (
+from depthprune.measure.distances import measure_distances
+from depthprune.measure.stream import (
     Checkpoint,
     StreamPlan,
     _Skeleton,
@@ -27,6 +26,7 @@ from depthprune.stream import (
     stream_distances,
     stream_layers,
 )
+from depthprune.model.load import decoder_layout
 
 
 @pytest.fixture(scope="module")
@@ -241,8 +241,8 @@ def test_more_layers_than_the_config(saved, tmp_path):
 
 
 def test_cli_analyze_stream_equals_in_memory(tiny_checkpoint, tiny_corpus, tmp_path, capsys):
-    from depthprune.cli import main
-    from depthprune.similarity import load_distances
+    from depthprune.cli.app import main
+    from depthprune.measure.distances import load_distances
 
     # Few short samples: the tiny model's activations must stay below its weights for a budget to choose.
     common = [str(tiny_checkpoint), "--data", str(tiny_corpus), "--samples", "5", "--seq-len", "8",
@@ -263,8 +263,8 @@ def test_cli_analyze_stream_equals_in_memory(tiny_checkpoint, tiny_corpus, tmp_p
 
 
 def test_cli_prune_measures_streamed(tiny_checkpoint, tiny_corpus, tmp_path):
-    from depthprune.cli import main
-    from depthprune.surgery import read_record
+    from depthprune.cli.app import main
+    from depthprune.model.surgery import read_record
 
     common = ["prune", str(tiny_checkpoint), "--data", str(tiny_corpus), "--samples", "8", "--seq-len", "24", "--n", "2"]
     assert main([*common, "--out", str(tmp_path / "memory")]) == 0

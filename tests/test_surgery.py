@@ -8,8 +8,8 @@ from conftest import VOCAB, tiny_model
 from transformers import AutoModelForCausalLM
 
 from depthprune.errors import DepthpruneError
-from depthprune.models import decoder_layout, num_layers
-from depthprune.surgery import remove_layers
+from depthprune.model.load import decoder_layout, num_layers
+from depthprune.model.surgery import remove_layers
 
 REMOVED = [2, 3]  # an inner block: renumbering, per-layer configs and the cache all matter
 
@@ -92,7 +92,7 @@ def test_bad_layers(layers):
 
 @torch.no_grad()
 def test_temporary_cut_restores_the_model():
-    from depthprune.surgery import layers_removed
+    from depthprune.model.surgery import layers_removed
 
     model = tiny_model("gemma3")
     before = model(_input(), use_cache=False).logits

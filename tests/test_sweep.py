@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from depthprune import sweep as sweep_module
-from depthprune.cli import main
+from depthprune.cli.app import main
 from depthprune.errors import DepthpruneError
-from depthprune.store import load_points
-from depthprune.sweep import resolve_config, run_sweep
+from depthprune.sweep import run as sweep_module
+from depthprune.sweep.run import resolve_config, run_sweep
+from depthprune.sweep.store import load_points
 
 
 def _config(tiny_checkpoint, tiny_corpus, shared_data, out, **changes):

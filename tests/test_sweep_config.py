@@ -7,7 +7,7 @@ import re
 import pytest
 
 from depthprune.errors import DepthpruneError
-from depthprune.sweep import block_sizes, flatten_metrics, resolve_config, settings_record
+from depthprune.sweep.run import block_sizes, flatten_metrics, resolve_config, settings_record
 
 
 def test_yaml_then_flags(tmp_path):

@@ -3,10 +3,9 @@ once for the whole sweep, each criterion's cut as the criterion chooses it alone
 
 from __future__ import annotations
 
-from depthprune.select import CRITERIA, SelectionContext, choose
-from depthprune.select import _calibration as calibration
-from depthprune.store import load_points
-from depthprune.sweep import resolve_config, run_sweep
+from depthprune.select import CRITERIA, SelectionContext, calibration, choose
+from depthprune.sweep.run import resolve_config, run_sweep
+from depthprune.sweep.store import load_points
 
 NEW = ["block-influence", "iterative-similarity", "perplexity-greedy", "perplexity-oneshot", "taylor"]
 
@@ -30,18 +29,18 @@ def test_sweep_runs_every_criterion(tiny_checkpoint, tiny_corpus, tmp_path, monk
     # computes only the candidates that step stopped early, never one twice.
     assert sorted(k for k, _ in steps) in ([4, 5, 6], [4, 5, 6, 6])
     assert sum(c for k, c in steps if k == 6) < 12
-    from depthprune.models import load_model
+    from depthprune.model.load import load_model
 
     model, tokenizer = load_model(str(tiny_checkpoint))
     from depthprune.data import load_texts, tokenize
-    from depthprune.similarity import load_distances
+    from depthprune.measure.distances import load_distances
 
     sequences = tokenize(load_texts(str(tiny_corpus), 6, 0), tokenizer, 16)
     for p in points:
         if p["n"] and p["criterion"] in NEW:
             alone = SelectionContext(6, load_distances(out / "analysis"), model, tokenizer, sequences)
             assert p["removed_layers"] == list(choose(p["criterion"], p["n"], alone).layers), p["key"]
-    from depthprune.report import write_report
+    from depthprune.report.html import write_report
 
     html = write_report(out).read_text()
     assert "<table id='selection-table'>" in html and "perplexity-greedy / taylor" in html

@@ -7,13 +7,13 @@ import re
 
 import pytest
 
-from depthprune import cost as cost_module
 from depthprune import progress as progress_module
-from depthprune import sweep as sweep_module
-from depthprune.cli import main
+from depthprune.cli.app import main
+from depthprune.measure import cost as cost_module
 from depthprune.progress import SweepProgress, duration, estimate
-from depthprune.store import connect, load_cost, load_points
-from depthprune.sweep import resolve_config, run_sweep
+from depthprune.sweep import run as sweep_module
+from depthprune.sweep.run import resolve_config, run_sweep
+from depthprune.sweep.store import connect, load_cost, load_points
 
 COST_KEYS = ("prefill_ms_per_token", "decode_ms_per_token", "weight_bytes", "peak_memory_bytes")
 
@@ -224,7 +224,7 @@ def test_points_running_at_once_shorten_the_estimate():
 
 def test_the_cost_table_is_written_in_one_transaction(tmp_path):
     db = connect(tmp_path)
-    from depthprune.store import read_cost, save_cost
+    from depthprune.sweep.store import read_cost, save_cost
 
     save_cost(db, {0: {"num_layers": 6, "x": 1}, 2: {"num_layers": 4, "x": 2}}, {})
     save_cost(db, {4: {"num_layers": 2, "x": 3}}, {})  # replaces the whole table
@@ -240,8 +240,8 @@ def _timed_together(tmp_path, prefill=lambda kept: 1 + 0.5 * kept):
     one record per layer count, healed points included, median and a spread of -10 % / +20 %."""
     from test_report import L, fake_sweep
 
-    from depthprune.store import read_points, save_cost
-    from depthprune.sweep import flatten_metrics
+    from depthprune.sweep.run import flatten_metrics
+    from depthprune.sweep.store import read_points, save_cost
 
     fake_sweep(tmp_path, prefill=prefill)
     db = connect(tmp_path)
@@ -266,7 +266,7 @@ def _timed_together(tmp_path, prefill=lambda kept: 1 + 0.5 * kept):
 
 @pytest.fixture
 def figures(monkeypatch):
-    from depthprune import report
+    from depthprune.report import html as report
 
     drawn, save = {}, report._save
 
@@ -279,7 +279,7 @@ def figures(monkeypatch):
 
 
 def test_report_fits_one_median_per_layer_count_and_draws_the_spread(tmp_path, figures):
-    from depthprune import report
+    from depthprune.report import html as report
 
     points = _timed_together(tmp_path)
     assert report.timed_together(points)
@@ -303,7 +303,7 @@ def test_report_fits_one_median_per_layer_count_and_draws_the_spread(tmp_path, f
 
 
 def test_report_still_refuses_a_bad_fit_of_the_medians(tmp_path, figures):
-    from depthprune import report
+    from depthprune.report import html as report
 
     points = _timed_together(tmp_path, prefill=lambda kept: -5 + 2 * kept)
     fit = report.cost_fits(points)["prefill_ms_per_token"]

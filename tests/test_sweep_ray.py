@@ -10,13 +10,13 @@ import sys
 import pytest
 from badinput import assert_clean_failure
 
-from depthprune import sweep as sweep_module
-from depthprune.cli import main
-from depthprune.cost import COST_METRICS
+from depthprune.cli.app import main
 from depthprune.errors import DepthpruneError
-from depthprune.ray_sweep import FAULT_ENV
-from depthprune.store import load_cost, load_failed, load_points
-from depthprune.sweep import resolve_config, run_sweep
+from depthprune.measure.cost import COST_METRICS
+from depthprune.sweep import run as sweep_module
+from depthprune.sweep.ray_executor import FAULT_ENV
+from depthprune.sweep.run import resolve_config, run_sweep
+from depthprune.sweep.store import load_cost, load_failed, load_points
 
 ray = pytest.importorskip("ray", reason="ray is not installed: pip install 'depthprune[ray]' to test Ray sweeps")
 

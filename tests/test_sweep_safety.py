@@ -19,11 +19,11 @@ import pytest
 import yaml
 from badinput import assert_clean_failure, run, snapshot
 
-from depthprune import sweep as sweep_module
-from depthprune.cli import main
+from depthprune.cli.app import main
+from depthprune.measure.distances import AngularDistances
 from depthprune.outputs import LOCK_SUFFIX, TEMP_MARK, output_lock
-from depthprune.similarity import AngularDistances
-from depthprune.store import load_points
+from depthprune.sweep import run as sweep_module
+from depthprune.sweep.store import load_points
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

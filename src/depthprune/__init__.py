@@ -17,11 +17,11 @@ __version__ = "0.1.0"
 
 # public name -> (module, attribute)
 _EXPORTS = {
-    "AngularDistances": ("similarity", "AngularDistances"),
+    "AngularDistances": ("measure.distances", "AngularDistances"),
     "DataOptions": ("config", "DataOptions"),
     "AnalysisOptions": ("config", "AnalysisOptions"),
     "EvalOptions": ("config", "EvalOptions"),
-    "EMBEDDED_MODELS": ("models", "EMBEDDED_MODELS"),
+    "EMBEDDED_MODELS": ("model.load", "EMBEDDED_MODELS"),
     "CRITERIA": ("select", "CRITERIA"),
     "EVAL_TASKS": ("evaluate.registry", "EVAL_TASKS"),
     "HealOptions": ("heal", "HealOptions"),
@@ -29,21 +29,21 @@ _EXPORTS = {
     "analyze": ("api", "analyze"),
     "choose": ("select", "choose"),
     "choose_block": ("select", "choose_block"),
-    "count_parameters": ("models", "count_parameters"),
-    "decoder_layout": ("models", "decoder_layout"),
+    "count_parameters": ("model.load", "count_parameters"),
+    "decoder_layout": ("model.load", "decoder_layout"),
     "evaluate_model": ("evaluate.suite", "evaluate"),
     "explicit_selection": ("select", "explicit_selection"),
     "heal_model": ("heal", "heal"),
-    "load_distances": ("similarity", "load_distances"),
-    "load_model": ("models", "load_model"),
+    "load_distances": ("measure.distances", "load_distances"),
+    "load_model": ("model.load", "load_model"),
     "load_texts": ("data", "load_texts"),
-    "measure_distances": ("similarity", "measure_distances"),
-    "num_layers": ("models", "num_layers"),
+    "measure_distances": ("measure.distances", "measure_distances"),
+    "num_layers": ("model.load", "num_layers"),
     "parse_layers": ("select", "parse_layers"),
     "prune": ("api", "prune"),
-    "read_record": ("surgery", "read_record"),
-    "remove_layers": ("surgery", "remove_layers"),
-    "save_pruned": ("surgery", "save_pruned"),
+    "read_record": ("model.surgery", "read_record"),
+    "remove_layers": ("model.surgery", "remove_layers"),
+    "save_pruned": ("model.surgery", "save_pruned"),
 }
 
 __all__ = [
@@ -99,7 +99,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .evaluate.suite import evaluate as evaluate_model
     from .heal import HealOptions
     from .heal import heal as heal_model
-    from .models import EMBEDDED_MODELS, count_parameters, decoder_layout, load_model, num_layers
+    from .measure.distances import AngularDistances, load_distances, measure_distances
+    from .model.load import EMBEDDED_MODELS, count_parameters, decoder_layout, load_model, num_layers
+    from .model.surgery import read_record, remove_layers, save_pruned
     from .select import CRITERIA, Selection, choose, choose_block, explicit_selection, parse_layers
-    from .similarity import AngularDistances, load_distances, measure_distances
-    from .surgery import read_record, remove_layers, save_pruned

@@ -8,7 +8,9 @@ from pathlib import Path
 from .config import AnalysisOptions, DataOptions
 from .data import load_texts, pad_id, tokenize
 from .errors import DepthpruneError
-from .models import (
+from .measure.distances import AngularDistances, load_distances, measure_distances
+from .measure.stream import StreamPlan, compute_distances_streamed, plan_streaming
+from .model.load import (
     check_checkpoint,
     check_length,
     count_parameters,
@@ -16,6 +18,7 @@ from .models import (
     model_fingerprint,
     num_layers,
 )
+from .model.surgery import layers_removed, pruning_record, read_record, remove_layers, save_pruned
 from .outputs import atomic_output_dir, check_output_dir
 from .select import (
     CRITERIA,
@@ -28,9 +31,6 @@ from .select import (
     layer_ranges,
     parse_layers,
 )
-from .similarity import AngularDistances, load_distances, measure_distances
-from .stream import StreamPlan, compute_distances_streamed, plan_streaming
-from .surgery import layers_removed, pruning_record, read_record, remove_layers, save_pruned
 
 __all__ = ["DataOptions", "analyze", "check_model", "load_calibration", "prune"]
 
@@ -76,7 +76,7 @@ def _measure_texts(model, tokenizer, data: DataOptions, texts: list[str], analys
     """The angular distances of a loaded model on calibration ``texts`` (tokenized here), with how they were measured.
 
     The core shared by :func:`analyze`, :func:`prune` and the sweep; users call :func:`analyze` (from text)
-    or :func:`depthprune.similarity.measure_distances` (from token ids).
+    or :func:`depthprune.measure.distances.measure_distances` (from token ids).
     """
     check_length(model.config, data.seq_len, "--seq-len")
     sequences = tokenize(texts, tokenizer, data.seq_len)
@@ -90,7 +90,7 @@ def _measure_texts(model, tokenizer, data: DataOptions, texts: list[str], analys
 
 def _measure_streamed(plan: StreamPlan, data: DataOptions, texts: list[str], analysis: AnalysisOptions, dtype: str,
                       trust_remote_code: bool, progress: bool = True) -> AngularDistances:
-    """:func:`_measure_texts` with one decoder layer in memory at a time (see :mod:`depthprune.stream`)."""
+    """:func:`_measure_texts` with one decoder layer in memory at a time (see :mod:`depthprune.measure.stream`)."""
     result = compute_distances_streamed(plan.spec, texts, seq_len=data.seq_len, batch_size=analysis.batch_size,
                                         token_mode=analysis.token_mode, dtype=dtype, device=plan.device,
                                         offload=plan.offload, trust_remote_code=trust_remote_code, progress=progress)
@@ -147,7 +147,7 @@ def analyze(
         model, tokenizer = _loaded(model, tokenizer, device, dtype, trust_remote_code)
         result = _measure_texts(model, tokenizer, data, texts, analysis, progress)
     if out is not None:
-        from .report import plot_heatmap
+        from .report.html import plot_heatmap
 
         with atomic_output_dir(out, force, inputs) as tmp:
             result.save(tmp)

@@ -82,7 +82,7 @@ class AnalysisOptions(_Checked):
 
 @dataclasses.dataclass
 class MemoryOptions(_Checked):
-    """Whether the analysis loads the model or streams it one decoder layer at a time (``depthprune.stream``)."""
+    """Whether the analysis loads the model or streams it one decoder layer at a time (``depthprune.measure.stream``)."""
 
     stream: bool = option(False, help="measure one decoder layer at a time, read from the safetensors files, instead "
                                       "of loading the whole model (the same distances, a fraction of the memory)")

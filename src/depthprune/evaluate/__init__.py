@@ -16,15 +16,15 @@ from .registry import EVAL_TASKS, EvalTask
 # The built-in tasks, in the order of the CLI, the sweep's default table and the report.
 BUILT_IN = ("mmlu", "boolq", "c4", "arc", "hellaswag")
 for _module in BUILT_IN:
-    importlib.import_module(f".{_module}", __name__)
+    importlib.import_module(f".tasks.{_module}", __name__)
 
 _LAZY = {
     "evaluate": ("suite", "evaluate"),
     "summary_rows": ("suite", "summary_rows"),
-    "evaluate_mmlu": ("mmlu", "evaluate_mmlu"),
-    "evaluate_boolq": ("boolq", "evaluate_boolq"),
-    "c4_loss": ("c4", "c4_loss"),
-    "sequence_losses": ("c4", "sequence_losses"),
+    "evaluate_mmlu": ("tasks.mmlu", "evaluate_mmlu"),
+    "evaluate_boolq": ("tasks.boolq", "evaluate_boolq"),
+    "c4_loss": ("tasks.c4", "c4_loss"),
+    "sequence_losses": ("tasks.c4", "sequence_losses"),
     "ChoiceRequest": ("scoring", "ChoiceRequest"),
     "choice_loglikelihoods": ("scoring", "choice_loglikelihoods"),
     "encode_choices": ("scoring", "encode_choices"),

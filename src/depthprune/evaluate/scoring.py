@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..data import pad_id
 from ..errors import DepthpruneError
-from ..models import decoder_layout, position_limit
+from ..model.load import decoder_layout, position_limit
 
 DEFAULT_MAX_LENGTH = 2048
 

@@ -16,10 +16,10 @@ from pathlib import Path
 from ..api import check_model
 from ..config import EvalOptions
 from ..errors import DepthpruneError
-from ..models import check_length, count_parameters, load_model, num_layers
+from ..model.load import check_length, count_parameters, load_model, num_layers
+from ..model.surgery import read_record
 from ..options import convert
 from ..outputs import atomic_write_text, check_output_file
-from ..surgery import read_record
 from .registry import EVAL_TASKS
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".txt", ".parquet")

@@ -137,7 +137,7 @@ def skeleton(net: torch.nn.Module) -> torch.nn.Module:
 
 
 def _layers(model: torch.nn.Module):
-    from ..models import decoder_layout
+    from ..model.load import decoder_layout
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return decoder_layout(base).layers

@@ -10,7 +10,7 @@ import torch
 
 from ..data import TEXT_SUFFIXES
 from ..errors import DepthpruneError
-from ..models import DTYPES, check_checkpoint, resolve_model_source
+from ..model.load import DTYPES, check_checkpoint, resolve_model_source
 from .data import read_texts, training_documents
 from .options import HealOptions
 from .outputs import input_record, read_json_object

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DepthpruneError
+from ..model.surgery import RECORD_FILE
 from ..outputs import (
     atomic_write_text,
     check_not_input,
@@ -24,7 +25,6 @@ from ..outputs import (
     output_lock,
     remove_stale_temporaries,
 )
-from ..surgery import RECORD_FILE
 from .checkpoint import CHECKPOINT_DIR
 from .options import OPTION_DEFAULTS, RESUMABLE_CHANGES
 

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from ..errors import DepthpruneError
-from ..models import decoder_layout, load_model, quiet_bitsandbytes
+from ..model.load import decoder_layout, load_model, quiet_bitsandbytes
+from ..model.surgery import RECORD_FILE
 from ..outputs import follow_umask, replace_dir, temporary_dir_beside
-from ..surgery import RECORD_FILE
 from . import checkpoint as ckpt
 from .data import PackedStream, check_vocabulary
 from .distributed import (
@@ -365,7 +365,7 @@ def validate(run: Run, state: TrainingState) -> float | None:
         return None
     loss = None
     if run.processes.main or run.o.fsdp:  # a sharded forward needs every process (each computes the same loss)
-        from ..evaluate.c4 import c4_loss
+        from ..evaluate.tasks.c4 import c4_loss
 
         o = run.o
         state.net.eval()
@@ -393,7 +393,7 @@ def merged_model(net: nn.Module, o: HealOptions, dtype: str | None = None) -> nn
     default float32)."""
     method = HEAL_METHODS.get(o.method)
     if method.quantized_base and dtype is not None:
-        from ..models import DTYPES
+        from ..model.load import DTYPES
 
         return method.merge(net, o, dtype=DTYPES[dtype])
     return method.merge(net, o)

@@ -23,7 +23,7 @@ from ..errors import DepthpruneError
 from ..registry import Registry
 
 if TYPE_CHECKING:
-    from ..similarity import AngularDistances
+    from ..measure.distances import AngularDistances
 
 NEEDS = ("distances", "calibration", "nothing")
 
@@ -214,4 +214,4 @@ def explicit_selection(spec: str, num_layers: int, distances: AngularDistances |
 BUILT_IN = ("similarity", "deepest", "block_influence", "iterative_similarity", "perplexity_greedy",
             "perplexity_oneshot", "taylor", "taylor_plus")
 for _module in BUILT_IN:
-    importlib.import_module(f".{_module}", __name__)
+    importlib.import_module(f".criteria.{_module}", __name__)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ...errors import DepthpruneError
-from ...models import decoder_layout
+from ...model.load import decoder_layout
 
 _MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
 

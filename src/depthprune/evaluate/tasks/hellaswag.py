@@ -1,0 +1,101 @@
+"""HellaSwag, 0-shot, in lm-eval's ``hellaswag`` format: pick the likeliest ending of an activity description.
+
+The context is "{activity_label}: {ctx_a} {Ctx_b}" and the endings are cleaned as lm-eval's
+``preprocess`` does (WikiHow "[title]" markers and bracketed notes removed). The usual figure is
+``acc_norm`` (log-likelihood per character), reported here as ``accuracy``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ...data import read_jsonl
+from ...errors import DepthpruneError
+from ..registry import EVAL_TASKS, EvalTask
+
+
+def preprocess(text: str) -> str:
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def build_example(row: dict, where: str) -> tuple[str, list[str], int]:
+    try:
+        context = row["ctx_a"] + " " + row["ctx_b"].capitalize()
+        prompt = preprocess(row["activity_label"] + ": " + context)
+        endings = [preprocess(e) for e in row["endings"]]
+        label = int(row["label"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DepthpruneError(f"{where}: not a HellaSwag record ({type(exc).__name__}: {exc})") from None
+    if not 0 <= label < len(endings):
+        raise DepthpruneError(f"{where}: label {label} out of range for {len(endings)} endings")
+    return prompt, endings, label
+
+
+def load_hellaswag(source: str, split: str = "validation") -> list[tuple[str, list[str], int]]:
+    """Examples from a local JSONL file (the original schema) or a Hugging Face id (``Rowan/hellaswag``)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        examples = [build_example(row, f"{path}:{number}") for number, row in read_jsonl(path)]
+    elif source.startswith((".", "/", "~")) or path.suffix:
+        raise DepthpruneError(f"HellaSwag file '{source}' not found")
+    else:
+        import datasets
+
+        try:
+            rows = datasets.load_dataset(source, split=split)
+        except Exception as exc:
+            raise DepthpruneError(f"could not load HellaSwag from '{source}' ({split}): {exc}") from None
+        examples = [build_example(dict(r), f"{source} row {n}") for n, r in enumerate(rows)]
+    if not examples:
+        raise DepthpruneError(f"HellaSwag source '{source}' holds no examples")
+    return examples
+
+
+def evaluate_hellaswag(model, tokenizer, source: str, *, limit: int | None = None, batch_size: int = 8,
+                       max_length: int | None = None, progress: bool = True) -> dict:
+    """0-shot HellaSwag on the first ``limit`` examples: ``accuracy`` is lm-eval's ``acc_norm``."""
+    from ..multiple_choice import multiple_choice_accuracy
+
+    examples = load_hellaswag(source)[:limit]
+    r = multiple_choice_accuracy(model, tokenizer, [p for p, _, _ in examples], [e for _, e, _ in examples],
+                                 [y for *_, y in examples], batch_size=batch_size, max_length=max_length,
+                                 progress=progress, desc="hellaswag")
+    return {"task": "hellaswag", "accuracy": r["acc_norm"], "accuracy_unnormalized": r["acc"], "chance": r["chance"],
+            "num_examples": r["num_examples"], "limit": limit, "shots": 0, "data": source,
+            "accuracy_note": "'accuracy' is lm-eval's acc_norm (per-character), 'accuracy_unnormalized' its acc"}
+
+
+def _run(model, tokenizer, source: str, options, *, details: bool = False, progress: bool = True) -> dict:
+    return evaluate_hellaswag(model, tokenizer, source, limit=options.limit, batch_size=options.batch_size,
+                              max_length=options.max_length, progress=progress)
+
+
+def _flatten(r: dict) -> dict:
+    # The native result's headline `accuracy` is acc_norm; the store names each measure for what it is.
+    return {"hellaswag_acc": r["accuracy_unnormalized"], "hellaswag_acc_norm": r["accuracy"],
+            "hellaswag_chance": r.get("chance")}
+
+
+def _summary(r: dict) -> list:
+    return [("hellaswag", "acc_norm", r["accuracy"], r["chance"], r["num_examples"]),
+            ("hellaswag", "acc", r["accuracy_unnormalized"], r["chance"], r["num_examples"])]
+
+
+TASK = EVAL_TASKS.register(EvalTask(
+    name="hellaswag",
+    description="HellaSwag, 0-shot choice of the likeliest ending (Zellers et al. 2019)",
+    title="HellaSwag",
+    flag="--hellaswag",
+    metavar="FILE_OR_ID",
+    data_help="a .jsonl file of the original schema, or Rowan/hellaswag",
+    check=lambda source, options: load_hellaswag(source),
+    run=_run,
+    headline="hellaswag_acc_norm",
+    higher_is_better=True,
+    chance=0.25,
+    flatten=_flatten,
+    summary=_summary,
+))

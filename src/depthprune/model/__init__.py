@@ -1,0 +1,1 @@
+"""Models: loading (hub ids, checkpoints, GGUF, embedded aliases), the decoder layout, and surgery (cutting layers)."""

@@ -1,0 +1,1 @@
+"""The report of a sweep: statistics, figures, tables and one HTML file."""

@@ -1,0 +1,295 @@
+"""The sweep's results store: one SQLite row per finished point, written in a transaction.
+
+A point is (block size n, selection criterion, healing). Its row holds the settings it ran with and every figure
+it produced, as JSON, so a rerun of the same sweep can skip it and a report can be drawn from the table.
+
+The ``failed`` table holds the points whose run raised or whose worker died (a Ray sweep records them and
+goes on with the others): the key, the error in one line and how often it failed. A point leaves it in the
+transaction that saves its row. Added in issue 12: an older table gains it when a sweep next opens it to
+write (``CREATE TABLE IF NOT EXISTS``), and older versions ignore it.
+
+The ``cost`` table holds one row per distinct layer count: the cost timed in the sweep's final phase (median
+and spread over interleaved rounds). It is rewritten whole, in the same transaction that copies each
+record into the points of that layer count, every time a sweep finishes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+from ..errors import DepthpruneError
+
+DB_NAME = "results.sqlite"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS points (
+    key TEXT PRIMARY KEY,      -- 'n=8/similarity/qlora'
+    n INTEGER NOT NULL,        -- layers removed
+    fraction REAL NOT NULL,    -- n / layers of the full model
+    criterion TEXT NOT NULL,   -- 'full', or a selection criterion: 'similarity', 'deepest', ...
+    heal TEXT NOT NULL,        -- 'none', 'qlora', 'lora' or 'full'
+    removed_layers TEXT NOT NULL,  -- JSON list, 0-based
+    distance REAL,             -- angular distance of the removed block
+    metrics TEXT NOT NULL,     -- JSON: flat name -> number
+    details TEXT NOT NULL,     -- JSON: full evaluation, cost and healing records
+    finished TEXT NOT NULL
+)
+"""
+
+
+COLUMNS = ("key", "n", "fraction", "criterion", "heal", "removed_layers", "distance", "metrics", "details", "finished")
+# Before issue 9 the criterion column was called 'strategy': such tables are read as they are and renamed
+# (in one transaction) when a sweep opens them to write.
+LEGACY_COLUMNS = tuple("strategy" if c == "criterion" else c for c in COLUMNS)
+_COST_SCHEMA = """
+CREATE TABLE IF NOT EXISTS cost (
+    n INTEGER PRIMARY KEY,     -- layers removed
+    num_layers INTEGER NOT NULL,  -- layers kept
+    record TEXT NOT NULL,      -- JSON: medians, spread [min, max] and values of the rounds, settings, phase
+    measured TEXT NOT NULL
+)
+"""
+
+_FAILED_SCHEMA = """
+CREATE TABLE IF NOT EXISTS failed (
+    key TEXT PRIMARY KEY,      -- 'n=8/similarity/qlora'
+    n INTEGER NOT NULL,
+    criterion TEXT NOT NULL,
+    heal TEXT NOT NULL,
+    error TEXT NOT NULL,       -- one line: 'RuntimeError: CUDA out of memory ...', 'worker died: ...'
+    attempts INTEGER NOT NULL, -- runs in which it failed
+    failed TEXT NOT NULL
+)
+"""
+
+
+def point_key(n: int, criterion: str, heal: str) -> str:
+    return f"n={n}/{criterion}/{heal}"
+
+
+def _damaged(path: Path, why: str) -> DepthpruneError:
+    return DepthpruneError(f"'{path}' is not a readable depthprune results table ({why}): rerun the sweep with "
+                           "--force to start it over, or delete the file")
+
+
+def _open_existing(path: Path) -> sqlite3.Connection:
+    """Open ``path`` (which must exist) read-write without creating anything, and check it is a results table."""
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True)
+    try:
+        check = db.execute("PRAGMA quick_check").fetchone()[0]
+        columns = tuple(row[1] for row in db.execute("PRAGMA table_info(points)"))
+    except sqlite3.DatabaseError as exc:
+        db.close()
+        raise _damaged(path, str(exc)) from None
+    if check != "ok":
+        db.close()
+        raise _damaged(path, check)
+    if columns and columns not in (COLUMNS, LEGACY_COLUMNS):
+        db.close()
+        raise _damaged(path, f"its points table has the columns {', '.join(columns)}")
+    return db
+
+
+def _is_legacy(db: sqlite3.Connection) -> bool:
+    return tuple(row[1] for row in db.execute("PRAGMA table_info(points)")) == LEGACY_COLUMNS
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Rename the old 'strategy' column 'criterion', in one transaction: the table is either old or new."""
+    if _is_legacy(db):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("ALTER TABLE points RENAME COLUMN strategy TO criterion")
+        except BaseException:
+            db.rollback()
+            raise
+        db.commit()
+
+
+def read_finished(directory: str | Path) -> set[str]:
+    """The keys of the finished points in ``directory`` (none without a results file); checks the file, writes nothing."""
+    path = Path(directory) / DB_NAME
+    if not path.is_file():
+        return set()
+    db = _open_existing(path)
+    try:
+        return {row[0] for row in db.execute("SELECT key FROM points")} if _has_table(db) else set()
+    finally:
+        db.close()
+
+
+def _has_table(db: sqlite3.Connection) -> bool:
+    return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'points'").fetchone() is not None
+
+
+def connect(directory: str | Path) -> sqlite3.Connection:
+    """Open (creating if needed) the results of ``directory``; an existing file must be a results table."""
+    path = Path(directory) / DB_NAME
+    db = _open_existing(path) if path.is_file() else sqlite3.connect(path)
+    _migrate(db)
+    db.execute(_SCHEMA)
+    db.execute(_COST_SCHEMA)
+    db.execute(_FAILED_SCHEMA)
+    db.commit()
+    return db
+
+
+def finished_keys(db: sqlite3.Connection) -> set[str]:
+    return {row[0] for row in db.execute("SELECT key FROM points")}
+
+
+def save_point(db: sqlite3.Connection, *, n: int, fraction: float, criterion: str, heal: str, removed_layers,
+               distance: float | None, metrics: dict, details: dict) -> None:
+    """Insert one finished point atomically (a crash leaves either the whole row or none); a failure recorded
+    for it before is dropped in the same transaction."""
+    with db:
+        db.execute("DELETE FROM failed WHERE key = ?", (point_key(n, criterion, heal),))
+        db.execute(
+            "INSERT OR REPLACE INTO points VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (point_key(n, criterion, heal), n, fraction, criterion, heal, json.dumps(list(removed_layers)), distance,
+             json.dumps(metrics), json.dumps(details), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
+        )
+
+
+def save_failure(db: sqlite3.Connection, *, n: int, criterion: str, heal: str, error: str) -> None:
+    """Record that a point failed (one transaction), counting the attempts; its finished row, if any, stays."""
+    key = point_key(n, criterion, heal)
+    line = " ".join(str(error).split()) or "failed"
+    with db:
+        row = db.execute("SELECT attempts FROM failed WHERE key = ?", (key,)).fetchone()
+        db.execute("INSERT OR REPLACE INTO failed VALUES (?,?,?,?,?,?,?)",
+                   (key, n, criterion, heal, line[:2000], (row[0] if row else 0) + 1,
+                    time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
+
+
+def read_failed(db: sqlite3.Connection) -> dict[str, dict]:
+    """Key -> {n, criterion, heal, error, attempts, failed} of every point recorded as failed ({} in an old table)."""
+    if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'failed'").fetchone() is None:
+        return {}
+    names = ("key", "n", "criterion", "heal", "error", "attempts", "failed")
+    return {row[0]: dict(zip(names[1:], row[1:], strict=True))
+            for row in db.execute(f"SELECT {', '.join(names)} FROM failed ORDER BY n, criterion, heal")}
+
+
+def load_failed(directory: str | Path) -> dict[str, dict]:
+    """The failed points of a sweep directory (read only; {} without a results file)."""
+    path = Path(directory) / DB_NAME
+    if not path.is_file():
+        return {}
+    db = _open_existing(path)
+    try:
+        return read_failed(db)
+    finally:
+        db.close()
+
+
+def point_seconds(db: sqlite3.Connection) -> dict[str, float]:
+    """Key -> the seconds each finished point took (as its ``details`` record them; points without: left out)."""
+    seconds = {}
+    for key, details in db.execute("SELECT key, details FROM points"):
+        try:
+            value = json.loads(details).get("seconds")
+        except (TypeError, ValueError, AttributeError):
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            seconds[key] = float(value)
+    return seconds
+
+
+def _points_of(db: sqlite3.Connection, path: Path) -> list[dict]:
+    db.row_factory = sqlite3.Row
+    try:
+        column = "strategy AS criterion" if _has_table(db) and _is_legacy(db) else "criterion"
+        query = f"SELECT {', '.join(column if c == 'criterion' else c for c in COLUMNS)} FROM points"
+        rows = db.execute(query + " ORDER BY n, criterion, heal").fetchall() if _has_table(db) else []
+    finally:
+        db.row_factory = None
+    try:
+        return [
+            {**dict(row), "removed_layers": json.loads(row["removed_layers"]), "metrics": json.loads(row["metrics"]),
+             "details": json.loads(row["details"])}
+            for row in rows
+        ]
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise _damaged(path, f"a row does not hold JSON: {exc}") from None
+
+
+def read_points(db: sqlite3.Connection) -> list[dict]:
+    """All finished points of an open results table, as :func:`load_points` gives them."""
+    return _points_of(db, Path(db.execute("PRAGMA database_list").fetchone()[2] or DB_NAME))
+
+
+def load_points(directory: str | Path) -> list[dict]:
+    """All finished points of a sweep directory, sorted by n, criterion, healing (an old table is only read)."""
+    path = Path(directory) / DB_NAME
+    if not path.is_file():
+        raise DepthpruneError(f"no {DB_NAME} in '{directory}': is it the --out of a `depthprune sweep`?")
+    db = _open_existing(path)
+    try:
+        return _points_of(db, path)
+    finally:
+        db.close()
+
+
+def save_cost(db: sqlite3.Connection, costs: dict[int, dict], points: dict[str, tuple[dict, dict]]) -> None:
+    """Replace the cost table by ``costs`` (n -> record) and set the ``metrics`` and ``details`` of the points
+    in ``points`` (key -> (metrics, details)), all in one transaction: a kill leaves the old or the new."""
+    measured = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    with db:
+        db.execute(_COST_SCHEMA)
+        db.execute("DELETE FROM cost")
+        db.executemany("INSERT INTO cost VALUES (?,?,?,?)",
+                       [(n, record["num_layers"], json.dumps(record), measured) for n, record in sorted(costs.items())])
+        db.executemany("UPDATE points SET metrics = ?, details = ? WHERE key = ?",
+                       [(json.dumps(metrics), json.dumps(details), key) for key, (metrics, details) in points.items()])
+
+
+def read_cost(db: sqlite3.Connection) -> dict[int, dict]:
+    """n -> the cost record of the sweep's last cost phase, from an open results table ({} when none finished)."""
+    if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'cost'").fetchone() is None:
+        return {}
+    try:
+        return {n: {**json.loads(record), "measured": measured}
+                for n, record, measured in db.execute("SELECT n, record, measured FROM cost ORDER BY n")}
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise DepthpruneError(f"the cost table of a results file does not hold JSON ({exc}): rerun the sweep "
+                              "to time the cost again") from None
+
+
+def load_cost(directory: str | Path) -> dict[int, dict]:
+    """n -> the cost record of the sweep's last cost phase in ``directory`` ({} when none has finished)."""
+    path = Path(directory) / DB_NAME
+    if not path.is_file():
+        return {}
+    db = _open_existing(path)
+    try:
+        return read_cost(db)
+    finally:
+        db.close()
+
+
+FIXED_COLUMNS = ["n", "fraction", "criterion", "heal", "removed_layers", "distance"]
+
+
+def table(points: list[dict]) -> tuple[list[str], list[list]]:
+    """Header and rows: the fixed columns, then every metric any point has, in first-seen order."""
+    metric_names: list[str] = []
+    for p in points:
+        metric_names += [k for k in p["metrics"] if k not in metric_names]
+    rows = [[p[c] if c != "removed_layers" else ",".join(map(str, p[c])) for c in FIXED_COLUMNS]
+            + [p["metrics"].get(k) for k in metric_names] for p in points]
+    return FIXED_COLUMNS + metric_names, rows
+
+
+def to_csv(points: list[dict]) -> str:
+    header, rows = table(points)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
