@@ -21,7 +21,9 @@ from depthprune.evaluate.registry import EVAL_TASKS, EvalTask, accuracy_flatten
 from depthprune.measure.distances import measure_distances
 from depthprune.report.html import criterion_style, task_title, write_report
 from depthprune.select import CRITERIA, NEEDS, Criterion, Selection, SelectionContext, choose
-from depthprune.sweep.run import _check_task_data, flatten_metrics, resolve_config, run_sweep
+from depthprune.sweep.metrics import flatten_metrics
+from depthprune.sweep.run import run_sweep
+from depthprune.sweep.settings import _check_task_data, resolve_config
 from depthprune.sweep.store import load_points
 
 # ------------------------------------------------------------------------------------------ helpers

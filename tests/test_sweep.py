@@ -6,8 +6,9 @@ import pytest
 
 from depthprune.cli.app import main
 from depthprune.errors import DepthpruneError
-from depthprune.sweep import run as sweep_module
-from depthprune.sweep.run import resolve_config, run_sweep
+from depthprune.sweep import point as point_module
+from depthprune.sweep.run import run_sweep
+from depthprune.sweep.settings import resolve_config
 from depthprune.sweep.store import load_points
 
 
@@ -37,7 +38,7 @@ def test_sweep_rows_report_and_resume(tiny_checkpoint, tiny_corpus, shared_data,
 
     # Kill the same sweep during its third point, then rerun: finished points are not redone.
     calls = {"n": 0}
-    real = sweep_module._evaluate
+    real = point_module._evaluate
 
     def dying(*args, **kwargs):
         calls["n"] += 1
@@ -45,7 +46,7 @@ def test_sweep_rows_report_and_resume(tiny_checkpoint, tiny_corpus, shared_data,
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sweep_module, "_evaluate", dying)
+    monkeypatch.setattr(point_module, "_evaluate", dying)
     config = _config(tiny_checkpoint, tiny_corpus, shared_data, tmp_path / "resumed")
     with pytest.raises(KeyboardInterrupt):
         run_sweep(config, log=lambda _: None)
@@ -72,8 +73,8 @@ def test_a_sweep_grows_with_more_criteria_and_sizes(tiny_checkpoint, tiny_corpus
     run_sweep(_config(tiny_checkpoint, tiny_corpus, shared_data, out, n="0,2", criteria="deepest", **small),
               log=lambda _: None)
     evaluated = []
-    real = sweep_module._evaluate
-    monkeypatch.setattr(sweep_module, "_evaluate", lambda *a, **k: evaluated.append(1) or real(*a, **k))
+    real = point_module._evaluate
+    monkeypatch.setattr(point_module, "_evaluate", lambda *a, **k: evaluated.append(1) or real(*a, **k))
     run_sweep(_config(tiny_checkpoint, tiny_corpus, shared_data, out, n="0,2,4", criteria="deepest,similarity",
                       **small), log=lambda _: None)
     assert len(evaluated) == 3  # 2/similarity, 4/deepest, 4/similarity: not the full model nor 2/deepest again

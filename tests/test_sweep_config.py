@@ -7,7 +7,9 @@ import re
 import pytest
 
 from depthprune.errors import DepthpruneError
-from depthprune.sweep.run import block_sizes, flatten_metrics, resolve_config, settings_record
+from depthprune.sweep.metrics import flatten_metrics
+from depthprune.sweep.plan import block_sizes
+from depthprune.sweep.settings import resolve_config, settings_record
 
 
 def test_yaml_then_flags(tmp_path):

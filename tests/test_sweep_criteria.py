@@ -4,7 +4,8 @@ once for the whole sweep, each criterion's cut as the criterion chooses it alone
 from __future__ import annotations
 
 from depthprune.select import CRITERIA, SelectionContext, calibration, choose
-from depthprune.sweep.run import resolve_config, run_sweep
+from depthprune.sweep.run import run_sweep
+from depthprune.sweep.settings import resolve_config
 from depthprune.sweep.store import load_points
 
 NEW = ["block-influence", "iterative-similarity", "perplexity-greedy", "perplexity-oneshot", "taylor"]

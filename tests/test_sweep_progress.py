@@ -11,8 +11,10 @@ from depthprune import progress as progress_module
 from depthprune.cli.app import main
 from depthprune.measure import cost as cost_module
 from depthprune.progress import SweepProgress, duration, estimate
+from depthprune.sweep import point as point_module
 from depthprune.sweep import run as sweep_module
-from depthprune.sweep.run import resolve_config, run_sweep
+from depthprune.sweep.run import run_sweep
+from depthprune.sweep.settings import resolve_config
 from depthprune.sweep.store import connect, load_cost, load_points
 
 COST_KEYS = ("prefill_ms_per_token", "decode_ms_per_token", "weight_bytes", "peak_memory_bytes")
@@ -63,7 +65,7 @@ def recorded_costs(monkeypatch):
 def test_stages_counter_and_eta_across_a_resume(tiny_checkpoint, tiny_corpus, shared_data, tmp_path, monkeypatch,
                                                 recorded_costs):
     config = _config(tiny_checkpoint, tiny_corpus, shared_data, tmp_path / "s")
-    real, calls = sweep_module._evaluate, {"n": 0}
+    real, calls = point_module._evaluate, {"n": 0}
 
     def dying(*args, **kwargs):  # the sweep is killed in its second point
         calls["n"] += 1
@@ -71,7 +73,7 @@ def test_stages_counter_and_eta_across_a_resume(tiny_checkpoint, tiny_corpus, sh
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sweep_module, "_evaluate", dying)
+    monkeypatch.setattr(point_module, "_evaluate", dying)
     first = Lines()
     with pytest.raises(KeyboardInterrupt):
         run_sweep(config, log=first, quiet=True)
@@ -105,12 +107,12 @@ def test_cost_phase_interleaves_stores_median_and_spread_and_fills_points(tiny_c
                                                                           tmp_path, monkeypatch, recorded_costs):
     config = _config(tiny_checkpoint, tiny_corpus, shared_data, tmp_path / "s", n=[0, 2, 4], criteria=["similarity",
                      "deepest"], cost_rounds=3, tasks=["c4"])
-    real_phase = sweep_module._cost_phase
+    real_phase = sweep_module.cost_phase
 
     def killed_phase(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sweep_module, "_cost_phase", killed_phase)
+    monkeypatch.setattr(sweep_module, "cost_phase", killed_phase)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(config, log=Lines(), quiet=True)
     points = load_points(tmp_path / "s")
@@ -119,7 +121,7 @@ def test_cost_phase_interleaves_stores_median_and_spread_and_fills_points(tiny_c
 
     # The rerun has no point left to run, and still times the cost: each layer count once per round, the
     # rounds alternating direction, from the one loaded model (healed or not, same shapes).
-    monkeypatch.setattr(sweep_module, "_cost_phase", real_phase)
+    monkeypatch.setattr(sweep_module, "cost_phase", real_phase)
     lines = Lines()
     run_sweep(config, log=lines, quiet=True)
     assert recorded_costs == [6, 4, 2, 2, 4, 6, 6, 4, 2]  # kept layers of n = 0, 2, 4, then 4, 2, 0, ...
@@ -240,7 +242,7 @@ def _timed_together(tmp_path, prefill=lambda kept: 1 + 0.5 * kept):
     one record per layer count, healed points included, median and a spread of -10 % / +20 %."""
     from test_report import L, fake_sweep
 
-    from depthprune.sweep.run import flatten_metrics
+    from depthprune.sweep.metrics import flatten_metrics
     from depthprune.sweep.store import read_points, save_cost
 
     fake_sweep(tmp_path, prefill=prefill)

@@ -13,9 +13,10 @@ from badinput import assert_clean_failure
 from depthprune.cli.app import main
 from depthprune.errors import DepthpruneError
 from depthprune.measure.cost import COST_METRICS
-from depthprune.sweep import run as sweep_module
-from depthprune.sweep.ray_executor import FAULT_ENV
-from depthprune.sweep.run import resolve_config, run_sweep
+from depthprune.sweep.executors import ray as ray_executor
+from depthprune.sweep.executors.ray import FAULT_ENV
+from depthprune.sweep.run import run_sweep
+from depthprune.sweep.settings import resolve_config
 from depthprune.sweep.store import load_cost, load_failed, load_points
 
 ray = pytest.importorskip("ray", reason="ray is not installed: pip install 'depthprune[ray]' to test Ray sweeps")
@@ -98,7 +99,7 @@ def test_ray_sweep_equals_serial_and_survives_dead_workers_and_a_killed_driver(
 
     # The driver killed after its first saved point: the rerun finishes the same table.
     saved = {"count": 0}
-    real = sweep_module.record_point
+    real = ray_executor.record_point
 
     def killed_after_one(*args, **kwargs):
         if saved["count"] == 1:
@@ -106,12 +107,12 @@ def test_ray_sweep_equals_serial_and_survives_dead_workers_and_a_killed_driver(
         saved["count"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sweep_module, "record_point", killed_after_one)
+    monkeypatch.setattr(ray_executor, "record_point", killed_after_one)
     killed = _config(tiny_checkpoint, tiny_corpus, tmp_path / "killed")
     with pytest.raises(KeyboardInterrupt):
         run_sweep(killed, log=lambda _: None, ray="local")
     assert len(load_points(tmp_path / "killed")) == 1
-    monkeypatch.setattr(sweep_module, "record_point", real)
+    monkeypatch.setattr(ray_executor, "record_point", real)
     run_sweep(killed, log=lambda _: None, ray="local")
     assert _table(tmp_path / "killed") == expected
 

@@ -22,6 +22,7 @@ from badinput import assert_clean_failure, run, snapshot
 from depthprune.cli.app import main
 from depthprune.measure.distances import AngularDistances
 from depthprune.outputs import LOCK_SUFFIX, TEMP_MARK, output_lock
+from depthprune.sweep import point as point_module
 from depthprune.sweep import run as sweep_module
 from depthprune.sweep.store import load_points
 
@@ -242,7 +243,7 @@ def test_moved_sweep_resumes_whatever_the_path_spelling(finished, tmp_path, tiny
     moved = tmp_path / "elsewhere" / "moved"
     shutil.copytree(finished[0], moved)
     before = load_points(moved)
-    monkeypatch.setattr(sweep_module, "_evaluate", _fail)
+    monkeypatch.setattr(point_module, "_evaluate", _fail)
     monkeypatch.setattr(sweep_module, "_measure_texts", _fail)
     monkeypatch.chdir(moved.parent)
     relative_data = os.path.relpath(tiny_corpus, moved.parent)
@@ -256,7 +257,7 @@ def test_moved_sweep_resumes_whatever_the_path_spelling(finished, tmp_path, tiny
 
 def test_force_replaces_the_old_sweep_only_when_complete(finished, old, tmp_path, monkeypatch, capsys):
     before = snapshot(old)
-    real, calls = sweep_module._evaluate, {"n": 0}
+    real, calls = point_module._evaluate, {"n": 0}
 
     def dying(*args, **kwargs):  # the forced sweep is interrupted in its second point
         calls["n"] += 1
@@ -264,7 +265,7 @@ def test_force_replaces_the_old_sweep_only_when_complete(finished, old, tmp_path
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sweep_module, "_evaluate", dying)
+    monkeypatch.setattr(point_module, "_evaluate", dying)
     forced = ["sweep", "--config", finished[1], "--out", old, "--samples", "5", "--force"]
     assert run(capsys, *forced)[0] == 130
     assert snapshot(old) == before and (tmp_path / ".old.depthprune-force").is_dir()

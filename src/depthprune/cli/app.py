@@ -194,7 +194,8 @@ def _run_sweep(args) -> None:
     from ..evaluate.registry import given_sources
     from ..options import given_options
     from ..report.html import write_report
-    from ..sweep.run import resolve_config, run_sweep
+    from ..sweep.run import run_sweep
+    from ..sweep.settings import resolve_config
 
     overrides = {**given_options(args, SweepConfig), "model": args.model, **given_sources(args)}
     if args.heal_option:

@@ -9,13 +9,13 @@ What runs where:
 
 - the driver (the ``depthprune sweep`` process) does everything the serial sweep does around the points:
   checks, OUT's lock, the model, the one analysis (measured once, or read from ``OUT/analysis``), the
-  cost phase at the end and the summary. It chooses every point's layers (:func:`~depthprune.sweep.run.
+  cost phase at the end and the summary. It chooses every point's layers (:func:`~depthprune.sweep.point.
   select_point`) and sends the :class:`~depthprune.select.Selection` with the task, by value: the
   workers never measure distances;
 - each point is one task reserving ``ray_cpus`` CPUs, and with device cuda/auto ``ray_heal_gpus`` GPUs
   when healed, ``ray_eval_gpus`` when not (settings; a GPU task's worker is Ray's one-task process, so its
   memory is returned). A task loads the model itself (once per worker process on CPUs), runs
-  :func:`~depthprune.sweep.run.run_point` and returns the row; it writes no row;
+  :func:`~depthprune.sweep.point.run_point` and returns the row; it writes no row;
 - the driver alone writes ``results.sqlite``: each row in one transaction as it arrives. A task that
   raises, or whose worker dies (killed, out of memory), leaves its point in the ``failed`` table with the
   error; the other points finish; the sweep then skips the cost phase and exits non-zero with a one-line
@@ -36,9 +36,11 @@ import socket
 import time
 from pathlib import Path
 
-from ..errors import DepthpruneError
-from ..progress import SweepProgress, duration, library_bars_off
-from .store import point_key, save_failure
+from ...errors import DepthpruneError
+from ...progress import SweepProgress, duration, library_bars_off
+from ..plan import Point
+from ..point import record_point, run_point, select_point
+from ..store import save_failure
 
 CONNECT_TIMEOUT_S = 10.0
 CANCEL_WAIT_S = 15.0  # how long a stopping driver waits for its cancelled tasks to end
@@ -120,6 +122,19 @@ def connect(address: str) -> Cluster:
     return Cluster(ray, address, opened=True)
 
 
+def open_cluster(address: str, c, log) -> Cluster:
+    """Connect to Ray before anything is loaded or written (a bad address fails fast), and check that a
+    point's task fits in the cluster at all."""
+    cluster = connect(address)
+    try:
+        check_resources(cluster, c, healing=any(h != "none" for h in c.heal))
+    except BaseException:
+        cluster.close()
+        raise
+    log(f"points run as tasks on {cluster.describe()}")
+    return cluster
+
+
 def check_resources(cluster: Cluster, c, healing: bool) -> None:
     """A task that asks for more than the whole cluster has would wait for ever: refuse it now."""
     have = cluster.resources()
@@ -137,25 +152,22 @@ def check_resources(cluster: Cluster, c, healing: bool) -> None:
                                   f"point could ever start; lower {flag} or add nodes")
 
 
-def task_resources(c, point: tuple[int, str, str]) -> dict:
+def task_resources(c, point: Point) -> dict:
     """What one point's task reserves: ``ray_cpus`` CPUs, and on GPUs the healed or the unhealed share."""
-    gpus = 0.0 if c.device == "cpu" else (c.ray_eval_gpus if point[2] == "none" else c.ray_heal_gpus)
+    gpus = 0.0 if c.device == "cpu" else (c.ray_heal_gpus if point.healed else c.ray_eval_gpus)
     return {"num_cpus": c.ray_cpus, "num_gpus": gpus}
 
 
-def run_points(cluster: Cluster, c, work: Path, db, todo: list[tuple[int, str, str]], total: int, context,
+def run_points(cluster: Cluster, c, work: Path, db, todo: list[Point], total: int, context,
                progress: SweepProgress) -> list[tuple[str, str]]:
     """Run ``todo`` as Ray tasks and save each row as it arrives; returns the (key, error) of the failed ones,
     each also recorded in the ``failed`` table."""
-    from .run import record_point, select_point
-
     ray = cluster.ray
     task = ray.remote(_point_task)
     pending = {}
     for point in todo:
-        key = point_key(*point)
         options = {**task_resources(c, point), "max_retries": 0, "retry_exceptions": False,
-                   "name": f"depthprune {key}"}
+                   "name": f"depthprune {point.key}"}
         pending[task.options(**options).remote(c, str(work), point, select_point(point, context), total)] = point
     progress.parallel = cluster.slots(c)
     progress.say(f"{len(todo)} points sent to {cluster.describe()}, each task {c.ray_cpus:g} CPU(s)"
@@ -165,12 +177,12 @@ def run_points(cluster: Cluster, c, work: Path, db, todo: list[tuple[int, str, s
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             point = pending.pop(ready[0])
-            key = point_key(*point)
+            key = point.key
             try:
                 row = ray.get(ready[0])
             except Exception as exc:  # noqa: BLE001 - what a task raised, or its worker's death: the point failed
                 error = failure_line(exc)
-                save_failure(db, n=point[0], criterion=point[1], heal=point[2], error=error)
+                save_failure(db, n=point.n, criterion=point.criterion, heal=point.heal, error=error)
                 failures.append((key, error))
                 progress.say(f"{key}: FAILED ({error}); recorded, the other points go on")
                 continue
@@ -222,7 +234,7 @@ _LOADED: dict = {}  # (model, device, dtype) -> (model, tokenizer): a CPU worker
 
 
 def _worker_model(c):
-    from ..model.load import load_model
+    from ...model.load import load_model
 
     key = (c.model, c.device, c.dtype)
     if key not in _LOADED:
@@ -242,11 +254,9 @@ def _fault(key: str) -> None:
         os._exit(17)  # the worker process dies mid-task, as a killed or out-of-memory worker does
 
 
-def _point_task(c, work: str, point: tuple[int, str, str], selection, total: int) -> dict:
+def _point_task(c, work: str, point: Point, selection, total: int) -> dict:
     """One point in a Ray worker: load (or reuse) the model, run the point, return its row."""
-    from .run import run_point
-
-    key = point_key(*point)
+    key = point.key
     _fault(key)
     start = time.perf_counter()
 

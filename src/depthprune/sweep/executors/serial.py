@@ -1,0 +1,22 @@
+"""The serial executor: each point in turn, in the sweep's process, on the one loaded model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ...config import SweepConfig
+from ...progress import SweepProgress
+from ...select import SelectionContext
+from ..plan import Point
+from ..point import record_point, run_point, select_point
+
+
+def run_points(model, tokenizer, c: SweepConfig, work: Path, db, todo: list[Point], total: int,
+               context: SelectionContext, progress: SweepProgress) -> None:
+    """Run and save each point of ``todo`` (the seam that :mod:`.ray` replaces by Ray tasks); a point that
+    raises stops the sweep."""
+    for point in todo:
+        with progress.point(point.key):
+            row = run_point(model, tokenizer, c, work, point, select_point(point, context), total, progress)
+            record_point(c, work, db, row, progress)
+        progress.finished(point.key, row["details"]["seconds"])

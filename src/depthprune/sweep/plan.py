@@ -1,0 +1,61 @@
+"""Which points a sweep runs: every layer count of its settings, by each criterion and each healing.
+
+A point is one (n layers removed, selection criterion, healing) and one row of ``results.sqlite``; n = 0 is
+the full model, one point whatever the criteria and healings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import SweepConfig
+from ..errors import DepthpruneError
+from .store import point_key
+
+POINTS_DIR = "points"  # under the sweep's folder: each healed point's own folder (its healing, resumable)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One point of the sweep: ``n`` layers removed, chosen by ``criterion``, healed by ``heal`` ('none': not)."""
+
+    n: int
+    criterion: str
+    heal: str
+
+    @property
+    def key(self) -> str:
+        """Its key in ``results.sqlite`` (``n=2/deepest/lora``)."""
+        return point_key(self.n, self.criterion, self.heal)
+
+    @property
+    def healed(self) -> bool:
+        return self.heal != "none"
+
+
+FULL_MODEL = Point(0, "full", "none")
+
+
+def point_dir(work: Path, point: Point) -> Path:
+    """Where a healed point keeps its healing (checkpoints, then the merged model) under the sweep's folder."""
+    return work / POINTS_DIR / f"n{point.n:03d}-{point.criterion}-{point.heal}"
+
+
+def block_sizes(c: SweepConfig, total_layers: int) -> list[int]:
+    """The distinct n of the sweep, from explicit counts or fractions of the layers (0 = the full model)."""
+    sizes = c.n if c.n is not None else [round(f * total_layers) for f in c.fractions]
+    too_many = [n for n in sizes if n >= total_layers]
+    if too_many:
+        raise DepthpruneError(f"n={too_many[0]} out of range: the model has {total_layers} layers")
+    return sorted(set(sizes))
+
+
+def sweep_points(c: SweepConfig, total_layers: int) -> list[Point]:
+    """Every point of the sweep, in the order they run: the full model first, then by n, criterion and healing
+    (healed only at the sizes of ``heal_fractions`` when given)."""
+    sizes = block_sizes(c, total_layers)
+    healed_sizes = set(sizes) if c.heal_fractions is None else {round(f * total_layers) for f in c.heal_fractions}
+    points = [FULL_MODEL] if 0 in sizes else []
+    return points + [Point(n, s, h) for n in sizes if n > 0 for s in c.criteria for h in c.heal
+                     if h == "none" or n in healed_sizes]
