@@ -19,7 +19,9 @@ from depthprune.data import load_texts, tokenize
 from depthprune.errors import DepthpruneError
 from depthprune.evaluate.registry import EVAL_TASKS, EvalTask, accuracy_flatten
 from depthprune.measure.distances import measure_distances
-from depthprune.report.html import criterion_style, task_title, write_report
+from depthprune.report.figures import criterion_style
+from depthprune.report.html import write_report
+from depthprune.report.stats import task_title
 from depthprune.select import CRITERIA, NEEDS, Criterion, Selection, SelectionContext, choose
 from depthprune.sweep.metrics import flatten_metrics
 from depthprune.sweep.run import run_sweep

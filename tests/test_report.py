@@ -11,16 +11,20 @@ import pytest
 from depthprune.cli.app import main
 from depthprune.measure.distances import AngularDistances
 from depthprune.outputs import TEMP_MARK
-from depthprune.report import html as report
-from depthprune.report.html import (
+from depthprune.report import figures as report_figures
+from depthprune.report.cost import cost_fits
+from depthprune.report.figures import plot_accuracy, plot_cost
+from depthprune.report.html import write_report
+from depthprune.report.stats import (
     accuracy_tasks,
     collapse_point,
     collapse_points,
     is_informative,
+    sample_size,
     standard_error,
     wilson_interval,
-    write_report,
 )
+from depthprune.report.tables import full_table, main_table
 from depthprune.sweep.store import connect, finished_keys, load_points, save_point, to_csv
 
 L = 10
@@ -113,8 +117,8 @@ def test_headline_metric_prefers_acc_norm_for_hellaswag_only():
 
 def test_sample_size_of_an_lm_eval_task():
     point = {"details": {"evaluation": {"lm_eval": {"tasks": {"arc_challenge_local": {"num_examples": 42}}}}}}
-    assert report.sample_size(point, "arc_challenge") == 42
-    assert report.sample_size(point, "piqa") is None
+    assert sample_size(point, "arc_challenge") == 42
+    assert sample_size(point, "piqa") is None
 
 
 # --- figures --------------------------------------------------------------------------------------------
@@ -124,19 +128,19 @@ def test_sample_size_of_an_lm_eval_task():
 def figures(monkeypatch):
     """The figures drawn, by file name, instead of only their PNGs."""
     drawn = {}
-    save = report._save
+    save = report_figures.save_png
 
     def keep(fig, path):
         drawn[path.name] = fig
         return save(fig, path)
 
-    monkeypatch.setattr(report, "_save", keep)
+    monkeypatch.setattr(report_figures, "save_png", keep)
     return drawn
 
 
 def test_healed_curves_join_only_healed_fractions(tmp_path, figures):
     fake_sweep(tmp_path)
-    report.plot_accuracy(load_points(tmp_path), tmp_path / "accuracy.png")
+    plot_accuracy(load_points(tmp_path), tmp_path / "accuracy.png")
     mmlu = figures["accuracy.png"].axes[0]
     curves = {c.get_label(): np.asarray(c.lines[0].get_xdata(), dtype=float) for c in mmlu.containers}
     assert np.round(curves["similarity, lora-healed"], 1).tolist() == [0.4]
@@ -151,9 +155,9 @@ def test_healed_curves_join_only_healed_fractions(tmp_path, figures):
 def test_cost_figure_refuses_a_fit_that_does_not_hold(tmp_path, figures, prefill, problem):
     fake_sweep(tmp_path, prefill=prefill)
     points = load_points(tmp_path)
-    fit = report.cost_fits(points)["prefill_ms_per_token"]
+    fit = cost_fits(points)["prefill_ms_per_token"]
     assert any(problem in p for p in fit["problems"])
-    report.plot_cost(points, tmp_path / "cost.png")
+    plot_cost(points, tmp_path / "cost.png")
     prefill_ax, decode_ax = figures["cost.png"].axes[:2]
     assert prefill_ax.get_lines() == [] and problem in prefill_ax.get_title()
     assert len(decode_ax.get_lines()) == 1 and decode_ax.get_title() == ""  # the good fit is drawn
@@ -167,7 +171,7 @@ def test_cost_fit_leaves_out_healed_points(tmp_path):
     for p in points:
         if p["heal"] != "none":
             p["metrics"]["prefill_ms_per_token"] *= 3
-    fit = report.cost_fits(points)["prefill_ms_per_token"]
+    fit = cost_fits(points)["prefill_ms_per_token"]
     assert fit["per_unit"] == pytest.approx(0.5) and fit["r2"] == pytest.approx(1.0) and fit["num_points"] == 7
 
 
@@ -198,12 +202,12 @@ def test_report_has_every_figure_tables_csv_and_the_fits(tmp_path):
                     ("deepest", "lora"): None}
     assert summary["sample_sizes"] == {"mmlu": 100, "boolq": 100} and "2 standard errors" in summary["collapse_definition"]
     # Main table: the compared columns, accuracies with their SE, fixed formats; the rest in CSV and <details>.
-    header, rows = report.main_table(load_points(tmp_path))
+    header, rows = main_table(load_points(tmp_path))
     assert len(header) == 10 and rows[0][4] == "70.0 ± 4.6" and rows[0][6] == "3.00" and rows[-1][7] == "2.00×"
     assert (folder / "results.csv").read_text() == to_csv(load_points(tmp_path))
     assert "href='results.csv'" in html and "data:text/csv;base64," in html
     assert "<table id='main-table'>" in html and "<details>" in html and "<table id='full-table'>" in html
-    full_header, full_rows = report.full_table(load_points(tmp_path))
+    full_header, full_rows = full_table(load_points(tmp_path))
     assert "weight_bytes (MiB)" in full_header and full_rows[0][full_header.index("parameters")] == "500,000"
     assert full_rows[0][full_header.index("mmlu_acc (% ± SE)")] == "70.0 ± 4.6"
     assert full_rows[0][full_header.index("boolq_chance (%)")] == "62.0"

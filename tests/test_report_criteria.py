@@ -10,7 +10,10 @@ import pytest
 
 from depthprune.measure.distances import AngularDistances
 from depthprune.report import html as report
-from depthprune.report.html import jaccard, overlap, selection_table, selections, write_report
+from depthprune.report import stats
+from depthprune.report.html import write_report
+from depthprune.report.stats import jaccard, overlap, selections
+from depthprune.report.tables import main_table, selection_table
 from depthprune.sweep.store import connect, load_points, save_point
 
 L = 12
@@ -54,7 +57,7 @@ def test_selections_tables_and_overlap(tmp_path):
     pairs = {tuple(p["criteria"]): p["by_n"] for p in overlap(points)}
     assert pairs[("similarity", "block-influence")] == {2: pytest.approx(1 / 3, abs=1e-4), 4: pytest.approx(2 / 6, abs=1e-4)}
     assert pairs[("block-influence", "perplexity-greedy")][4] == pytest.approx(3 / 5, abs=1e-4)
-    main_header, main_rows = report.main_table(points)
+    main_header, main_rows = main_table(points)
     cells = [row[1] for row in main_rows]
     assert "4: 3,7,9-10" in cells and "4: 6-9" in cells and "2: 3,9" in cells
 
@@ -77,5 +80,5 @@ def test_report_shows_the_comparison(tmp_path, monkeypatch):
     assert summary["overlap_jaccard"][0]["criteria"] == ["similarity", "block-influence"]
     assert (tmp_path / "report" / "selections.png").stat().st_size > 5_000
     # one curve per criterion, unhealed and healed, for the C4 loss and for accuracy
-    curves = report._curves(load_points(tmp_path), "c4_loss_norm")
+    curves = stats.curves(load_points(tmp_path), "c4_loss_norm")
     assert set(curves) == {(c, h) for c in CUTS for h in ("none", "lora")}

@@ -268,26 +268,29 @@ def _timed_together(tmp_path, prefill=lambda kept: 1 + 0.5 * kept):
 
 @pytest.fixture
 def figures(monkeypatch):
-    from depthprune.report import html as report
+    from depthprune.report import figures as report
 
-    drawn, save = {}, report._save
+    drawn, save = {}, report.save_png
 
     def keep(fig, path):
         drawn[path.name] = fig
         return save(fig, path)
 
-    monkeypatch.setattr(report, "_save", keep)
+    monkeypatch.setattr(report, "save_png", keep)
     return drawn
 
 
 def test_report_fits_one_median_per_layer_count_and_draws_the_spread(tmp_path, figures):
-    from depthprune.report import html as report
+    from depthprune.report.cost import cost_fits, timed_together
+    from depthprune.report.figures import plot_cost
+    from depthprune.report.html import write_report
+    from depthprune.report.tables import cost_table
 
     points = _timed_together(tmp_path)
-    assert report.timed_together(points)
-    fit = report.cost_fits(points)["prefill_ms_per_token"]
+    assert timed_together(points)
+    fit = cost_fits(points)["prefill_ms_per_token"]
     assert fit["num_points"] == 4 and fit["per_unit"] == pytest.approx(0.5) and fit["r2"] == pytest.approx(1.0)
-    report.plot_cost(points, tmp_path / "cost.png")
+    plot_cost(points, tmp_path / "cost.png")
     prefill_ax = figures["cost.png"].axes[0]
     (bars,) = [c for c in prefill_ax.containers if c.has_yerr]
     lows, highs = zip(*[segment[:, 1] for segment in bars.lines[2][0].get_segments()], strict=True)
@@ -297,20 +300,21 @@ def test_report_fits_one_median_per_layer_count_and_draws_the_spread(tmp_path, f
     assert prefill_ax.get_title() == ""
     assert "3 interleaved rounds, each the best of 2 repeats" in figures["cost.png"].get_suptitle()
 
-    html = report.write_report(tmp_path).read_text()
+    html = write_report(tmp_path).read_text()
     assert "<table id='cost-table'>" in html and "medians of 3 interleaved rounds" in html
     assert "least squares over the 4 layer counts" in html
-    header, rows = report.cost_table(points)
+    header, rows = cost_table(points)
     assert rows[0][:3] == ["0", "10", "6 [5.4–7.2]"]
 
 
 def test_report_still_refuses_a_bad_fit_of_the_medians(tmp_path, figures):
-    from depthprune.report import html as report
+    from depthprune.report.cost import cost_fits
+    from depthprune.report.figures import plot_cost
 
     points = _timed_together(tmp_path, prefill=lambda kept: -5 + 2 * kept)
-    fit = report.cost_fits(points)["prefill_ms_per_token"]
+    fit = cost_fits(points)["prefill_ms_per_token"]
     assert any("negative fixed part" in p for p in fit["problems"])
-    report.plot_cost(points, tmp_path / "cost.png")
+    plot_cost(points, tmp_path / "cost.png")
     prefill_ax = figures["cost.png"].axes[0]
     assert not any(line.get_label().startswith("fit") for line in prefill_ax.get_lines())
     assert "negative fixed part" in prefill_ax.get_title()

@@ -147,7 +147,7 @@ def analyze(
         model, tokenizer = _loaded(model, tokenizer, device, dtype, trust_remote_code)
         result = _measure_texts(model, tokenizer, data, texts, analysis, progress)
     if out is not None:
-        from .report.html import plot_heatmap
+        from .measure.heatmap import plot_heatmap
 
         with atomic_output_dir(out, force, inputs) as tmp:
             result.save(tmp)

@@ -214,31 +214,18 @@ def _key_value(text: str) -> tuple[str, str]:
 
 def _run_results(args) -> None:
     from ..outputs import atomic_write_text, check_output_file
-    from ..sweep.store import DB_NAME, load_failed, load_points, table, to_csv
+    from ..report.terminal import results_lines
+    from ..sweep.store import DB_NAME, load_failed, load_points, to_csv
 
     if args.csv not in (None, "-"):  # before reading anything: a bad path fails alone
         check_output_file(args.csv, inputs=[os.path.join(args.directory, DB_NAME)], what="CSV file")
     points = load_points(args.directory)
-    header, rows = table(points)
-    shown = [h for h in header if not h.endswith("_chance")]
-    cells = [[_cell(v) for h, v in zip(header, row, strict=True) if h in shown] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(shown)]
-    print("  ".join(h.rjust(w) for h, w in zip(shown, widths, strict=True)))
-    for r in cells:
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
-    for key, failure in load_failed(args.directory).items():  # points a Ray sweep could not finish
-        print(f"failed: {key} ({failure['attempts']}x, last {failure['failed']}): {failure['error']}")
+    print("\n".join(results_lines(args.directory, points, load_failed(args.directory), every_column=args.all)))
     if args.csv == "-":
         print(to_csv(points), end="")
     elif args.csv:
         atomic_write_text(args.csv, to_csv(points))
         print(f"wrote {args.csv}")
-
-
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "" if value is None else str(value)
 
 
 def _run_report(args) -> None:
@@ -337,9 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "e.g. --heal-option steps=20 --heal-option rank=8")
     p.set_defaults(run=_run_sweep)
 
-    p = commands.add_parser("results", help="print the results table of a sweep directory")
+    p = commands.add_parser("results", help="print the results table of a sweep directory",
+                            description="Print the compared columns of a sweep's points in 160 characters (a "
+                                        "footer names any left out); exit status 2 with one line when the directory "
+                                        "has no finished point yet.")
     p.add_argument("directory")
-    p.add_argument("--csv", metavar="FILE", help="also export the table as CSV ('-' for standard output)")
+    p.add_argument("--all", action="store_true", help="every column of the store, however wide")
+    p.add_argument("--csv", metavar="FILE", help="also export every column as CSV ('-' for standard output)")
     p.set_defaults(run=_run_results)
 
     p = commands.add_parser("report", help="draw the figures of a sweep and write one self-contained HTML file")

@@ -152,7 +152,7 @@ def _selection_context(model, tokenizer, run: _Checked, total: int, log, quiet: 
 def _analyse(model, tokenizer, c: SweepConfig, work: Path, texts: list[str], log, progress: bool = True
              ) -> AngularDistances:
     """Measure the distances and write ``analysis/`` whole (a kill leaves none, never half of one)."""
-    from ..report.html import plot_heatmap
+    from ..measure.heatmap import plot_heatmap
 
     log(f"measuring angular distances on {len(texts)} samples of {c.data}")
     distances = _measure_texts(model, tokenizer, _data_options(c), texts, _analysis_options(c), progress=progress)
