@@ -11,7 +11,7 @@ Each point says its stages as they start (cut, heal, each task, with tqdm bars u
 ``[k/N]`` over all points of the sweep, finished ones of earlier runs included, and estimates the time left
 from the stored time of the finished points.
 
-The settings are :class:`depthprune.config.SweepConfig`: the stage options plus the sweep's own keys, one
+The settings are :class:`depthprune.sweep.config.SweepConfig`: the stage options plus the sweep's own keys, one
 flag each. Criteria, tasks and their data come from the registries (``select.CRITERIA``,
 ``evaluate.registry.EVAL_TASKS``), so a new criterion or task is a new point or column with no change here.
 
@@ -34,10 +34,10 @@ from pathlib import Path
 import yaml
 
 from ..api import _measure_texts, load_calibration
-from ..config import AnalysisOptions, CostOptions, DataOptions, EvalOptions, SweepConfig
+from ..config import AnalysisOptions, CostOptions, DataOptions
 from ..data import load_texts, tokenize
 from ..errors import DepthpruneError
-from ..evaluate.registry import EVAL_TASKS
+from ..evaluate.registry import EVAL_TASKS, EvalOptions, eval_options_class
 from ..heal import HEAL_METHODS as HEALING
 from ..measure.distances import AngularDistances, load_distances
 from ..model.load import (
@@ -49,7 +49,7 @@ from ..model.load import (
     resolve_model_source,
 )
 from ..model.surgery import layers_removed, pruning_record, read_record
-from ..options import check_ranges, coerce, convert
+from ..options import check_ranges, coerce, convert, fields_with
 from ..outputs import (
     TEMP_MARK,
     atomic_output_dir,
@@ -60,7 +60,8 @@ from ..outputs import (
     replace_dir,
 )
 from ..progress import SweepProgress, duration, kind, library_bars_off
-from ..select import CRITERIA, SelectionContext, choose, needs_of
+from ..select import CRITERIA, SelectionContext, choose, criterion_options_class, needs_of
+from .config import SweepConfig, sweep_config_class
 from .store import (
     connect,
     point_key,
@@ -77,17 +78,11 @@ __all__ = ["SweepConfig", "block_sizes", "flatten_metrics", "resolve_config", "r
 
 SETTINGS_FILE = "sweep.yaml"
 ANALYSIS_DIR = "analysis"
-
-# Settings naming local files or folders (or hub ids), besides the tasks' data: compared and recorded
-# resolved, so that the spelling of a path (relative, trailing slash) never decides whether a sweep resumes.
-PATH_SETTINGS = ("model", "data", "lm_eval_include", "lm_eval_data", "heal_data", "heal_val_data")
-# Settings that may change between a run and its resumption: they do not change any result. (The cost is
-# timed again, with the settings of the run, every time a sweep finishes.)
-# Settings that choose only which points run: a point's result does not depend on them, so a sweep rerun
-# with more criteria, fractions or healings keeps its finished points and runs the new ones.
-POINT_SETTINGS = {"fractions", "n", "criteria", "heal", "heal_fractions"}
-RESUMABLE_SETTINGS = {"out", "keep_models", "cost", "cost_prefill_len", "cost_decode_tokens", "cost_repeats",
-                      "cost_rounds", "ray_cpus", "ray_eval_gpus", "ray_heal_gpus", *POINT_SETTINGS}
+# What a setting means to a resumed sweep is its metadata (depthprune.sweep.config): `path` settings (local
+# files or folders, or hub ids, besides the tasks' data) are compared and recorded resolved, so that the
+# spelling of a path never decides whether a sweep resumes; `resumable` ones change no result, and `point`
+# ones choose only which points run, so a rerun with more criteria, fractions or healings keeps its
+# finished points and runs the new ones.
 # Keys renamed since: an old config names the new key in its error; an old sweep.yaml is read as renamed.
 RENAMED = {"strategies": "criteria", "tokens": "token_mode"}
 
@@ -141,7 +136,8 @@ def resolve_config(config_file: str | Path | None = None, **overrides) -> SweepC
     settings = _task_keys(settings)
     settings = {**settings, **_task_keys(given), "task_data": {**settings.get("task_data", {}),
                                                                 **_task_keys(given).get("task_data", {})}}
-    config = SweepConfig(**coerce(SweepConfig, settings, "sweep setting"))
+    config_class = sweep_config_class()
+    config = config_class(**coerce(config_class, settings, "sweep setting"))
     config.heal_options = _checked_heal_options(config.heal_options)
     _check(config)
     return config
@@ -241,7 +237,7 @@ def with_resolved_paths(c: SweepConfig) -> SweepConfig:
         options["teacher"] = _resolved_path(options["teacher"])
     task_data = {task: _resolved_path(source) for task, source in c.task_data.items()}
     return dataclasses.replace(c, heal_options=options, task_data=task_data,
-                               **{k: _resolved_path(getattr(c, k)) for k in PATH_SETTINGS})
+                               **{k: _resolved_path(getattr(c, k)) for k in fields_with(c, "path")})
 
 
 def settings_record(c: SweepConfig) -> dict:
@@ -264,15 +260,16 @@ def _as_now(saved: dict) -> dict:
     saved = {RENAMED.get(k, k): v for k, v in saved.items()}
     if "mmlu_limit" not in saved and "mmlu" in (saved.get("tasks") or []):
         saved["mmlu_limit"] = saved.get("limit")  # `limit` also capped each MMLU subject before issue 9
-    return {**settings_record(SweepConfig()), **saved}
+    return {**settings_record(sweep_config_class()()), **saved}
 
 
 def _changed_settings(saved: dict, c: SweepConfig) -> list[str]:
     new = settings_record(c)
     saved = _as_now(saved)
-    paths = (*PATH_SETTINGS, *EVAL_TASKS.names())
+    paths = (*fields_with(c, "path"), *EVAL_TASKS.names())
     saved = {**saved, **{k: _resolved_path(saved[k]) for k in paths if isinstance(saved.get(k), str)}}
-    return sorted(k for k in set(saved) | set(new) if k not in RESUMABLE_SETTINGS and saved.get(k) != new.get(k))
+    return sorted(k for k in set(saved) | set(new) if k not in fields_with(c, "resumable", "point")
+                  and saved.get(k) != new.get(k))
 
 
 # ------------------------------------------------------------------------------------------ stage options
@@ -292,7 +289,7 @@ def _analysis_options(c: SweepConfig) -> AnalysisOptions:
 
 
 def eval_options(c: SweepConfig) -> EvalOptions:
-    return _stage(EvalOptions, c)
+    return _stage(eval_options_class(), c)
 
 
 def _cost_options(c: SweepConfig) -> CostOptions:
@@ -386,7 +383,7 @@ def _check_inputs(c: SweepConfig) -> None:
 
 
 def _inputs(c: SweepConfig) -> list[str | None]:
-    return [getattr(c, k) for k in PATH_SETTINGS] + list(c.task_data.values()) + [c.heal_options.get("teacher")]
+    return [getattr(c, k) for k in fields_with(c, "path")] + list(c.task_data.values()) + [c.heal_options.get("teacher")]
 
 
 def force_dir(out: Path) -> Path:
@@ -501,7 +498,8 @@ def run_sweep(c: SweepConfig, log=print, force: bool = False, quiet: bool = Fals
             try:
                 distances = state.distances or _analyse(model, tokenizer, c, work, texts, log, progress=not quiet)
                 context = SelectionContext(total, distances, model, tokenizer,
-                                           tokenize(texts, tokenizer, c.seq_len) if calibrating else None)
+                                           tokenize(texts, tokenizer, c.seq_len) if calibrating else None,
+                                           options=_stage(criterion_options_class(), c))
                 progress = SweepProgress(log, [(point_key(*p), kind(p[2])) for p in points], point_seconds(db),
                                          state.done, quiet=quiet, cost_phase=c.cost,
                                          cost_seconds=_last_cost_seconds(db))
