@@ -66,7 +66,7 @@ def test_every_method_trains_and_merges_exactly(tiny_checkpoint, name):
 
 def test_method_choices_come_from_the_registry():
     from depthprune.cli.app import build_parser
-    from depthprune.sweep.settings import heal_methods
+    from depthprune.sweep.config import heal_choices as heal_methods
 
     assert heal_methods() == ("none", *HEAL_METHODS.names()) and "dora" in heal_methods()
     heal_parser = build_parser()._subparsers._group_actions[0].choices["heal"]

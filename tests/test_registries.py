@@ -14,9 +14,9 @@ from badinput import assert_clean_failure
 from conftest import tiny_model, tiny_tokenizer
 
 from depthprune.cli.app import build_parser, main
-from depthprune.config import EvalOptions
 from depthprune.data import load_texts, tokenize
 from depthprune.errors import DepthpruneError
+from depthprune.evaluate import EvalOptions
 from depthprune.evaluate.registry import EVAL_TASKS, EvalTask, accuracy_flatten
 from depthprune.measure.distances import measure_distances
 from depthprune.report.figures import criterion_style

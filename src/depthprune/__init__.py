@@ -20,7 +20,7 @@ _EXPORTS = {
     "AngularDistances": ("measure.distances", "AngularDistances"),
     "DataOptions": ("config", "DataOptions"),
     "AnalysisOptions": ("config", "AnalysisOptions"),
-    "EvalOptions": ("config", "EvalOptions"),
+    "EvalOptions": ("evaluate", "EvalOptions"),
     "EMBEDDED_MODELS": ("model.load", "EMBEDDED_MODELS"),
     "CRITERIA": ("select", "CRITERIA"),
     "EVAL_TASKS": ("evaluate.registry", "EVAL_TASKS"),
@@ -93,8 +93,9 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from .api import analyze, prune
-    from .config import AnalysisOptions, DataOptions, EvalOptions
+    from .config import AnalysisOptions, DataOptions
     from .data import load_texts
+    from .evaluate import EvalOptions
     from .evaluate.registry import EVAL_TASKS
     from .evaluate.suite import evaluate as evaluate_model
     from .heal import HealOptions

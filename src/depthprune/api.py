@@ -27,6 +27,7 @@ from .select import (
     block_size,
     check_block_request,
     choose,
+    criterion_options,
     explicit_selection,
     layer_ranges,
     parse_layers,
@@ -180,6 +181,13 @@ def check_cut_request(n: int | None, fraction: float | None, layers: str | None,
     return CRITERIA.get(criterion).needs
 
 
+def _check_distances_serve(criterion: str | None, distances: AngularDistances | None) -> None:
+    """Whether given distances can serve ``criterion`` (e.g. block influence from distances that predate it)."""
+    entry = CRITERIA.get(criterion) if criterion is not None else None
+    if entry is not None and entry.check_distances is not None and distances is not None:
+        entry.check_distances(distances)
+
+
 def prune(
     model,
     out: str | Path,
@@ -201,6 +209,7 @@ def prune(
     force: bool = False,
     inplace: bool = False,
     progress: bool = True,
+    **options,
 ) -> dict:
     """Remove a block of layers and save the pruned checkpoint with its ``depthprune.json``; returns that record.
 
@@ -211,17 +220,17 @@ def prune(
     taylor) needs ``data`` and measures on it (``batch_size`` sequences at a time). A loaded ``model`` is cut
     only while it is saved and then restored, unless ``inplace=True`` leaves it cut (its removed layers can
     then be freed). ``stream`` and ``max_memory`` choose how the distances are measured, as in :func:`analyze`
-    (the cut itself loads the model). Every input is checked before the model loads.
+    (the cut itself loads the model). Other keywords: the criteria's own options (``window=5`` for a criterion
+    declaring it). Every input is checked before the model loads.
     """
     needs = check_cut_request(n, fraction, layers, criterion)
+    chosen_options = criterion_options(**options)
     analysis = _check_measuring(batch_size, token_mode) if data is not None else None
     config = check_model(model, trust_remote_code)
     check_output_dir(out, force, _input_paths(model, distances, data.source if data else None))
     if isinstance(distances, (str, Path)):
         distances = load_distances(distances)
-    entry = CRITERIA.get(criterion) if layers is None else None
-    if entry is not None and entry.check_distances is not None and distances is not None:
-        entry.check_distances(distances)  # e.g. block influence from distances that predate it
+    _check_distances_serve(criterion if layers is None else None, distances)
     measuring = distances is None and needs == "distances"
     if measuring and data is None:
         raise DepthpruneError(f"criterion '{criterion}' needs --distances DIR (from `depthprune analyze`) or --data SRC")
@@ -245,7 +254,7 @@ def prune(
     else:
         sequences = tokenize(texts, tokenizer, data.seq_len) if needs == "calibration" else None
         context = SelectionContext(total, distances, model, tokenizer, sequences, batch_size=batch_size,
-                                   token_mode=token_mode, progress=progress)
+                                   token_mode=token_mode, progress=progress, options=chosen_options)
         selection = choose(criterion, block_size(total, n=n, fraction=fraction), context)
     params_before = count_parameters(model)
     cut = contextlib.nullcontext(remove_layers(model, selection.layers)) if inplace else \

@@ -7,12 +7,19 @@ its range. :func:`add_options` adds the flags of a dataclass to an argparse pars
 YAML file against the field types; :func:`check_ranges` enforces the declared ranges. The help text,
 the default and the range of an option are therefore written in one place, as mergekit does with
 ``add_merge_options``.
+
+A stage whose plug-ins declare options of their own (criteria, evaluation tasks, healing methods) gets
+one flat dataclass from :func:`compose`: the stage's shared options, then each plug-in's, made when asked
+so that plug-ins registered after import count. Flags and YAML keys are one namespace, so a name two
+plug-ins declare separately is refused; a declaration several plug-ins share (LoRA's options) is one.
+Sweep semantics are option metadata too (``path``, ``point``, ``resumable``), listed by :func:`fields_with`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -27,7 +34,8 @@ _MISSING = dataclasses.MISSING
 def option(default: Any = _MISSING, *, help: str, flag: str | None = None, choices: Iterable[str] | Callable | None = None,
            metavar: str | None = None, minimum: float | None = None, maximum: float | None = None,
            below: float | None = None, above: float | None = None, parse: Callable[[str], Any] | None = None, cli: bool = True,
-           default_factory: Callable[[], Any] | None = None) -> Any:
+           default_factory: Callable[[], Any] | None = None, path: bool = False, point: bool = False,
+           resumable: bool = False, nonempty: bool = False, describe: str | None = None) -> Any:
     """A dataclass field with what the CLI and the checks need.
 
     ``minimum``/``maximum`` are inclusive bounds, ``below``/``above`` exclusive ones (floats must also be
@@ -35,10 +43,17 @@ def option(default: Any = _MISSING, *, help: str, flag: str | None = None, choic
     plug-ins registered after import count); ``{choices}`` in the help text is replaced by them when the
     flags are made. ``parse`` turns one CLI or YAML string into the value (e.g. 'start:stop:step'
     fractions), or returns ``NotImplemented`` to leave it to the usual conversion. ``cli=False`` keeps an
-    option out of the flags (YAML/API only).
+    option out of the flags (YAML/API only). ``nonempty``: an empty string, an empty list or a blank item
+    is refused; ``describe`` says in messages what the value must be ('a list of module names') instead
+    of its type's words.
+
+    For the sweep: ``path`` names a local file or folder (or a hub id), compared and recorded resolved;
+    ``point`` chooses only which points run; ``resumable`` may change between a run and its resumption
+    without changing any result (:func:`fields_with` lists each kind).
     """
     metadata = dict(help=help, flag=flag, choices=choices, metavar=metavar, minimum=minimum, maximum=maximum,
-                    below=below, above=above, parse=parse, cli=cli)
+                    below=below, above=above, parse=parse, cli=cli, path=path, point=point, resumable=resumable,
+                    nonempty=nonempty, describe=describe)
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -46,6 +61,59 @@ def option(default: Any = _MISSING, *, help: str, flag: str | None = None, choic
 
 def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
+
+
+def fields_with(cls, *flags: str) -> tuple[str, ...]:
+    """The names of the fields of dataclass ``cls`` (or of an instance) declared with any of ``flags``
+    (``fields_with(SweepConfig, "resumable", "point")``)."""
+    return tuple(f.name for f in dataclasses.fields(cls) if any(f.metadata.get(flag) for flag in flags))
+
+
+class Checked:
+    """Options that check themselves when made (from the API too): types, then ranges, one-line errors naming
+    the flag."""
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        check_ranges(self)
+
+
+def copied_field(f: dataclasses.Field, default: Any = _MISSING) -> dataclasses.Field:
+    """A new field with the default (or ``default``) and the metadata of ``f``, for another dataclass."""
+    if default is not _MISSING:
+        return dataclasses.field(default=default, metadata=f.metadata)
+    if f.default_factory is not _MISSING:  # type: ignore[misc]
+        return dataclasses.field(default_factory=f.default_factory, metadata=f.metadata)  # type: ignore[misc]
+    return dataclasses.field(default=f.default, metadata=f.metadata)
+
+
+def compose(name: str, parts: Iterable[type], *, module: str, doc: str, bases: tuple[type, ...] = ()) -> type:
+    """One flat dataclass of the fields of ``parts`` in order (a stage's shared options, then its plug-ins').
+
+    A name declared by two parts is refused (flags and YAML keys are one namespace), unless both hold the
+    same declaration (a base class of options several plug-ins share). The class is made once per
+    ``parts``: asked again with the same plug-ins, it is the same class (``isinstance`` and pickling hold).
+    """
+    return _compose(name, tuple(parts), module, doc, bases)
+
+
+@functools.cache
+def _compose(name: str, parts: tuple[type, ...], module: str, doc: str, bases: tuple[type, ...]) -> type:
+    declared: dict[str, tuple[dataclasses.Field, type]] = {}
+    fields = []
+    for part in parts:
+        hints = _hints(part)
+        for f in dataclasses.fields(part):
+            if f.name in declared:
+                if declared[f.name][0] is f:
+                    continue
+                raise ValueError(f"option '{f.name}' is declared by both {declared[f.name][1].__name__} and "
+                                 f"{part.__name__}: options share one namespace of flags and keys, rename one")
+            declared[f.name] = (f, part)
+            fields.append((f.name, hints[f.name], copied_field(f)))
+    cls = dataclasses.make_dataclass(name, fields, bases=bases, namespace={"__module__": module})
+    cls.__doc__ = doc
+    return cls
 
 
 def _unwrap(tp) -> tuple[Any, bool]:
@@ -191,7 +259,8 @@ def check_types(obj, where: str | None = None) -> None:
         value = getattr(obj, f.name)
         if not _is_a(value, hints[f.name]):
             label = flag_name(f) if where is None else f"{where} '{f.name}'"
-            raise DepthpruneError(f"{label} must be {_describe(hints[f.name])}, got {value!r}")
+            raise DepthpruneError(f"{label} must be {f.metadata.get('describe') or _describe(hints[f.name])}, "
+                                  f"got {value!r}")
 
 
 def check_ranges(obj, where: str | None = None) -> None:
@@ -202,8 +271,17 @@ def check_ranges(obj, where: str | None = None) -> None:
     for f in dataclasses.fields(obj):
         value, meta = getattr(obj, f.name), f.metadata
         label = flag_name(f) if where is None else f"{where} '{f.name}'"
+        if meta.get("nonempty"):
+            _check_nonempty(value, meta, label)
         for v in value if isinstance(value, list) else [value]:
             _check_one(v, meta, label)
+
+
+def _check_nonempty(value, meta, label: str) -> None:
+    if isinstance(value, list) and (not value or not all(isinstance(v, str) and v.strip() for v in value)):
+        raise DepthpruneError(f"{label} must be {meta.get('describe') or 'a non-empty list'}, got {value!r}")
+    if value == "":
+        raise DepthpruneError(f"{label} must be a non-empty name, got ''")
 
 
 def _check_one(value, meta, label: str) -> None:

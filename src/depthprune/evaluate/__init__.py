@@ -3,20 +3,19 @@
 tasks through ``lm_eval_bridge``. ``suite.evaluate`` (exported as ``depthprune.evaluate_model``) runs any of
 them on one model.
 
-Importing this package registers the built-in tasks without importing torch; the functions below load on
-first use.
+Importing this package registers every task of ``tasks/`` (a new task is one new file there) without
+importing torch; the functions below load on first use. ``EvalOptions`` is the evaluation's options with
+those of the tasks registered when it is read (``registry.eval_options_class``).
 """
 
 from __future__ import annotations
 
 import importlib
 
-from .registry import EVAL_TASKS, EvalTask
+from ..registry import import_plugins
+from .registry import EVAL_TASKS, EvalTask, eval_options_class
 
-# The built-in tasks, in the order of the CLI, the sweep's default table and the report.
-BUILT_IN = ("mmlu", "boolq", "c4", "arc", "hellaswag")
-for _module in BUILT_IN:
-    importlib.import_module(f".tasks.{_module}", __name__)
+import_plugins(f"{__name__}.tasks")  # each registers itself; its ``order`` places it
 
 _LAZY = {
     "evaluate": ("suite", "evaluate"),
@@ -30,10 +29,12 @@ _LAZY = {
     "encode_choices": ("scoring", "encode_choices"),
 }
 
-__all__ = ["EVAL_TASKS", "EvalTask", *sorted(_LAZY)]
+__all__ = ["EVAL_TASKS", "EvalOptions", "EvalTask", "eval_options_class", *sorted(_LAZY)]
 
 
 def __getattr__(name: str):
+    if name == "EvalOptions":
+        return eval_options_class()
     if name not in _LAZY:
         raise AttributeError(f"module 'depthprune.evaluate' has no attribute '{name}'")
     module, attribute = _LAZY[name]

@@ -7,6 +7,12 @@ becomes the flat metrics of the results store (``flatten``) and the rows of the 
 (``summary``). ``suite.evaluate``, the ``eval`` and ``sweep`` flags, the sweep's checks and the report's
 titles all read it. lm-evaluation-harness tasks are not here: they are lm-eval's (``lm_eval_bridge``).
 
+A task may declare ``options``, a dataclass of ``option(...)`` fields of its own (MMLU's ``shots``, C4's
+``c4_seq_len``). :func:`eval_options_class` composes the evaluation's options: those every task shares
+(:class:`depthprune.config.SharedEvalOptions`), then each registered task's, one flat dataclass whose
+instance every task receives (``check``, ``run``, ``lengths``) and reads its own fields from. ``EvalOptions``
+read as an attribute of this module (or of ``depthprune.evaluate``) is that class, composed then.
+
 Task modules keep their top level free of torch (``depthprune --help`` imports them).
 """
 
@@ -15,12 +21,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..registry import Registry
-
-if TYPE_CHECKING:
-    from ..config import EvalOptions
+from ..config import SharedEvalOptions
+from ..options import Checked, compose
+from ..registry import AFTER_BUILT_INS, Registry
 
 SummaryRow = tuple[str, str, float, "float | None", "int | None"]  # task, metric, value, baseline, count
 
@@ -35,7 +40,9 @@ class EvalTask:
     knows nothing when it is fixed (None: the data decide it, e.g. BoolQ's majority class), and
     ``baseline_kind`` says which. ``flatten(result)``: the flat metrics of the store (keeping their names
     stable); ``summary(result)``: rows of the printed table. ``lengths(options)``: (flag, tokens) the
-    model must be able to take, e.g. C4's sequence length.
+    model must be able to take, e.g. C4's sequence length. ``options``: the dataclass of the task's own
+    options. ``order``: its place in the CLI, the sweep's default table and the report (built-ins: 10, 20, ...).
+    ``options`` arguments are instances of :func:`eval_options_class`.
     """
 
     name: str
@@ -44,7 +51,7 @@ class EvalTask:
     flag: str
     metavar: str
     data_help: str
-    check: Callable[[str, EvalOptions], Any]
+    check: Callable[[str, Any], Any]
     run: Callable[..., dict]
     headline: str
     higher_is_better: bool
@@ -52,7 +59,9 @@ class EvalTask:
     flatten: Callable[[dict], dict]
     summary: Callable[[dict], list[SummaryRow]]
     baseline_kind: str = "chance"
-    lengths: Callable[[EvalOptions], list[tuple[str, int]]] | None = None
+    lengths: Callable[[Any], list[tuple[str, int]]] | None = None
+    options: type | None = None
+    order: int = AFTER_BUILT_INS
 
     @property
     def dest(self) -> str:
@@ -64,6 +73,19 @@ class EvalTask:
 
 
 EVAL_TASKS: Registry[EvalTask] = Registry("task")
+
+
+def eval_options_class() -> type:
+    """The evaluation's options: the shared ones, then those of every registered task (checked when made)."""
+    return compose("EvalOptions", (SharedEvalOptions, *EVAL_TASKS.option_classes()), module=__name__,
+                   bases=(Checked,), doc="How the evaluation tasks run: the options every task shares, then each "
+                                         "task's own. Each task's data source is its own flag (the task registry).")
+
+
+def __getattr__(name: str):
+    if name == "EvalOptions":
+        return eval_options_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def add_task_data_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, title: str | None = None) -> None:

@@ -14,13 +14,12 @@ import typing
 from pathlib import Path
 
 from ..api import check_model
-from ..config import EvalOptions
 from ..errors import DepthpruneError
 from ..model.load import check_length, count_parameters, load_model, num_layers
 from ..model.surgery import read_record
 from ..options import convert
 from ..outputs import atomic_write_text, check_output_file
-from .registry import EVAL_TASKS
+from .registry import EVAL_TASKS, eval_options_class
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".txt", ".parquet")
 
@@ -37,7 +36,7 @@ def parse_tasks(tasks: str | list[str] | tuple[str, ...] | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _check_lengths(config, options: EvalOptions, chosen: list[str]) -> None:
+def _check_lengths(config, options, chosen: list[str]) -> None:
     if options.max_length is not None:
         check_length(config, options.max_length, "--max-length")
     for task in chosen:
@@ -51,14 +50,15 @@ def _is_local(source: str) -> bool:
 
 
 def split_settings(settings: dict) -> tuple[dict, dict]:
-    """``evaluate``'s keyword settings as (task name -> data source, EvalOptions field -> value)."""
-    fields = {f.name for f in dataclasses.fields(EvalOptions)}
+    """``evaluate``'s keyword settings as (task name -> data source, evaluation option -> value)."""
+    options_class = eval_options_class()
+    fields = {f.name for f in dataclasses.fields(options_class)}
     unknown = sorted(set(settings) - fields - set(EVAL_TASKS.names()))
     if unknown:
         raise DepthpruneError(f"unknown evaluation setting(s) {', '.join(unknown)}: give a task's data "
                               f"({', '.join(EVAL_TASKS.names())}) or an option ({', '.join(sorted(fields))})")
     sources = {k: v for k, v in settings.items() if k in EVAL_TASKS and v is not None}
-    hints = typing.get_type_hints(EvalOptions)
+    hints = typing.get_type_hints(options_class)
     # Lists may be given as 'a,b' (lm_eval="hellaswag,arc_easy"), as on the command line.
     return sources, {k: convert(v, hints[k], k, "option") if isinstance(v, str) and "list" in str(hints[k]) else v
                      for k, v in settings.items() if k in fields}
@@ -80,7 +80,7 @@ def evaluate(
     tasks: str | list[str] | None = None,
     *,
     tokenizer=None,
-    options: EvalOptions | None = None,
+    options=None,
     details: bool = False,
     out: str | Path | None = None,
     device: str = "cpu",
@@ -93,8 +93,9 @@ def evaluate(
 
     ``model`` is anything :func:`depthprune.load_model` takes, or a loaded model (then pass ``tokenizer``).
     Each task reads its data from the keyword of its name (``mmlu=DIR``, ``boolq=FILE``, ...: a local path
-    or a Hugging Face id). The other keywords are :class:`~depthprune.config.EvalOptions` fields (``shots``,
-    ``mmlu_limit`` per MMLU subject, ``limit`` per other task, ``lm_eval``, ...), on top of ``options``.
+    or a Hugging Face id). The other keywords are fields of :class:`depthprune.EvalOptions` (the shared ones,
+    ``limit`` per task, ``lm_eval``, ..., and each task's own: ``shots``, ``mmlu_limit`` per MMLU subject, ...),
+    on top of ``options`` (an ``EvalOptions``).
     With ``out`` the dict is also written there as JSON (atomically). Every input (``out``, options, local
     data files, the model's files, lm-eval) is checked before the model loads; a bad one raises
     :class:`DepthpruneError`.
@@ -103,7 +104,7 @@ def evaluate(
     if out is not None:  # first: an unwritable --out must not be found after the whole evaluation
         check_output_file(out, [model if isinstance(model, str) else None, *sources.values(),
                                 given.get("lm_eval_include"), given.get("lm_eval_data")])
-    options = dataclasses.replace(options or EvalOptions(), **given)
+    options = dataclasses.replace(options or eval_options_class()(), **given)
     chosen = parse_tasks(tasks) if tasks is not None else [t for t in EVAL_TASKS.names() if t in sources]
     extra = parse_lm_eval(options.lm_eval)
     if not chosen and not extra:

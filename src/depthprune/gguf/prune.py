@@ -22,6 +22,7 @@ from ..select import (
     SelectionContext,
     block_size,
     choose,
+    criterion_options,
     explicit_selection,
 )
 from .surgery import check_renumberable, cut_gguf, open_gguf
@@ -38,7 +39,7 @@ def gguf_source(model: str) -> Path:
 
 def _select(model: str, total: int, n: int | None, fraction: float | None, layers: str | None, criterion: str,
             distances: AngularDistances | None, data: DataOptions | None, analysis: AnalysisOptions,
-            progress: bool) -> Selection:
+            progress: bool, options) -> Selection:
     if layers is not None:
         return explicit_selection(layers, total, distances)
     size = block_size(total, n=n, fraction=fraction)
@@ -51,7 +52,7 @@ def _select(model: str, total: int, n: int | None, fraction: float | None, layer
             distances = _measure_texts(loaded, tokenizer, data, texts, analysis, progress)
         if needs == "calibration":
             sequences = tokenize(texts, tokenizer, data.seq_len)
-    return choose(criterion, size, SelectionContext(total, distances, loaded, tokenizer, sequences))
+    return choose(criterion, size, SelectionContext(total, distances, loaded, tokenizer, sequences, options=options))
 
 
 def prune_gguf(
@@ -69,13 +70,15 @@ def prune_gguf(
     swa_pattern: str = "period",
     force: bool = False,
     progress: bool = True,
+    **options,
 ) -> dict:
     """Remove layers from a GGUF file (or embedded alias) and write a GGUF file; returns the record.
 
-    Arguments as :func:`depthprune.prune`; ``swa_pattern`` as :func:`depthprune.gguf.surgery.cut_gguf`.
-    Every input is checked before anything is measured or written.
+    Arguments as :func:`depthprune.prune` (the other keywords: the criteria's options); ``swa_pattern`` as
+    :func:`depthprune.gguf.surgery.cut_gguf`. Every input is checked before anything is measured or written.
     """
     needs = check_cut_request(n, fraction, layers, criterion)
+    chosen_options = criterion_options(**options)
     analysis = _check_measuring(batch_size, token_mode)
     source = gguf_source(model)
     check_output_file(out, [source, distances if isinstance(distances, (str, Path)) else None,
@@ -92,6 +95,7 @@ def prune_gguf(
     if data is None and (needs == "calibration" or (needs == "distances" and distances is None)):
         raise DepthpruneError(f"criterion '{criterion}' needs --data SRC"
                               + (" or --distances DIR (from `depthprune analyze`)" if needs == "distances" else ""))
-    selection = _select(model, total, n, fraction, layers, criterion, distances, data, analysis, progress)
+    selection = _select(model, total, n, fraction, layers, criterion, distances, data, analysis, progress,
+                        chosen_options)
     return cut_gguf(source, selection.layers, out, criterion=selection.criterion, distance=selection.distance,
                     swa_pattern=swa_pattern, source_name=model, reader=reader)

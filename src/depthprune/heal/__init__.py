@@ -35,7 +35,8 @@ Where things live (``outputs.py``; nothing is lost, nothing half-written is ever
   unfinished run (never a finished result: replacing one takes ``force``).
 
 This package's top level is light (no torch): the options, presets and method registry serve the CLI's
-flags and the sweep's checks; :func:`heal` and the rest load on first use.
+flags and the sweep's checks; :func:`heal` and the rest load on first use. ``HealOptions`` is composed
+with the methods registered when it is read (``options.heal_options_class``).
 """
 
 from __future__ import annotations
@@ -43,13 +44,15 @@ from __future__ import annotations
 import importlib
 
 from .methods import HEAL_METHODS, HealMethod
-from .options import PRESETS, SCHEDULES, HealOptions, resolve_options, total_steps
+from .options import PRESETS, SCHEDULES, heal_options_class, resolve_options, total_steps
 
 _LAZY = {"heal": "recipe", "heal_loaded": "recipe", "Healed": "recipe", "CONFIG_FILE": "outputs",
          "LOG_FILE": "outputs", "WORK_SUFFIX": "outputs", "CHECKPOINT_DIR": "checkpoint"}
 
 
 def __getattr__(name: str):
+    if name == "HealOptions":
+        return heal_options_class()
     if name in _LAZY:
         value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
         globals()[name] = value
@@ -57,5 +60,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["HEAL_METHODS", "PRESETS", "SCHEDULES", "HealMethod", "HealOptions", "resolve_options", "total_steps",
-           *_LAZY]
+__all__ = ["HEAL_METHODS", "PRESETS", "SCHEDULES", "HealMethod", "HealOptions", "heal_options_class",
+           "resolve_options", "total_steps", *_LAZY]

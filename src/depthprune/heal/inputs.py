@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import DEVICES
 from ..data import TEXT_SUFFIXES
 from ..errors import DepthpruneError
 from ..model.load import DTYPES, check_checkpoint, resolve_model_source
@@ -60,7 +61,7 @@ def data_identity(source: str | None) -> str | None:
 
 def check_call(o: HealOptions, device: str, dtype: str | None, world: int, stop_after) -> str:
     """Check the arguments that are not healing options; return the dtype to use."""
-    if device not in ("cpu", "cuda", "auto"):
+    if device not in DEVICES:
         raise DepthpruneError(f"unknown device '{device}': choose cpu, cuda or auto")
     if device in ("cuda", "auto") and not torch.cuda.is_available():
         raise DepthpruneError(f"--device {device} needs a CUDA GPU and none is visible: use --device cpu")

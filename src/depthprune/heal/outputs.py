@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..errors import DepthpruneError
 from ..model.surgery import RECORD_FILE
+from ..options import fields_with
 from ..outputs import (
     atomic_write_text,
     check_not_input,
@@ -26,7 +27,7 @@ from ..outputs import (
     remove_stale_temporaries,
 )
 from .checkpoint import CHECKPOINT_DIR
-from .options import OPTION_DEFAULTS, RESUMABLE_CHANGES
+from .options import heal_options_class, option_defaults
 
 CONFIG_FILE = "heal_config.json"
 LOG_FILE = "heal_log.jsonl"
@@ -78,9 +79,10 @@ def _changed(previous: dict, identity: dict) -> list[str]:
         previous = {("train_tokens" if k == "tokens" else k): v for k, v in previous.items()}
     # An option added since that run was recorded is no change while it is given at its default: the older
     # version trained as that default does.
-    previous = {**{k: v for k, v in OPTION_DEFAULTS.items() if k not in previous}, **previous}
+    previous = {**{k: v for k, v in option_defaults().items() if k not in previous}, **previous}
+    resumable = fields_with(heal_options_class(), "resumable")
     return sorted(k for k in set(previous) | set(identity)
-                  if k not in RESUMABLE_CHANGES and previous.get(k) != identity.get(k))
+                  if k not in resumable and previous.get(k) != identity.get(k))
 
 
 def plan(out: Path, identity: dict, force: bool, restart: bool) -> Plan:

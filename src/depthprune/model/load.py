@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..config import DEVICES
 from ..data import read_json
 from ..errors import DepthpruneError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEVICES = ("cpu", "cuda", "auto")
 # What identifies a model's shape: distances measured on one model are refused for another.
 FINGERPRINT_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "vocab_size")
 

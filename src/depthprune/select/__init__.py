@@ -5,22 +5,29 @@ its tokenizer and tokenized calibration sequences; ``"nothing"``) and chooses ``
 :class:`SelectionContext`. :func:`choose` checks the request and the answer, whichever criterion it is.
 Built in, one module each: ``similarity``, ``deepest``, ``block-influence``, ``iterative-similarity``,
 ``perplexity-greedy``, ``perplexity-oneshot``, ``taylor`` and ``taylor-plus`` (the loss-based ones share the fast path of
-``select/_calibration.py``). An explicit ``--layers`` spec is not a criterion: :func:`explicit_selection`
-records it as ``explicit``.
+``select/calibration.py``). An explicit ``--layers`` spec is not a criterion: :func:`explicit_selection`
+records it as ``explicit``. Every module of ``criteria/`` is imported here (``registry.import_plugins``): a
+new criterion is one new file there.
+
+A criterion may declare ``options``, a dataclass of ``option(...)`` fields (its flags, YAML keys and API
+keywords). :func:`criterion_options_class` composes those of every registered criterion into one flat
+dataclass, and ``SelectionContext.options`` holds an instance of it: a criterion reads its own settings
+there (``context.options.window``). ``CriterionOptions`` read as a module attribute is that class.
 
 This package stays light (no torch at import): the CLI reads the registry to build its flags.
 """
 
 from __future__ import annotations
 
-import importlib
+import dataclasses
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DepthpruneError
-from ..registry import Registry
+from ..options import Checked, compose
+from ..registry import AFTER_BUILT_INS, Registry, import_plugins
 
 if TYPE_CHECKING:
     from ..measure.distances import AngularDistances
@@ -53,6 +60,7 @@ class SelectionContext:
     ``batch_size``, ``token_mode`` (None: the distances' mode, else 'last') and ``progress`` tell the criteria
     that measure how to. ``cache`` holds what a criterion computed that serves other n (the greedy order, the
     one-shot losses, the captured layer arguments): one context per model and calibration set, e.g. a sweep's.
+    ``options``: the criteria's options (:func:`criterion_options`; default: every option at its default).
     """
 
     num_layers: int
@@ -64,6 +72,7 @@ class SelectionContext:
     token_mode: str | None = None
     progress: bool = False
     cache: dict = field(default_factory=dict, compare=False, repr=False)
+    options: Any = field(default_factory=lambda: criterion_options())
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,8 @@ class Criterion:
     'nothing'. ``contiguous``: whether it always removes one block. ``select(context, n)`` returns a
     :class:`Selection` of exactly ``n`` layers. ``check_distances(distances)``, optional: raise a one-line
     :class:`DepthpruneError` when given distances cannot serve it (checked before any model loads).
+    ``options``, optional: the dataclass of its own options (read from ``context.options``). ``order``: its
+    place in the CLI's choices and the report (built-ins: 10, 20, ...).
     """
 
     name: str
@@ -82,6 +93,8 @@ class Criterion:
     contiguous: bool
     select: Callable[[SelectionContext, int], Selection]
     check_distances: Callable[[AngularDistances], None] | None = None
+    options: type | None = None
+    order: int = AFTER_BUILT_INS
 
     def __post_init__(self) -> None:
         if self.needs not in NEEDS:
@@ -89,6 +102,29 @@ class Criterion:
 
 
 CRITERIA: Registry[Criterion] = Registry("criterion")
+
+
+def criterion_options_class() -> type:
+    """The options of every registered criterion, as one dataclass (checked when made)."""
+    return compose("CriterionOptions", CRITERIA.option_classes(), module=__name__, bases=(Checked,),
+                   doc="The options of the registered criteria, one field each (flags and YAML keys).")
+
+
+def criterion_options(**values) -> Any:
+    """The criteria's options from keyword values (the rest at their defaults), checked: one-line errors."""
+    cls = criterion_options_class()
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise DepthpruneError(f"unknown criterion option(s) {', '.join(unknown)}: the registered criteria declare "
+                              + (", ".join(known) or "none"))
+    return cls(**values)
+
+
+def __getattr__(name: str):
+    if name == "CriterionOptions":
+        return criterion_options_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def format_layers(layers) -> str:
@@ -209,9 +245,4 @@ def explicit_selection(spec: str, num_layers: int, distances: AngularDistances |
     return Selection(layers, "explicit", block_distance(distances, layers))
 
 
-# The built-in criteria register themselves on import, in this order (the CLI's, the report's colours);
-# each is one module (and its test).
-BUILT_IN = ("similarity", "deepest", "block_influence", "iterative_similarity", "perplexity_greedy",
-            "perplexity_oneshot", "taylor", "taylor_plus")
-for _module in BUILT_IN:
-    importlib.import_module(f".criteria.{_module}", __name__)
+import_plugins(f"{__name__}.criteria")  # each registers itself; its ``order`` places it (the CLI's, the report's)

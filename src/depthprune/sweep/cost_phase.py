@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import time
 
-from ..config import SweepConfig
 from ..errors import DepthpruneError
 from ..progress import SweepProgress, duration
 from ..select import SelectionContext, choose
+from .config import SweepConfig
 from .metrics import flatten_metrics
 from .plan import Point
 from .settings import _cost_options

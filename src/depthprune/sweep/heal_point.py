@@ -10,10 +10,10 @@ import shutil
 import typing
 from pathlib import Path
 
-from ..config import SweepConfig
 from ..heal import HEAL_METHODS as HEALING
 from ..model.load import DTYPES, count_parameters, load_model
 from ..model.surgery import layers_removed, pruning_record, read_record
+from .config import SweepConfig
 from .plan import Point, point_dir
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import SweepConfig
 from ..errors import DepthpruneError
+from .config import SweepConfig
 from .store import point_key
 
 POINTS_DIR = "points"  # under the sweep's folder: each healed point's own folder (its healing, resumable)

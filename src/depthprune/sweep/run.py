@@ -25,7 +25,6 @@ from pathlib import Path
 import yaml
 
 from ..api import _measure_texts, load_calibration
-from ..config import SweepConfig
 from ..data import tokenize
 from ..errors import DepthpruneError
 from ..measure.distances import AngularDistances
@@ -33,6 +32,7 @@ from ..model.load import load_model, num_layers
 from ..outputs import atomic_output_dir, atomic_write_text, check_output_dir, output_lock, replace_dir
 from ..progress import SweepProgress, kind, library_bars_off
 from ..select import SelectionContext, needs_of
+from .config import SweepConfig
 from .cost_phase import cost_phase, last_cost_seconds
 from .executors import ray as ray_executor
 from .executors import serial
@@ -44,6 +44,7 @@ from .settings import (
     _data_options,
     _inputs,
     _readable,
+    criterion_options,
     settings_record,
     with_resolved_paths,
 )
@@ -146,7 +147,8 @@ def _selection_context(model, tokenizer, run: _Checked, total: int, log, quiet: 
     that read it, the tokenized calibration text."""
     distances = run.state.distances or _analyse(model, tokenizer, run.c, run.work, run.texts, log, progress=not quiet)
     return SelectionContext(total, distances, model, tokenizer,
-                            tokenize(run.texts, tokenizer, run.c.seq_len) if run.calibrating else None)
+                            tokenize(run.texts, tokenizer, run.c.seq_len) if run.calibrating else None,
+                            options=criterion_options(run.c))
 
 
 def _analyse(model, tokenizer, c: SweepConfig, work: Path, texts: list[str], log, progress: bool = True

@@ -1,7 +1,7 @@
 """The sweep's settings: resolved from defaults, YAML and flags, checked before any work, and compared with
 the ``sweep.yaml`` of the sweep being resumed.
 
-The settings are :class:`depthprune.config.SweepConfig`: the stage options plus the sweep's own keys, one
+The settings are :class:`depthprune.sweep.config.SweepConfig`: the stage options plus the sweep's own keys, one
 flag each. Criteria, tasks and their data come from the registries (``select.CRITERIA``,
 ``evaluate.registry.EVAL_TASKS``), so a new criterion or task needs no change here. Also here: the options of
 each stage built from the settings, and the checks that everything the settings name exists and parses.
@@ -15,34 +15,24 @@ from pathlib import Path
 
 import yaml
 
-from ..config import AnalysisOptions, CostOptions, DataOptions, EvalOptions, SweepConfig
+from ..config import AnalysisOptions, CostOptions, DataOptions
 from ..data import load_texts
 from ..errors import DepthpruneError
-from ..evaluate.registry import EVAL_TASKS
-from ..heal import HEAL_METHODS as HEALING
+from ..evaluate.registry import EVAL_TASKS, EvalOptions, eval_options_class
 from ..model.load import EMBEDDED_MODELS, resolve_model_source
-from ..options import check_ranges, coerce, convert
-from ..select import CRITERIA
+from ..options import check_ranges, coerce, convert, fields_with
+from ..select import CRITERIA, criterion_options_class
+from .config import SweepConfig, heal_choices, sweep_config_class
 
-# Settings naming local files or folders (or hub ids), besides the tasks' data: compared and recorded
-# resolved, so that the spelling of a path (relative, trailing slash) never decides whether a sweep resumes.
-PATH_SETTINGS = ("model", "data", "lm_eval_include", "lm_eval_data", "heal_data", "heal_val_data")
-# Settings that may change between a run and its resumption: they do not change any result. (The cost is
-# timed again, with the settings of the run, every time a sweep finishes.)
-# Settings that choose only which points run: a point's result does not depend on them, so a sweep rerun
-# with more criteria, fractions or healings keeps its finished points and runs the new ones.
-POINT_SETTINGS = {"fractions", "n", "criteria", "heal", "heal_fractions"}
-RESUMABLE_SETTINGS = {"out", "keep_models", "cost", "cost_prefill_len", "cost_decode_tokens", "cost_repeats",
-                      "cost_rounds", "ray_cpus", "ray_eval_gpus", "ray_heal_gpus", *POINT_SETTINGS}
+# What a setting means to a resumed sweep is its metadata (depthprune.sweep.config): `path` settings (local
+# files or folders, or hub ids, besides the tasks' data) are compared and recorded resolved, so that the
+# spelling of a path never decides whether a sweep resumes; `resumable` ones change no result, and `point`
+# ones choose only which points run, so a rerun with more criteria, fractions or healings keeps its
+# finished points and runs the new ones.
 # Keys renamed since: an old config names the new key in its error; an old sweep.yaml is read as renamed.
 RENAMED = {"strategies": "criteria", "tokens": "token_mode"}
 
 # ------------------------------------------------------------------------------------------ settings
-
-
-def heal_methods() -> tuple[str, ...]:
-    """'none' and every registered healing method (read when asked, so plug-ins registered later count)."""
-    return ("none", *HEALING.names())
 
 
 def _read_settings_file(path: Path) -> dict:
@@ -87,7 +77,8 @@ def resolve_config(config_file: str | Path | None = None, **overrides) -> SweepC
     settings = _task_keys(settings)
     settings = {**settings, **_task_keys(given), "task_data": {**settings.get("task_data", {}),
                                                                 **_task_keys(given).get("task_data", {})}}
-    config = SweepConfig(**coerce(SweepConfig, settings, "sweep setting"))
+    config_class = sweep_config_class()
+    config = config_class(**coerce(config_class, settings, "sweep setting"))
     config.heal_options = _checked_heal_options(config.heal_options)
     _check(config)
     return config
@@ -121,7 +112,7 @@ def _check_points(c: SweepConfig) -> None:
     CRITERIA.check(c.criteria)
     if not c.criteria:
         raise DepthpruneError(f"the sweep needs at least one criterion: choose from {', '.join(CRITERIA.names())}")
-    methods = heal_methods()
+    methods = heal_choices()
     wrong = [h for h in c.heal if h not in methods]
     if wrong:
         raise DepthpruneError(f"unknown healing method '{wrong[0]}': choose from {', '.join(methods)}")
@@ -178,7 +169,7 @@ def with_resolved_paths(c: SweepConfig) -> SweepConfig:
         options["teacher"] = _resolved_path(options["teacher"])
     task_data = {task: _resolved_path(source) for task, source in c.task_data.items()}
     return dataclasses.replace(c, heal_options=options, task_data=task_data,
-                               **{k: _resolved_path(getattr(c, k)) for k in PATH_SETTINGS})
+                               **{k: _resolved_path(getattr(c, k)) for k in fields_with(c, "path")})
 
 
 def settings_record(c: SweepConfig) -> dict:
@@ -201,15 +192,16 @@ def _as_now(saved: dict) -> dict:
     saved = {RENAMED.get(k, k): v for k, v in saved.items()}
     if "mmlu_limit" not in saved and "mmlu" in (saved.get("tasks") or []):
         saved["mmlu_limit"] = saved.get("limit")  # `limit` also capped each MMLU subject before issue 9
-    return {**settings_record(SweepConfig()), **saved}
+    return {**settings_record(sweep_config_class()()), **saved}
 
 
 def _changed_settings(saved: dict, c: SweepConfig) -> list[str]:
     new = settings_record(c)
     saved = _as_now(saved)
-    paths = (*PATH_SETTINGS, *EVAL_TASKS.names())
+    paths = (*fields_with(c, "path"), *EVAL_TASKS.names())
     saved = {**saved, **{k: _resolved_path(saved[k]) for k in paths if isinstance(saved.get(k), str)}}
-    return sorted(k for k in set(saved) | set(new) if k not in RESUMABLE_SETTINGS and saved.get(k) != new.get(k))
+    unchecked = fields_with(c, "resumable", "point")
+    return sorted(k for k in set(saved) | set(new) if k not in unchecked and saved.get(k) != new.get(k))
 
 
 # ------------------------------------------------------------------------------------------ stage options
@@ -229,7 +221,12 @@ def _analysis_options(c: SweepConfig) -> AnalysisOptions:
 
 
 def eval_options(c: SweepConfig) -> EvalOptions:
-    return _stage(EvalOptions, c)
+    return _stage(eval_options_class(), c)
+
+
+def criterion_options(c: SweepConfig):
+    """The criteria's options (every registered criterion's, one flat object) as this sweep sets them."""
+    return _stage(criterion_options_class(), c)
 
 
 def _cost_options(c: SweepConfig) -> CostOptions:
@@ -289,4 +286,4 @@ def _check_inputs(c: SweepConfig) -> None:
 
 
 def _inputs(c: SweepConfig) -> list[str | None]:
-    return [getattr(c, k) for k in PATH_SETTINGS] + list(c.task_data.values()) + [c.heal_options.get("teacher")]
+    return [getattr(c, k) for k in fields_with(c, "path")] + list(c.task_data.values()) + [c.heal_options.get("teacher")]

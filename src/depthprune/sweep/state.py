@@ -12,10 +12,10 @@ from pathlib import Path
 
 import yaml
 
-from ..config import SweepConfig
 from ..errors import DepthpruneError
 from ..measure.distances import AngularDistances, load_distances
 from ..outputs import TEMP_MARK, remove_stale_temporaries
+from .config import SweepConfig
 from .settings import _changed_settings
 from .store import read_finished
 

@@ -102,4 +102,5 @@ TASK = EVAL_TASKS.register(EvalTask(
     chance=0.25,
     flatten=accuracy_flatten("arc_easy"),
     summary=_summary,
+    order=40,
 ))

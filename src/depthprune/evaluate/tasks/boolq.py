@@ -8,10 +8,12 @@ super_glue/boolq, aps/super_glue with config boolq), split validation.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from ...data import read_json, read_jsonl
 from ...errors import DepthpruneError
+from ...options import option
 from ..registry import EVAL_TASKS, EvalTask, accuracy_flatten
 
 CHOICES = (" no", " yes")
@@ -116,6 +118,14 @@ def evaluate_boolq(
     return result
 
 
+@dataclass
+class BoolQOptions:
+    """BoolQ's own option (the evaluation's options hold it, beside the shared ``limit``)."""
+
+    boolq_limit: int | None = option(None, minimum=1, metavar="N", help="BoolQ: the first N examples (default: "
+                                                                         "--limit)")
+
+
 def _run(model, tokenizer, source: str, options, *, details: bool = False, progress: bool = True) -> dict:
     return evaluate_boolq(model, tokenizer, source, limit=options.boolq_limit or options.limit,
                           batch_size=options.batch_size, max_length=options.max_length, details=details,
@@ -137,4 +147,6 @@ TASK = EVAL_TASKS.register(EvalTask(
     baseline_kind="majority class",
     flatten=accuracy_flatten("boolq", chance_key="majority_baseline"),
     summary=lambda r: [("boolq", "acc", r["accuracy"], r["majority_baseline"], r["num_examples"])],
+    options=BoolQOptions,
+    order=20,
 ))

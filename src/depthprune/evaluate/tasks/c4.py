@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from ...data import check_int, load_texts, pack, tokenize
 from ...errors import DepthpruneError
+from ...options import option
 from ..registry import EVAL_TASKS, EvalTask
 
 
@@ -104,6 +106,16 @@ def c4_loss(
     }
 
 
+@dataclass
+class C4Options:
+    """C4's own options (the evaluation's options hold them; the document sample's ``seed`` is shared)."""
+
+    c4_sequences: int = option(64, minimum=1, help="C4: packed sequences to score")
+    c4_seq_len: int = option(512, minimum=2, help="C4: tokens per scored sequence")
+    c4_config: str | None = option(None, help="C4: Hugging Face dataset config (default: 'en' for allenai/c4)")
+    c4_split: str = option("validation", help="C4: Hugging Face dataset split")
+
+
 def _is_local(source: str) -> bool:
     return Path(source).expanduser().exists()
 
@@ -145,4 +157,6 @@ TASK = EVAL_TASKS.register(EvalTask(
     flatten=lambda r: {"c4_loss": r["loss"], "c4_loss_norm": r["loss_over_log_vocab"], "c4_ppl": r["perplexity"]},
     summary=_summary,
     lengths=lambda options: [("--c4-seq-len", options.c4_seq_len)],
+    options=C4Options,
+    order=30,
 ))

@@ -98,4 +98,5 @@ TASK = EVAL_TASKS.register(EvalTask(
     chance=0.25,
     flatten=_flatten,
     summary=_summary,
+    order=50,
 ))

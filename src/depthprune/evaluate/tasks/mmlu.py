@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ...data import read_text
 from ...errors import DepthpruneError
+from ...options import option
 from ..registry import EVAL_TASKS, EvalTask
 
 LETTERS = ("A", "B", "C", "D")
@@ -239,6 +240,17 @@ def evaluate_mmlu(
     return result
 
 
+@dataclass
+class MMLUOptions:
+    """MMLU's own options (the evaluation's options hold them, beside the shared ones)."""
+
+    shots: int = option(5, minimum=0, help="MMLU: worked examples in each prompt")
+    subjects: list[str] | None = option(None, help="MMLU: comma-separated subjects (default: all 57)")
+    mmlu_limit: int | None = option(None, minimum=1, metavar="N",
+                                    help="MMLU: the first N questions of each subject (57 subjects: 57 x N questions; "
+                                         "default: all)")
+
+
 def _check(source: str, options) -> None:
     check_shots(load_mmlu(source, options.subjects)[1], options.shots)
 
@@ -268,4 +280,6 @@ TASK = EVAL_TASKS.register(EvalTask(
     chance=CHANCE,
     flatten=lambda r: {"mmlu_acc": r["accuracy"], "mmlu_chance": r.get("chance")},
     summary=_summary,
+    options=MMLUOptions,
+    order=10,
 ))

@@ -3,8 +3,11 @@
 An entry says how to make the trainable model from the loaded one (``prepare``) and how to turn the
 trained model back into an ordinary Hugging Face model (``merge``: merging belongs to the method, since
 e.g. DoRA's merge is not an additive delta and QLoRA's de-quantizes first). ``quantized_base``: the base
-is loaded 4-bit (NF4) for training. The CLI's ``--method`` choices, the sweep's healing methods and the
-help texts read this registry, so a new method is one module here, imported below, and its test.
+is loaded 4-bit (NF4) for training. ``options``: the dataclass of the method's own options (LoRA's rank,
+alpha, ... declared once in ``adapters.py`` and shared by qlora, lora and dora); they join the healing
+options (``heal.options.heal_options_class``), whose instance ``prepare`` and ``merge`` receive. The CLI's
+``--method`` choices, the sweep's healing methods and the help texts read this registry; every module of
+this folder is imported below, so a new method is one new module here, and its test.
 
 Entry modules keep their top level light (no torch): the work happens inside ``prepare`` and ``merge``.
 """
@@ -13,12 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ...registry import Registry
-
-if TYPE_CHECKING:
-    from ..options import HealOptions
+from ...registry import AFTER_BUILT_INS, Registry, import_plugins
 
 
 @dataclass(frozen=True)
@@ -26,10 +26,12 @@ class HealMethod:
     name: str
     description: str
     quantized_base: bool  # train on a 4-bit NF4 base (loaded so by models.load_model(quantize="nf4"))
-    prepare: Callable[[Any, HealOptions], Any]  # (loaded model, options) -> the model to train
-    merge: Callable[[Any, HealOptions], Any]  # (trained model, options) -> a plain transformers model
+    prepare: Callable[[Any, Any], Any]  # (loaded model, healing options) -> the model to train
+    merge: Callable[[Any, Any], Any]  # (trained model, healing options) -> a plain transformers model
+    options: type | None = None
+    order: int = AFTER_BUILT_INS  # the place among the choices (built-ins: 10, 20, ...)
 
 
 HEAL_METHODS: Registry[HealMethod] = Registry("healing method")
 
-from . import qlora, lora, full, dora  # noqa: E402,F401,I001  (registration order = the order of the choices)
+import_plugins(__name__)  # each registers itself (adapters.py holds what the adapter methods share)

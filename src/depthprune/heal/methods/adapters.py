@@ -1,13 +1,30 @@
-"""What the adapter methods share: the default target modules and peft's LoRA (or DoRA) wrapping."""
+"""What the adapter methods share: their options (declared once, the options of lora and dora, and the base
+of qlora's), the default target modules and peft's LoRA (or DoRA) wrapping. Not a method itself."""
 
 from __future__ import annotations
 
-from torch import nn
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ...errors import DepthpruneError
-from ...model.load import decoder_layout
+from ...options import option
+
+if TYPE_CHECKING:
+    from torch import nn
 
 _MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
+
+
+@dataclass
+class LoraOptions:
+    """The options of the LoRA family (qlora, lora, dora)."""
+
+    rank: int = option(64, help="LoRA rank", minimum=1)
+    alpha: float | None = option(None, help="LoRA alpha (default: = rank, as in the paper)", above=0)
+    dropout: float = option(0.05, help="LoRA dropout", minimum=0, below=1)
+    target_modules: list[str] | None = option(
+        None, help="comma-separated module names for LoRA, or all-linear (default: the MLP projections, e.g. "
+                   "gate_proj,up_proj,down_proj)", nonempty=True, describe="a list of module names")
 
 
 def default_target_modules(model: nn.Module) -> list[str]:
@@ -16,6 +33,10 @@ def default_target_modules(model: nn.Module) -> list[str]:
     Names are given relative to the block; a name that also occurs outside the MLP (GPT-2's ``c_proj``)
     is qualified by the MLP's attribute (``mlp.c_proj``), so attention is never targeted by accident.
     """
+    from torch import nn
+
+    from ...model.load import decoder_layout
+
     layer = decoder_layout(model).layers[0]
     mlp_name = next((n for n in _MLP_NAMES if isinstance(getattr(layer, n, None), nn.Module)), None)
     if mlp_name is None:
@@ -34,6 +55,8 @@ def default_target_modules(model: nn.Module) -> list[str]:
 
 
 def is_linear(module: nn.Module) -> bool:
+    from torch import nn
+
     # bitsandbytes' Linear4bit subclasses nn.Linear; GPT-2 style models use transformers' Conv1D.
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 

@@ -7,6 +7,7 @@ The merged weight is ``m * (W + BA) / ||W + BA||`` (column norms), not an additi
 from __future__ import annotations
 
 from . import HEAL_METHODS, HealMethod
+from .adapters import LoraOptions
 
 
 def prepare(model, options):
@@ -20,4 +21,4 @@ def merge(model, options):
 
 
 HEAL_METHODS.register(HealMethod("dora", "weight-decomposed LoRA (DoRA) on a full-precision base", False, prepare,
-                                 merge))
+                                 merge, options=LoraOptions, order=40))

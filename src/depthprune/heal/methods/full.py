@@ -16,4 +16,4 @@ def merge(model, options):
 
 
 HEAL_METHODS.register(HealMethod("full", "all weights (memory: weights, gradients and two AdamW moments)", False,
-                                 prepare, merge))
+                                 prepare, merge, order=30))

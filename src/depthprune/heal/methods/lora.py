@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import HEAL_METHODS, HealMethod
+from .adapters import LoraOptions
 
 
 def prepare(model, options):
@@ -15,4 +16,5 @@ def merge(model, options):
     return model.merge_and_unload()
 
 
-HEAL_METHODS.register(HealMethod("lora", "LoRA on a full-precision base", False, prepare, merge))
+HEAL_METHODS.register(HealMethod("lora", "LoRA on a full-precision base", False, prepare, merge, options=LoraOptions,
+                                 order=20))

@@ -17,7 +17,20 @@ keep bitsandbytes' CUDA kernels.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from ...options import option
 from . import HEAL_METHODS, HealMethod
+from .adapters import LoraOptions
+
+
+@dataclass
+class QLoraOptions(LoraOptions):
+    """LoRA's options and qlora's own."""
+
+    qlora_cache_dequantized: bool = option(
+        False, help="qlora on CPU: de-quantize the 4-bit base once and keep the copy (the dtype's size instead of 4 "
+                    "bits per weight) rather than at every forward and backward; the same 4-bit function trains")
 
 
 def prepare(model, options):
@@ -27,7 +40,7 @@ def prepare(model, options):
 
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=options.gradient_checkpointing,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
-    if getattr(options, "qlora_cache_dequantized", False):
+    if options.qlora_cache_dequantized:
         cache_dequantized(model)
     return add_lora(model, options)
 
@@ -163,4 +176,4 @@ def forget_quantization(model):
 
 
 HEAL_METHODS.register(HealMethod("qlora", "LoRA on a 4-bit NF4 base, merged into the de-quantized base (the paper's "
-                                          "recipe)", True, prepare, merge))
+                                          "recipe)", True, prepare, merge, options=QLoraOptions, order=10))

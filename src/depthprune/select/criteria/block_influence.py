@@ -34,5 +34,6 @@ CRITERION = CRITERIA.register(Criterion(
     needs="distances",
     contiguous=False,
     select=select,
+    order=30,
     check_distances=check_distances,
 ))

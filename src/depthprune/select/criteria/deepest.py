@@ -21,4 +21,5 @@ CRITERION = CRITERIA.register(Criterion(
     needs="nothing",
     contiguous=True,
     select=select,
+    order=20,
 ))

@@ -47,4 +47,5 @@ CRITERION = CRITERIA.register(Criterion(
     needs="calibration",
     contiguous=False,
     select=select,
+    order=40,
 ))

@@ -30,4 +30,5 @@ CRITERION = CRITERIA.register(Criterion(
     needs="calibration",
     contiguous=False,
     select=select,
+    order=50,
 ))

@@ -27,4 +27,5 @@ CRITERION = CRITERIA.register(Criterion(
     needs="calibration",
     contiguous=False,
     select=select,
+    order=60,
 ))

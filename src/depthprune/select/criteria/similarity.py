@@ -22,4 +22,5 @@ CRITERION = CRITERIA.register(Criterion(
     needs="distances",
     contiguous=True,
     select=select,
+    order=10,
 ))

@@ -72,4 +72,5 @@ CRITERION = CRITERIA.register(Criterion(
     needs="calibration",
     contiguous=False,
     select=select,
+    order=70,
 ))

@@ -33,4 +33,5 @@ CRITERION = CRITERIA.register(Criterion(
     needs="calibration",
     contiguous=False,
     select=select,
+    order=80,
 ))

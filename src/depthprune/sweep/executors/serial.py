@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...config import SweepConfig
 from ...progress import SweepProgress
 from ...select import SelectionContext
+from ..config import SweepConfig
 from ..plan import Point
 from ..point import record_point, run_point, select_point
 
