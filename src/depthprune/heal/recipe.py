@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import DepthpruneError
 from ..model.load import decoder_layout, load_model, quiet_bitsandbytes
-from ..model.surgery import RECORD_FILE
+from ..model.record import RECORD_FILE, read_record
 from ..outputs import follow_umask, replace_dir, temporary_dir_beside
 from . import checkpoint as ckpt
 from .data import PackedStream, check_vocabulary
@@ -50,7 +50,6 @@ from .outputs import (
     check_out,
     finished_result,
     holding,
-    input_record,
     plan,
     prepare_work,
     share_plan,
@@ -493,7 +492,7 @@ def compile_layers(net: nn.Module) -> None:
 
 def _input_record(spec: str) -> dict | None:
     source = Path(spec).expanduser()
-    return input_record(source) if source.is_dir() else None
+    return read_record(source) if source.is_dir() else None
 
 
 @contextlib.contextmanager

@@ -48,7 +48,8 @@ from ..model.load import (
     num_layers,
     resolve_model_source,
 )
-from ..model.surgery import layers_removed, pruning_record, read_record
+from ..model.record import pruning_record, read_record
+from ..model.surgery import layers_removed
 from ..options import check_ranges, coerce, convert
 from ..outputs import (
     TEMP_MARK,
