@@ -8,40 +8,12 @@ within its sequence and no padding is needed. The paper plots the loss divided b
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from pathlib import Path
 
 from ...data import check_int, load_texts, pack, tokenize
 from ...errors import DepthpruneError
+from ...model.loss import sequence_losses
 from ..registry import EVAL_TASKS, EvalTask
-
-
-def sequence_losses(model, sequences: Sequence[Sequence[int]], batch_size: int = 4,
-                    progress: bool = True) -> tuple[float, int]:
-    """Sum of next-token negative log-likelihoods (nats) over equal-length ``sequences``, and the token count.
-
-    Each sequence of T tokens scores T-1 predictions. Sums are kept in float64 so thousands of
-    sequences add up without rounding drift.
-    """
-    import torch
-    import torch.nn.functional as F
-    from tqdm.auto import tqdm
-
-    if not sequences:
-        raise DepthpruneError("no sequences to score")
-    device = model.get_input_embeddings().weight.device
-    total, count = 0.0, 0
-    bar = tqdm(total=len(sequences), unit="seq", desc="loss", disable=not progress)
-    for start in range(0, len(sequences), batch_size):
-        ids = torch.tensor(sequences[start : start + batch_size], dtype=torch.long, device=device)
-        with torch.no_grad():
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        targets = ids[:, 1:].to(logits.device)
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
-        count += targets.numel()
-        bar.update(len(ids))
-    bar.close()
-    return total, count
 
 
 def c4_loss(
