@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 from conftest import tiny_model, tiny_tokenizer
 
@@ -28,3 +31,19 @@ def test_losses_sum_over_every_prediction_whatever_the_batch(tiny_corpus):
     with pytest.raises(DepthpruneError, match="no sequences"):
         sequence_losses(model, [], progress=False)
 
+
+def test_healing_validates_with_the_c4_evaluators_loss(tiny_corpus):
+    from depthprune.evaluate.tasks.c4 import c4_loss
+    from depthprune.heal import HEAL_METHODS, resolve_options
+    from depthprune.heal.distributed import Processes
+    from depthprune.heal.state import Run
+    from depthprune.heal.train import validate
+
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    o = resolve_options(batch_size=4, grad_accum=2, seq_len=16, val_sequences=3, seed=2)
+    run = Run(o, HEAL_METHODS.get("lora"), 1, Path("out"), Path("out"), str(tiny_corpus), Processes(), "cpu",
+              "float32", None)
+    expected = c4_loss(model, tokenizer, str(tiny_corpus), num_sequences=3, seq_len=16, seed=2, batch_size=2,
+                       progress=False)["loss"]
+    assert validate(run, SimpleNamespace(net=model, tokenizer=tokenizer)) == expected
+    assert model.training  # validation hands the model back in training mode
