@@ -95,11 +95,7 @@ def heal_loaded(model, data, out: str | Path, *, tokenizer=None, model_id: str |
         if not train(run, state, progress):
             return Healed({"stopped_at_step": state.progress.step, "steps": steps}, None)
         result = healing_record(run, state, data)
-        if o.fsdp:  # every process takes part in gathering the shards; rank 0 merges and saves the whole model
-            state.net = gathered(state.net, state.skeleton, processes)
-        merged = finish(run, state, result, record or {"source_model": model_id}, save_adapter, merge_dtype) \
-            if processes.main else None
-        processes.barrier()
+        merged = _end(run, state, result, record or {"source_model": model_id}, save_adapter, merge_dtype)
     return Healed(result, merged, state.tokenizer)
 
 
@@ -131,3 +127,13 @@ def _begin(run: Run, state: TrainingState, where: Plan, identity: dict) -> None:
         resume(run, state)
     if run.processes.main:
         trim_log(run.work / LOG_FILE, -1 if state.saved_at is None else state.saved_at)
+
+
+def _end(run: Run, state: TrainingState, result: dict, base_record: dict, save_adapter: bool,
+         merge_dtype: str | None) -> nn.Module | None:
+    """Merge and save the result (rank 0, which returns the merged model); all processes wait for it."""
+    if run.o.fsdp:  # every process takes part in gathering the shards; rank 0 merges and saves the whole model
+        state.net = gathered(state.net, state.skeleton, run.processes)
+    merged = finish(run, state, result, base_record, save_adapter, merge_dtype) if run.processes.main else None
+    run.processes.barrier()
+    return merged
