@@ -7,7 +7,7 @@ script (same LoRA configuration, AdamW, cosine schedule, gradient clipping), and
 interleaved (round r: every contender's step r, on the same batch of packed C4 sequences):
 
 - ``forward``: the model's forward pass alone (inference mode, full logits): the unit of arithmetic;
-- ``depthprune[VARIANT]``: ``recipe.train_step`` (data, forward, loss, backward, clipping, AdamW);
+- ``depthprune[VARIANT]``: ``heal.train.train_step`` (data, forward, loss, backward, clipping, AdamW);
 - ``peft+Trainer``: the Trainer's own step (``on_step_begin`` .. ``on_step_end``: forward, loss, backward,
   clipping, optimizer; its data loading is not counted). The Trainer runs in a thread that waits for its turn.
 
@@ -79,17 +79,17 @@ def heal_options(method: str, batch: int, seq_len: int, rank: int, steps: int, e
 
 
 class Depthprune:
-    """depthprune's recipe, set up as ``heal`` sets it up, stepped by ``recipe.train_step``."""
+    """depthprune's recipe, set up as ``heal`` sets it up, stepped by ``heal.train.train_step``."""
 
     def __init__(self, model: str, method: str, o, batches, work: Path):
-        from depthprune.heal import recipe
+        from depthprune.heal import state, train
         from depthprune.heal.distributed import Processes
         from depthprune.heal.methods import HEAL_METHODS
 
-        self.recipe = recipe
-        self.run = recipe.Run(o=o, method=HEAL_METHODS.get(method), steps=o.steps, out=work, work=work, val_data=None,
+        self.train_step = train.train_step
+        self.run = state.Run(o=o, method=HEAL_METHODS.get(method), steps=o.steps, out=work, work=work, val_data=None,
                               processes=Processes(), device="cpu", dtype="float32", stop_after=None)
-        self.state = recipe.setup(self.run, model, None, [[0, 1]], False)
+        self.state = state.setup(self.run, model, None, [[0, 1]], False)
         self.state.stream = Batches(batches)
         self.state.net.train()
         self.losses: list[float] = []
@@ -98,7 +98,7 @@ class Depthprune:
     def step(self) -> None:
         # Each variant draws its dropout masks from its own RNG stream, as if it ran alone.
         outside, _ = torch.get_rng_state(), torch.set_rng_state(self.rng)
-        self.losses.append(self.recipe.train_step(self.run, self.state)["loss"])
+        self.losses.append(self.train_step(self.run, self.state)["loss"])
         self.rng, _ = torch.get_rng_state(), torch.set_rng_state(outside)
 
 

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from depthprune.cli.app import main
-from depthprune.model.surgery import read_record
+from depthprune.model.record import read_record
 
 
 def _run(capsys, *argv):

@@ -13,7 +13,8 @@ import depthprune
 from depthprune.cli.app import main
 from depthprune.config import DataOptions
 from depthprune.errors import DepthpruneError
-from depthprune.model.surgery import layers_removed, read_record, remove_layers
+from depthprune.model.record import read_record
+from depthprune.model.surgery import layers_removed, remove_layers
 from depthprune.select import CRITERIA
 
 SPREAD = [0, 2, 5]  # first, inner and last layer: nothing contiguous about it

@@ -9,7 +9,7 @@ import torch
 
 from depthprune.cli.app import main
 from depthprune.model.load import load_model
-from depthprune.model.surgery import read_record
+from depthprune.model.record import read_record
 
 
 @pytest.mark.slow

@@ -281,7 +281,8 @@ def test_boolq_bad_data(tmp_path):
 @pytest.fixture
 def tiny_checkpoint(tokenizer, tmp_path):
     """A tiny Llama saved like a pruned checkpoint (3 layers, layer 1 removed), with the real tokenizer."""
-    from depthprune.model.surgery import pruning_record, remove_layers, save_pruned
+    from depthprune.model.record import pruning_record
+    from depthprune.model.surgery import remove_layers, save_pruned
     from depthprune.select import explicit_selection
 
     model = _llama(tokenizer, num_hidden_layers=3)

@@ -22,7 +22,8 @@ from conftest import VOCAB, tiny_model, tiny_tokenizer
 from depthprune.errors import DepthpruneError
 from depthprune.gguf.export import export, export_gguf, kept_ranges, mergekit_yaml
 from depthprune.gguf.surgery import cut_gguf, field_value, open_gguf, swa_period_pattern
-from depthprune.model.surgery import RECORD_FILE, remove_layers
+from depthprune.model.record import RECORD_FILE
+from depthprune.model.surgery import remove_layers
 
 HIDDEN = 32
 

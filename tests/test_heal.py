@@ -151,7 +151,7 @@ def test_qlora_merges_into_the_dequantized_base(tiny, tmp_path):
 
 
 def test_resumed_runs_end_with_the_same_weights(tiny, tmp_path, monkeypatch):
-    recipe = importlib.import_module("depthprune.heal.recipe")
+    recipe = importlib.import_module("depthprune.heal.train")
 
     data = _documents(20, 90)
     options = dict(SMALL, method="lora", steps=6, lr=5e-3, dropout=0.1, save_every=2)

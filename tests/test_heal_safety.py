@@ -417,7 +417,8 @@ import importlib, json, os, sys, time
 from depthprune.cli.app import build_parser, main
 
 build_parser()
-heal = importlib.import_module("depthprune.heal.recipe")
+heal_train = importlib.import_module("depthprune.heal.train")
+heal_result = importlib.import_module("depthprune.heal.result")
 report = {"bitsandbytes_before_heal": "bitsandbytes" in sys.modules, "runs": []}
 from depthprune.model.load import quiet_bitsandbytes
 quiet_bitsandbytes()  # as heal() does before transformers or peft import bitsandbytes
@@ -436,11 +437,11 @@ def pause_at(point, count, signal_pause):
         return hooked
 
     if point == "checkpoint":  # once the count-th checkpoint is complete
-        heal.save_checkpoint = hook(heal.save_checkpoint, after=True)
+        heal_train.save_checkpoint = hook(heal_train.save_checkpoint, after=True)
     elif point == "writing":  # a checkpoint half written: the count-th safetensors file in its temporary
         safetensors.torch.save_file = hook(safetensors.torch.save_file, after=True)
     elif point == "merge":  # the result's temporary folder beside OUT exists, the merge is about to start
-        heal.merged_model = hook(heal.merged_model, after=False)
+        heal_result.merged_model = hook(heal_result.merged_model, after=False)
 
 for run in json.loads(sys.argv[1]):
     paused_r, paused_w = os.pipe()

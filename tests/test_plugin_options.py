@@ -20,7 +20,8 @@ from depthprune.evaluate.registry import EVAL_TASKS, EvalTask, accuracy_flatten,
 from depthprune.heal import HEAL_METHODS, HealMethod, heal_options_class, resolve_options
 from depthprune.options import fields_with, option
 from depthprune.select import CRITERIA, Criterion, Selection, SelectionContext, choose
-from depthprune.sweep.run import resolve_config, run_sweep
+from depthprune.sweep.run import run_sweep
+from depthprune.sweep.settings import resolve_config
 
 
 def _flags(command: str) -> set[str]:

@@ -12,7 +12,7 @@ from conftest import tiny_model
 from criteria_reference import block_influence, sequences
 
 from depthprune.measure.distances import load_distances, measure_distances
-from depthprune.model.surgery import read_record
+from depthprune.model.record import read_record
 from depthprune.select import SelectionContext, choose
 
 

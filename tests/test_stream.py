@@ -264,7 +264,7 @@ def test_cli_analyze_stream_equals_in_memory(tiny_checkpoint, tiny_corpus, tmp_p
 
 def test_cli_prune_measures_streamed(tiny_checkpoint, tiny_corpus, tmp_path):
     from depthprune.cli.app import main
-    from depthprune.model.surgery import read_record
+    from depthprune.model.record import read_record
 
     common = ["prune", str(tiny_checkpoint), "--data", str(tiny_corpus), "--samples", "8", "--seq-len", "24", "--n", "2"]
     assert main([*common, "--out", str(tmp_path / "memory")]) == 0

@@ -41,7 +41,7 @@ _EXPORTS = {
     "num_layers": ("model.load", "num_layers"),
     "parse_layers": ("select", "parse_layers"),
     "prune": ("api", "prune"),
-    "read_record": ("model.surgery", "read_record"),
+    "read_record": ("model.record", "read_record"),
     "remove_layers": ("model.surgery", "remove_layers"),
     "save_pruned": ("model.surgery", "save_pruned"),
 }
@@ -102,5 +102,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .heal import heal as heal_model
     from .measure.distances import AngularDistances, load_distances, measure_distances
     from .model.load import EMBEDDED_MODELS, count_parameters, decoder_layout, load_model, num_layers
-    from .model.surgery import read_record, remove_layers, save_pruned
+    from .model.record import read_record
+    from .model.surgery import remove_layers, save_pruned
     from .select import CRITERIA, Selection, choose, choose_block, explicit_selection, parse_layers

@@ -18,7 +18,8 @@ from .model.load import (
     model_fingerprint,
     num_layers,
 )
-from .model.surgery import layers_removed, pruning_record, read_record, remove_layers, save_pruned
+from .model.record import pruning_record, read_record
+from .model.surgery import layers_removed, remove_layers, save_pruned
 from .outputs import atomic_output_dir, check_output_dir
 from .select import (
     CRITERIA,

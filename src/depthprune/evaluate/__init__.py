@@ -23,7 +23,6 @@ _LAZY = {
     "evaluate_mmlu": ("tasks.mmlu", "evaluate_mmlu"),
     "evaluate_boolq": ("tasks.boolq", "evaluate_boolq"),
     "c4_loss": ("tasks.c4", "c4_loss"),
-    "sequence_losses": ("tasks.c4", "sequence_losses"),
     "ChoiceRequest": ("scoring", "ChoiceRequest"),
     "choice_loglikelihoods": ("scoring", "choice_loglikelihoods"),
     "encode_choices": ("scoring", "encode_choices"),

@@ -16,7 +16,7 @@ from pathlib import Path
 from ..api import check_model
 from ..errors import DepthpruneError
 from ..model.load import check_length, count_parameters, load_model, num_layers
-from ..model.surgery import read_record
+from ..model.record import read_record
 from ..options import convert
 from ..outputs import atomic_write_text, check_output_file
 from .registry import EVAL_TASKS, eval_options_class

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DepthpruneError
-from ..model.surgery import RECORD_FILE
+from ..model.record import RECORD_FILE, read_record
 from ..outputs import atomic_write_text, check_output_file
 from .surgery import check_swa_pattern, field_value, open_gguf, write_gguf_atomically
 
@@ -53,9 +53,7 @@ class Checkpoint:
         if not (path / "config.json").is_file():
             raise DepthpruneError(f"'{path}' is not a checkpoint directory (no config.json): export a directory "
                                   "written by depthprune prune, heal or save_pretrained")
-        record_file = path / RECORD_FILE
-        record = json.loads(record_file.read_text()) if record_file.is_file() else None
-        return cls(path, json.loads((path / "config.json").read_text()), record)
+        return cls(path, json.loads((path / "config.json").read_text()), read_record(path))
 
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """(name, float32 array) of every weight, one at a time (safetensors only, never pickles)."""

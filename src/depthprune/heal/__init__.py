@@ -46,7 +46,7 @@ import importlib
 from .methods import HEAL_METHODS, HealMethod
 from .options import PRESETS, SCHEDULES, heal_options_class, resolve_options, total_steps
 
-_LAZY = {"heal": "recipe", "heal_loaded": "recipe", "Healed": "recipe", "CONFIG_FILE": "outputs",
+_LAZY = {"heal": "recipe", "heal_loaded": "recipe", "Healed": "state", "CONFIG_FILE": "outputs",
          "LOG_FILE": "outputs", "WORK_SUFFIX": "outputs", "CHECKPOINT_DIR": "checkpoint"}
 
 

@@ -12,9 +12,10 @@ from ..config import DEVICES
 from ..data import TEXT_SUFFIXES
 from ..errors import DepthpruneError
 from ..model.load import DTYPES, check_checkpoint, resolve_model_source
+from ..model.record import read_record
 from .data import read_texts, training_documents
 from .options import HealOptions
-from .outputs import input_record, read_json_object
+from .outputs import read_json_object
 
 
 def model_identity(spec, what: str) -> str:
@@ -25,7 +26,7 @@ def model_identity(spec, what: str) -> str:
     if source.kind == "local":
         folder = Path(source.location)
         read_json_object(folder / "config.json", f"repair the {what} checkpoint or choose another")
-        input_record(folder)
+        read_record(folder)  # a damaged depthprune.json is refused before anything is written
         check_checkpoint(source.location)  # a config transformers reads and complete safetensors weights
     # Local paths resolved, so DIR, DIR/, ./DIR and /abs/DIR are the same run; hub ids and aliases as given.
     return source.location if source.kind in ("local", "gguf") else spec

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DepthpruneError
-from ..model.surgery import RECORD_FILE
+from ..model.record import RECORD_FILE, read_record
 from ..options import fields_with
 from ..outputs import (
     atomic_write_text,
@@ -35,6 +35,8 @@ WORK_SUFFIX = ".unfinished"  # OUT.unfinished: where a --force run works while O
 
 
 def read_json_object(path: Path, remedy: str) -> dict:
+    """The JSON object in ``path`` (a run's settings, a checkpoint's config); anything else is an error ending
+    in ``remedy``."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -42,12 +44,6 @@ def read_json_object(path: Path, remedy: str) -> dict:
     if not isinstance(value, dict):
         raise DepthpruneError(f"'{path}' does not hold a JSON object: {remedy}")
     return value
-
-
-def input_record(folder: Path) -> dict | None:
-    """The ``depthprune.json`` of an input checkpoint (None for an ordinary one), checked."""
-    path = folder / RECORD_FILE
-    return read_json_object(path, "fix or remove that file of the input model") if path.is_file() else None
 
 
 def work_folder(out: Path) -> Path:
@@ -157,7 +153,7 @@ def prepare_work(plan_: Plan, out: Path, identity: dict) -> None:
 
 def finished_result(out: Path) -> dict:
     """The healing record of OUT's finished result, marked ``already_healed``."""
-    record = read_json_object(out / RECORD_FILE, "pass --force to heal again and replace that result")
+    record = read_record(out, "pass --force to heal again and replace that result") or {}
     if not isinstance(record.get("healing"), dict):
         raise DepthpruneError(f"'{out / RECORD_FILE}' has no healing record: pass --force to heal again and replace it")
     return {**record["healing"], "already_healed": True}

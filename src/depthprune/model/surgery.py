@@ -1,8 +1,8 @@
-"""Removing layers from a loaded model so it stays an ordinary Hugging Face model, and saving it."""
+"""Removing layers from a loaded model so it stays an ordinary Hugging Face model, and saving it (with its
+``depthprune.json``, :mod:`.record`)."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -10,12 +10,10 @@ from pathlib import Path
 
 from torch import nn
 
-from ..data import read_json
 from ..errors import DepthpruneError
 from ..outputs import atomic_output_dir, follow_umask
-from .load import count_parameters, decoder_layout, num_layers
-
-RECORD_FILE = "depthprune.json"
+from .load import decoder_layout, num_layers
+from .record import write_record
 
 
 def _per_layer_config_keys(config, count: int) -> list[str]:
@@ -84,48 +82,12 @@ def layers_removed(model: nn.Module, layers: Iterable[int]) -> Iterator[nn.Modul
             module.layer_idx = index
 
 
-def read_record(model_dir: str | Path) -> dict | None:
-    """The ``depthprune.json`` of a pruned checkpoint, or None for an ordinary one; a damaged one is an error."""
-    path = Path(model_dir) / RECORD_FILE
-    if not path.is_file():
-        return None
-    record = read_json(path)
-    if not isinstance(record, dict):
-        raise DepthpruneError(f"'{path}' is damaged: expected a JSON object, found a {type(record).__name__}; "
-                              "delete it or prune the model again")
-    removed = record.get("removed_layers")
-    if removed is not None and not (isinstance(removed, list)
-                                    and all(isinstance(i, int) and not isinstance(i, bool) for i in removed)):
-        raise DepthpruneError(f"'{path}' is damaged: removed_layers is {removed!r}, expected a list of layer numbers; "
-                              "delete it or prune the model again")
-    return record
-
-
 def save_pruned(model, tokenizer, out: str | Path, record: dict, force: bool = False) -> Path:
     """Save the model, tokenizer and ``depthprune.json`` to ``out`` atomically (nothing left on failure)."""
     record = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **record}
     with atomic_output_dir(out, force) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        write_record(tmp, record)
         follow_umask(tmp)
     return Path(out)
-
-
-def pruning_record(source: str, layers_before: int, params_before: int, model, selection) -> dict:
-    """What ``depthprune.json`` says about a cut: source, removed layers and why (the criterion and its own
-    scores), sizes before and after."""
-    record = {
-        "source_model": source,
-        "removed_layers": list(selection.layers),
-        "removed_layers_note": "0-based indices into the source model's layers, inclusive",
-        "criterion": selection.criterion,
-        "angular_distance": selection.distance,
-        "layers_before": layers_before,
-        "layers_after": num_layers(model),
-        "parameters_before": params_before,
-        "parameters_after": count_parameters(model),
-    }
-    if selection.scores:
-        record["criterion_scores"] = selection.scores
-    return record

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from ..heal import HEAL_METHODS as HEALING
 from ..model.load import DTYPES, count_parameters, load_model
-from ..model.surgery import layers_removed, pruning_record, read_record
+from ..model.record import pruning_record, read_record
+from ..model.surgery import layers_removed
 from .config import SweepConfig
 from .plan import Point, point_dir
 

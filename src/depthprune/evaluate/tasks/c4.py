@@ -8,42 +8,13 @@ within its sequence and no padding is needed. The paper plots the loss divided b
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...data import check_int, load_texts, pack, tokenize
-from ...errors import DepthpruneError
+from ...data import check_int, load_texts
+from ...model.loss import sample_sequences, sequence_losses
 from ...options import option
 from ..registry import EVAL_TASKS, EvalTask
-
-
-def sequence_losses(model, sequences: Sequence[Sequence[int]], batch_size: int = 4,
-                    progress: bool = True) -> tuple[float, int]:
-    """Sum of next-token negative log-likelihoods (nats) over equal-length ``sequences``, and the token count.
-
-    Each sequence of T tokens scores T-1 predictions. Sums are kept in float64 so thousands of
-    sequences add up without rounding drift.
-    """
-    import torch
-    import torch.nn.functional as F
-    from tqdm.auto import tqdm
-
-    if not sequences:
-        raise DepthpruneError("no sequences to score")
-    device = model.get_input_embeddings().weight.device
-    total, count = 0.0, 0
-    bar = tqdm(total=len(sequences), unit="seq", desc="loss", disable=not progress)
-    for start in range(0, len(sequences), batch_size):
-        ids = torch.tensor(sequences[start : start + batch_size], dtype=torch.long, device=device)
-        with torch.no_grad():
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        targets = ids[:, 1:].to(logits.device)
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
-        count += targets.numel()
-        bar.update(len(ids))
-    bar.close()
-    return total, count
 
 
 def c4_loss(
@@ -68,26 +39,10 @@ def c4_loss(
     check_int(num_sequences, "--c4-sequences", 1)
     check_int(seq_len, "--c4-seq-len", 2)  # a 1-token sequence predicts nothing
     check_int(batch_size, "--batch-size", 1)
-    import torch
-
     from ...model.load import check_length
 
     check_length(model.config, seq_len, "--c4-seq-len")
-    texts = load_texts(source, None if _is_local(source) else num_sequences * 8, seed, text_field, config, split)
-    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
-    # Tokenize documents in seeded order, a chunk at a time, until there are enough tokens to pack.
-    documents: list[list[int]] = []
-    for start in range(0, len(order), 64):
-        documents += tokenize([texts[i] for i in order[start : start + 64]], tokenizer, None)
-        if sum(map(len, documents)) >= num_sequences * seq_len:
-            break
-    sequences = pack(documents, seq_len)
-    if len(sequences) < num_sequences:
-        raise DepthpruneError(
-            f"'{source}' holds only {len(sequences)} packed sequences of {seq_len} tokens; "
-            f"ask for fewer sequences or shorter ones"
-        )
-    sequences = sequences[:num_sequences]
+    sequences = sample_sequences(tokenizer, source, num_sequences, seq_len, seed, text_field, config, split)
     total, count = sequence_losses(model, sequences, batch_size, progress)
     loss = total / count
     vocab = model.config.vocab_size
