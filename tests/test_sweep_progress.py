@@ -7,12 +7,12 @@ import re
 
 import pytest
 
-from depthprune import progress as progress_module
 from depthprune.cli.app import main
 from depthprune.measure import cost as cost_module
-from depthprune.progress import SweepProgress, duration, estimate
 from depthprune.sweep import point as point_module
+from depthprune.sweep import progress as progress_module
 from depthprune.sweep import run as sweep_module
+from depthprune.sweep.progress import SweepProgress, duration, estimate
 from depthprune.sweep.run import run_sweep
 from depthprune.sweep.settings import resolve_config
 from depthprune.sweep.store import connect, load_cost, load_points

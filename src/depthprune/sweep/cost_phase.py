@@ -6,11 +6,11 @@ from __future__ import annotations
 import time
 
 from ..errors import DepthpruneError
-from ..progress import SweepProgress, duration
 from ..select import SelectionContext, choose
 from .config import SweepConfig
 from .metrics import flatten_metrics
 from .plan import Point
+from .progress import SweepProgress, duration
 from .settings import _cost_options
 from .store import read_cost, read_points, save_cost
 

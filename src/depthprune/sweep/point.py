@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 from ..model.surgery import layers_removed
-from ..progress import SweepProgress, duration
 from ..select import SelectionContext, choose
 from .config import SweepConfig
 from .heal_point import free_accelerator_cache, heal_point, heal_status, heal_steps, healed_line, offloaded
 from .metrics import flatten_metrics
 from .plan import Point, point_dir
+from .progress import SweepProgress, duration
 from .settings import eval_options
 from .store import save_point
 

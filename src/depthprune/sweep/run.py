@@ -30,7 +30,6 @@ from ..errors import DepthpruneError
 from ..measure.distances import AngularDistances
 from ..model.load import load_model, num_layers
 from ..outputs import atomic_output_dir, atomic_write_text, check_output_dir, output_lock, replace_dir
-from ..progress import SweepProgress, kind, library_bars_off
 from ..select import SelectionContext, needs_of
 from .config import SweepConfig
 from .cost_phase import cost_phase, last_cost_seconds
@@ -38,6 +37,7 @@ from .executors import ray as ray_executor
 from .executors import serial
 from .heal_point import offloaded
 from .plan import POINTS_DIR, Point, sweep_points
+from .progress import SweepProgress, kind, library_bars_off
 from .settings import (
     _analysis_options,
     _check_inputs,

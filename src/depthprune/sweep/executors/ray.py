@@ -37,9 +37,9 @@ import time
 from pathlib import Path
 
 from ...errors import DepthpruneError
-from ...progress import SweepProgress, duration, library_bars_off
 from ..plan import Point
 from ..point import record_point, run_point, select_point
+from ..progress import SweepProgress, duration, library_bars_off
 from ..store import save_failure
 
 CONNECT_TIMEOUT_S = 10.0

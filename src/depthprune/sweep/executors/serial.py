@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...progress import SweepProgress
 from ...select import SelectionContext
 from ..config import SweepConfig
 from ..plan import Point
 from ..point import record_point, run_point, select_point
+from ..progress import SweepProgress
 
 
 def run_points(model, tokenizer, c: SweepConfig, work: Path, db, todo: list[Point], total: int,
