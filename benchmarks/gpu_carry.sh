@@ -13,12 +13,14 @@
 #   wheels/      bitsandbytes (41 MB, CUDA kernels for CUDA 11.8-13.2) and gguf (0.1 MB), from PyPI or pip's
 #                cache; WHEELS="gguf" leaves bitsandbytes out (the QLoRA step then SKIPs)
 # and it prints the command to run there. The device tool's `carry` takes repo-relative ignored paths
-# (at most 8) and sends them with the working tree, 64 MiB in all; so, for example:
-#   run(carry=["gpu_carry"], command="PYTHON=python3 CARRY=gpu_carry MODEL=random:smollm2-135m STEP_TIMEOUT=240
-#       benchmarks/gpu_check.sh; python3 benchmarks/gpu_bench.py --shape llama2-7b")
+# (at most 8) and sends them with the working tree, 64 MiB in all; a command runs 10 minutes at most, so the
+# check and the benchmark are two calls, each with carry=["gpu_carry"]:
+#   PYTHON=python3 CARRY=gpu_carry MODEL=random:smollm2-135m STEP_TIMEOUT=240 benchmarks/gpu_check.sh
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site gpu_carry/wheels/*.whl &&
+#     PYTHONPATH=src:/tmp/site python3 benchmarks/gpu_bench.py --shape llama2-7b --json $OUT/gpu_bench.json
 # gpu_check.sh installs a carried wheel only where its package does not import (into its work folder, on
-# PYTHONPATH), and takes DIR/data and DIR/tokenizer as its defaults. gpu_bench.py needs no data or tokenizer,
-# only bitsandbytes for its QLoRA rows (PYTHONPATH=<that site folder>, or pip install --no-deps the wheel).
+# PYTHONPATH), and takes DIR/data and DIR/tokenizer as its defaults. gpu_bench.py needs no data or tokenizer
+# (random token ids), only bitsandbytes for its QLoRA rows.
 #
 #   PYTHON=...            the Python that reads the tokenizer and runs pip (default: the venv's)
 #   DATA=...              the data to copy (default: ../shared/data)
