@@ -6,19 +6,15 @@ import contextlib
 from pathlib import Path
 
 from .config import AnalysisOptions, DataOptions
-from .data import load_texts, pad_id, tokenize
+from .data import tokenize
 from .errors import DepthpruneError
-from .measure.distances import AngularDistances, load_distances, measure_distances
-from .measure.stream import StreamPlan, compute_distances_streamed, plan_streaming
-from .model.load import (
-    check_checkpoint,
-    check_length,
-    count_parameters,
-    load_model,
-    model_fingerprint,
-    num_layers,
-)
-from .model.surgery import layers_removed, pruning_record, read_record, remove_layers, save_pruned
+from .measure.analysis import check_measuring, load_calibration, measure_texts
+from .measure.distances import AngularDistances, load_distances
+from .measure.memory import StreamPlan, plan_streaming
+from .measure.stream import compute_distances_streamed
+from .model.check import check_model
+from .model.load import check_length, count_parameters, load_model, num_layers
+from .model.surgery import layers_removed, pruning_record, remove_layers, save_pruned
 from .outputs import atomic_output_dir, check_output_dir
 from .select import (
     CRITERIA,
@@ -35,24 +31,6 @@ from .select import (
 __all__ = ["DataOptions", "analyze", "check_model", "load_calibration", "prune"]
 
 
-def check_model(model, trust_remote_code: bool = False):
-    """Check a model before loading it; returns its config when known now (a local checkpoint, a loaded model).
-
-    Besides :func:`check_checkpoint`'s checks of config and weights, the ``depthprune.json`` of a pruned
-    checkpoint must be readable: it is read after the work, and a damaged one must not waste it.
-    """
-    if not isinstance(model, str):
-        return model.config
-    config = check_checkpoint(model, trust_remote_code)
-    if Path(model).expanduser().is_dir():
-        read_record(Path(model).expanduser())
-    return config
-
-
-def _check_measuring(batch_size: int, token_mode: str) -> AnalysisOptions:
-    return AnalysisOptions(batch_size, token_mode)  # checks itself: one-line errors naming the flags
-
-
 def _input_paths(*given) -> list:
     """The inputs an output must not overlap: paths given as strings (hub ids never exist on disk)."""
     return [g for g in given if isinstance(g, (str, Path))]
@@ -66,31 +44,9 @@ def _loaded(model, tokenizer, device: str, dtype: str, trust_remote_code: bool):
     return model, tokenizer
 
 
-def load_calibration(data: DataOptions) -> list[str]:
-    """The calibration documents ``data`` names (checked before any model is loaded)."""
-    return load_texts(data.source, data.samples, data.seed, data.text_field, data.config, data.split)
-
-
-def _measure_texts(model, tokenizer, data: DataOptions, texts: list[str], analysis: AnalysisOptions,
-                 progress: bool = True) -> AngularDistances:
-    """The angular distances of a loaded model on calibration ``texts`` (tokenized here), with how they were measured.
-
-    The core shared by :func:`analyze`, :func:`prune` and the sweep; users call :func:`analyze` (from text)
-    or :func:`depthprune.measure.distances.measure_distances` (from token ids).
-    """
-    check_length(model.config, data.seq_len, "--seq-len")
-    sequences = tokenize(texts, tokenizer, data.seq_len)
-    result = measure_distances(model, sequences, batch_size=analysis.batch_size, token_mode=analysis.token_mode,
-                               pad_token_id=pad_id(tokenizer), progress=progress)
-    result.meta.update(model=str(model.config.name_or_path), model_fingerprint=model_fingerprint(model.config),
-                       seq_len=data.seq_len, num_tokens=int(sum(len(s) for s in sequences)), data=data.source,
-                       seed=data.seed)
-    return result
-
-
 def _measure_streamed(plan: StreamPlan, data: DataOptions, texts: list[str], analysis: AnalysisOptions, dtype: str,
                       trust_remote_code: bool, progress: bool = True) -> AngularDistances:
-    """:func:`_measure_texts` with one decoder layer in memory at a time (see :mod:`depthprune.measure.stream`)."""
+    """:func:`~depthprune.measure.analysis.measure_texts` with one decoder layer in memory at a time."""
     result = compute_distances_streamed(plan.spec, texts, seq_len=data.seq_len, batch_size=analysis.batch_size,
                                         token_mode=analysis.token_mode, dtype=dtype, device=plan.device,
                                         offload=plan.offload, trust_remote_code=trust_remote_code, progress=progress)
@@ -132,7 +88,7 @@ def analyze(
     """
     if not isinstance(data, DataOptions):
         raise DepthpruneError("data must be DataOptions(source, samples, seq_len, ...)")
-    analysis = _check_measuring(batch_size, token_mode)
+    analysis = check_measuring(batch_size, token_mode)
     config = check_model(model, trust_remote_code)
     if config is not None:
         check_length(config, data.seq_len, "--seq-len")
@@ -145,7 +101,7 @@ def analyze(
         result = _measure_streamed(plan, data, texts, analysis, dtype, trust_remote_code, progress)
     else:
         model, tokenizer = _loaded(model, tokenizer, device, dtype, trust_remote_code)
-        result = _measure_texts(model, tokenizer, data, texts, analysis, progress)
+        result = measure_texts(model, tokenizer, data, texts, analysis, progress)
     if out is not None:
         from .report.html import plot_heatmap
 
@@ -214,7 +170,7 @@ def prune(
     (the cut itself loads the model). Every input is checked before the model loads.
     """
     needs = check_cut_request(n, fraction, layers, criterion)
-    analysis = _check_measuring(batch_size, token_mode) if data is not None else None
+    analysis = check_measuring(batch_size, token_mode) if data is not None else None
     config = check_model(model, trust_remote_code)
     check_output_dir(out, force, _input_paths(model, distances, data.source if data else None))
     if isinstance(distances, (str, Path)):
@@ -239,7 +195,7 @@ def prune(
     _check_cut(model.config, n, fraction, layers, distances, data if reads_data else None)  # hub ids, GGUF: now
     total = num_layers(model)
     if measuring and plan is None:
-        distances = _measure_texts(model, tokenizer, data, texts, analysis, progress)
+        distances = measure_texts(model, tokenizer, data, texts, analysis, progress)
     if layers is not None:
         selection: Selection = explicit_selection(layers, total, distances)
     else:

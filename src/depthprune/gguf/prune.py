@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..api import _check_measuring, _measure_texts, check_cut_request, load_calibration
+from ..api import check_cut_request
 from ..config import AnalysisOptions, DataOptions
 from ..data import tokenize
 from ..errors import DepthpruneError
+from ..measure.analysis import check_measuring, load_calibration, measure_texts
 from ..measure.distances import AngularDistances, load_distances
 from ..model.load import load_model, resolve_model_source
 from ..outputs import check_output_file
@@ -48,7 +49,7 @@ def _select(model: str, total: int, n: int | None, fraction: float | None, layer
         loaded, tokenizer = load_model(model)  # the de-quantized copy; the cut is applied to the file
         texts = load_calibration(data)
         if needs == "distances" and distances is None:
-            distances = _measure_texts(loaded, tokenizer, data, texts, analysis, progress)
+            distances = measure_texts(loaded, tokenizer, data, texts, analysis, progress)
         if needs == "calibration":
             sequences = tokenize(texts, tokenizer, data.seq_len)
     return choose(criterion, size, SelectionContext(total, distances, loaded, tokenizer, sequences))
@@ -76,7 +77,7 @@ def prune_gguf(
     Every input is checked before anything is measured or written.
     """
     needs = check_cut_request(n, fraction, layers, criterion)
-    analysis = _check_measuring(batch_size, token_mode)
+    analysis = check_measuring(batch_size, token_mode)
     source = gguf_source(model)
     check_output_file(out, [source, distances if isinstance(distances, (str, Path)) else None,
                             data.source if data else None], "output GGUF file")

@@ -33,12 +33,12 @@ from pathlib import Path
 
 import yaml
 
-from ..api import _measure_texts, load_calibration
 from ..config import AnalysisOptions, CostOptions, DataOptions, EvalOptions, SweepConfig
 from ..data import load_texts, tokenize
 from ..errors import DepthpruneError
 from ..evaluate.registry import EVAL_TASKS
 from ..heal import HEAL_METHODS as HEALING
+from ..measure.analysis import load_calibration, measure_texts
 from ..measure.distances import AngularDistances, load_distances
 from ..model.load import (
     DTYPES,
@@ -608,7 +608,7 @@ def _analyse(model, tokenizer, c: SweepConfig, work: Path, texts: list[str], log
     from ..report.html import plot_heatmap
 
     log(f"measuring angular distances on {len(texts)} samples of {c.data}")
-    distances = _measure_texts(model, tokenizer, _data_options(c), texts, _analysis_options(c), progress=progress)
+    distances = measure_texts(model, tokenizer, _data_options(c), texts, _analysis_options(c), progress=progress)
     with atomic_output_dir(work / ANALYSIS_DIR, force=True) as tmp:
         distances.save(tmp)
         plot_heatmap(distances, tmp / "heatmap.png")
