@@ -14,8 +14,8 @@ from test_similarity import _sequences
 
 from depthprune.data import batches
 from depthprune.errors import DepthpruneError
-from depthprune.measure.distances import measure_distances
 from depthprune.measure.checkpoint import Checkpoint, local_checkpoint
+from depthprune.measure.distances import measure_distances
 from depthprune.measure.memory import StreamPlan, estimate_memory, parse_memory, plan_streaming
 from depthprune.measure.stream import _Skeleton, stream_distances, stream_layers
 from depthprune.model.load import decoder_layout

@@ -54,8 +54,9 @@ def _read_header(path: Path) -> tuple[dict, int]:
 class Checkpoint:
     """The tensors of a local safetensors checkpoint (single file or sharded), known from the headers only.
 
-    Reading opens the files memory-mapped and closes them again at once: pages of a mapped file that were
-    touched count as resident while it stays open, so a handle kept open would grow to the whole model.
+    Whole tensors are read through a memory map that is closed again at once: pages of a mapped file that
+    were touched count as resident while it stays open, so a handle kept open would grow to the whole model.
+    Rows of a tensor are read with plain reads (:meth:`read_rows`).
     """
 
     def __init__(self, directory: str | Path):
