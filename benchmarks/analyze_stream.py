@@ -1,6 +1,11 @@
 """Peak memory and time of the layer-streamed analysis against the in-memory one, side by side, in one run.
 
-For each model and method, a fresh process (so peaks do not mix), one torch thread:
+Whole process: `depthprune.analyze(model, data)` against `analyze(..., stream=True)`, as `depthprune analyze
+[--stream]` runs them, each in a fresh process that loads nothing beforehand; the figure is the process's peak
+resident set (VmHWM: Python, torch, transformers, the tokenizer, the analysis), what an analysis costs a
+machine, and the distance matrices of the two are compared.
+
+Above a baseline: for each model and method, a fresh process (so peaks do not mix), one torch thread:
   in-memory  the model loaded whole as load_model loads it (from_pretrained, safetensors, float32), then
              the texts tokenized and depthprune.measure_distances
   streamed   depthprune.measure.stream.compute_distances_streamed: meta skeleton, embedding rows, one layer at a time
@@ -8,6 +13,7 @@ Each process first imports everything (transformers, accelerate, the model's mod
 methods), then measures the analysis alone: the peak rise of the resident set above that point (sampled every
 2 ms), wall and CPU time. The tokenizer's own memory is printed apart (Gemma 3's 262k-token tokenizer
 takes ~350 MiB). Rounds alternate the methods; the best time and the lowest peak of the rounds count.
+Every process runs one torch thread.
 The distance matrices of the two methods are compared too. For the streamed run, the time spent reading
 and placing each layer's weights is taken apart from the time spent computing, per layer, with the FLOP
 rate achieved (2 x layer parameters x padded tokens): the figures the planning estimate scales.
@@ -29,11 +35,33 @@ from pathlib import Path
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "c4" / "validation.jsonl"
 METHODS = ("in-memory", "streamed")
+WHOLE = ("analyze", "analyze-stream")  # the whole-process runs
 
 
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _peak_rss_bytes() -> int:
+    """The whole process's peak resident set so far (the kernel's high-water mark, VmHWM)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def whole_child(method: str, alias: str, samples: int, seq_len: int, batch_size: int, tokens: str, data: str) -> None:
+    """``depthprune.analyze`` in this fresh process, nothing loaded before; print its peak and distances as JSON."""
+    import torch
+
+    import depthprune
+
+    torch.set_num_threads(1)
+    wall = time.perf_counter()
+    result = depthprune.analyze(alias, depthprune.DataOptions(data, samples=samples, seq_len=seq_len),
+                                batch_size=batch_size, token_mode=tokens, stream=method == "analyze-stream",
+                                progress=False)
+    print(json.dumps({"whole_mib": _peak_rss_bytes() / 2**20, "wall_s": time.perf_counter() - wall,
+                      "pairwise": result.pairwise.tolist()}))
 
 
 def child(method: str, alias: str, samples: int, seq_len: int, batch_size: int, tokens: str, data: str) -> None:
@@ -44,8 +72,9 @@ def child(method: str, alias: str, samples: int, seq_len: int, batch_size: int, 
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     from depthprune.data import load_texts, pad_id, tokenize
+    from depthprune.measure.checkpoint import local_checkpoint
     from depthprune.measure.distances import measure_distances
-    from depthprune.measure.stream import compute_distances_streamed, local_checkpoint
+    from depthprune.measure.stream import compute_distances_streamed
 
     torch.set_num_threads(1)
     texts = load_texts(data, samples, seed=0)
@@ -102,10 +131,10 @@ def _time_layer_loads() -> dict:
 def _layer_size(directory, tokenizer, texts, seq_len: int, batch_size: int) -> dict:
     """One decoder layer's parameters and the padded tokens that went through each layer."""
     from depthprune.data import tokenize
-    from depthprune.measure.stream import Checkpoint, _group_layers
+    from depthprune.measure.checkpoint import Checkpoint
 
     checkpoint = Checkpoint(directory)
-    names = next(iter(_group_layers(checkpoint.entries).values()))
+    names = next(iter(checkpoint.layer_groups().values()))
     lengths = sorted((len(s) for s in tokenize(texts, tokenizer, seq_len)), reverse=True)
     padded = sum(len(lengths[i : i + batch_size]) * lengths[i] for i in range(0, len(lengths), batch_size))
     return {"layer_params": sum(checkpoint.entries[n].numel for n in names), "padded_tokens": padded}
@@ -120,6 +149,22 @@ def run_child(method: str, alias: str, args) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def _max_difference(a: list[list[float]], b: list[list[float]]) -> float:
+    return max(abs(x - y) for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True))
+
+
+def _whole_process(args) -> None:
+    """The whole-process peaks of ``analyze`` and ``analyze --stream``, their ratio and the largest ΔD."""
+    print(f"whole process (VmHWM)\n{'model':<14} {'analyze MiB':>11} {'--stream MiB':>12} {'stream/in-memory':>16} "
+          f"{'max |ΔD|':>9}")
+    for alias in args.models.split(","):
+        runs = {m: [run_child(m, alias, args) for _ in range(args.rounds)] for m in WHOLE}
+        peak = {m: min(r["whole_mib"] for r in rs) for m, rs in runs.items()}
+        diff = _max_difference(runs["analyze"][0]["pairwise"], runs["analyze-stream"][0]["pairwise"])
+        print(f"{alias:<14} {peak['analyze']:11.0f} {peak['analyze-stream']:12.0f} "
+              f"{peak['analyze-stream'] / peak['analyze']:16.0%} {diff:9.1e}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="smollm2-135m,gemma3-270m")
@@ -129,14 +174,16 @@ def main() -> None:
     p.add_argument("--tokens", default="last", choices=["last", "all"])
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--rounds", type=int, default=2, help="runs per method, alternating; best time, lowest peak")
-    p.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=METHODS + WHOLE, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        return child(args.child, args.models, args.samples, args.seq_len, args.batch_size, args.tokens, args.data)
+        run = whole_child if args.child in WHOLE else child
+        return run(args.child, args.models, args.samples, args.seq_len, args.batch_size, args.tokens, args.data)
 
     print(f"{args.samples} C4 documents ≤ {args.seq_len} tokens, batch {args.batch_size}, tokens={args.tokens}, "
           f"float32, CPU, 1 thread; a fresh process per run, best of {args.rounds} alternating rounds\n")
-    print(f"{'model':<14} {'method':<10} {'peak +MiB':>9} {'wall s':>7} {'CPU s':>7}")
+    _whole_process(args)
+    print(f"\nabove a baseline\n{'model':<14} {'method':<10} {'peak +MiB':>9} {'wall s':>7} {'CPU s':>7}")
     rows = []
     for alias in args.models.split(","):
         runs = {m: [] for m in METHODS}
@@ -155,8 +202,7 @@ def main() -> None:
     for alias, best in rows:
         mem, streamed = best["in-memory"], best["streamed"]
         tok = mem["tokenizer_mib"]
-        diff = max(abs(a - b) for ra, rb in zip(mem["pairwise"], streamed["pairwise"], strict=True)
-                   for a, b in zip(ra, rb, strict=True))
+        diff = _max_difference(mem["pairwise"], streamed["pairwise"])
         print(f"{alias:<14} {streamed['peak_mib'] / mem['peak_mib']:7.0%} "
               f"{(tok + streamed['peak_mib']) / (tok + mem['peak_mib']):10.0%} "
               f"{streamed['wall_s'] / mem['wall_s']:7.2f}x {streamed['cpu_s'] / mem['cpu_s']:7.2f}x {diff:9.1e}")

@@ -14,18 +14,10 @@ from test_similarity import _sequences
 
 from depthprune.data import batches
 from depthprune.errors import DepthpruneError
+from depthprune.measure.checkpoint import Checkpoint, local_checkpoint
 from depthprune.measure.distances import measure_distances
-from depthprune.measure.stream import (
-    Checkpoint,
-    StreamPlan,
-    _Skeleton,
-    estimate_memory,
-    local_checkpoint,
-    parse_memory,
-    plan_streaming,
-    stream_distances,
-    stream_layers,
-)
+from depthprune.measure.memory import StreamPlan, estimate_memory, parse_memory, plan_streaming
+from depthprune.measure.stream import _Skeleton, stream_distances, stream_layers
 from depthprune.model.load import decoder_layout
 
 
@@ -321,3 +313,20 @@ def test_gemma3_270m_streamed_equals_in_memory(shared_data):
     np.testing.assert_allclose(streamed.block_influence, expected.block_influence, atol=1e-9, rtol=0)
     assert streamed.meta["num_tokens"] == expected.meta["num_tokens"] and streamed.num_layers == 18
     assert streamed.meta["streamed"] is True and "streamed" not in expected.meta
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_read_rows_reads_those_rows_without_a_memory_map(tmp_path, monkeypatch, dtype):
+    """Rows in runs and alone, from a tensor that is not first in its file, as they are stored; plain reads
+    (a memory map would page in the table around every row read)."""
+    import safetensors
+    from safetensors.torch import save_file
+
+    table = torch.randn(300, 7).to(dtype)
+    save_file({"a_first": torch.randn(13, 3), "embed": table, "z_last": torch.randn(5)}, tmp_path / "model.safetensors")
+    checkpoint = Checkpoint(tmp_path)
+    monkeypatch.setattr(safetensors, "safe_open", lambda *a, **k: pytest.fail("memory-mapped"))
+    rows = torch.tensor([0, 1, 2, 5, 9, 10, 150, 298, 299])
+    read = checkpoint.read_rows("embed", rows, torch.float32, torch.device("cpu"))
+    assert read.dtype == torch.float32 and torch.equal(read, table[rows].to(torch.float32))
+    assert torch.equal(checkpoint.read_rows("embed", torch.tensor([7]), dtype, torch.device("cpu")), table[7:8])

@@ -244,7 +244,7 @@ def test_moved_sweep_resumes_whatever_the_path_spelling(finished, tmp_path, tiny
     shutil.copytree(finished[0], moved)
     before = load_points(moved)
     monkeypatch.setattr(point_module, "_evaluate", _fail)
-    monkeypatch.setattr(sweep_module, "_measure_texts", _fail)
+    monkeypatch.setattr(sweep_module, "measure_texts", _fail)
     monkeypatch.chdir(moved.parent)
     relative_data = os.path.relpath(tiny_corpus, moved.parent)
     for flags in (["--out", "moved"], ["--out", "moved/"], ["--out", "./moved"], ["--out", str(moved)],

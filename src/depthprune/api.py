@@ -6,19 +6,15 @@ import contextlib
 from pathlib import Path
 
 from .config import AnalysisOptions, DataOptions
-from .data import load_texts, pad_id, tokenize
+from .data import tokenize
 from .errors import DepthpruneError
-from .measure.distances import AngularDistances, load_distances, measure_distances
-from .measure.stream import StreamPlan, compute_distances_streamed, plan_streaming
-from .model.load import (
-    check_checkpoint,
-    check_length,
-    count_parameters,
-    load_model,
-    model_fingerprint,
-    num_layers,
-)
-from .model.record import pruning_record, read_record
+from .measure.analysis import check_measuring, load_calibration, measure_texts
+from .measure.distances import AngularDistances, load_distances
+from .measure.memory import StreamPlan, plan_streaming
+from .measure.stream import compute_distances_streamed
+from .model.check import check_model
+from .model.load import check_length, count_parameters, load_model, num_layers
+from .model.record import pruning_record
 from .model.surgery import layers_removed, remove_layers, save_pruned
 from .outputs import atomic_output_dir, check_output_dir
 from .select import (
@@ -26,33 +22,14 @@ from .select import (
     Selection,
     SelectionContext,
     block_size,
-    check_block_request,
+    check_cut_request,
     choose,
     criterion_options,
     explicit_selection,
-    layer_ranges,
     parse_layers,
 )
 
-__all__ = ["DataOptions", "analyze", "check_model", "load_calibration", "prune"]
-
-
-def check_model(model, trust_remote_code: bool = False):
-    """Check a model before loading it; returns its config when known now (a local checkpoint, a loaded model).
-
-    Besides :func:`check_checkpoint`'s checks of config and weights, the ``depthprune.json`` of a pruned
-    checkpoint must be readable: it is read after the work, and a damaged one must not waste it.
-    """
-    if not isinstance(model, str):
-        return model.config
-    config = check_checkpoint(model, trust_remote_code)
-    if Path(model).expanduser().is_dir():
-        read_record(Path(model).expanduser())
-    return config
-
-
-def _check_measuring(batch_size: int, token_mode: str) -> AnalysisOptions:
-    return AnalysisOptions(batch_size, token_mode)  # checks itself: one-line errors naming the flags
+__all__ = ["DataOptions", "analyze", "prune"]
 
 
 def _input_paths(*given) -> list:
@@ -68,31 +45,9 @@ def _loaded(model, tokenizer, device: str, dtype: str, trust_remote_code: bool):
     return model, tokenizer
 
 
-def load_calibration(data: DataOptions) -> list[str]:
-    """The calibration documents ``data`` names (checked before any model is loaded)."""
-    return load_texts(data.source, data.samples, data.seed, data.text_field, data.config, data.split)
-
-
-def _measure_texts(model, tokenizer, data: DataOptions, texts: list[str], analysis: AnalysisOptions,
-                 progress: bool = True) -> AngularDistances:
-    """The angular distances of a loaded model on calibration ``texts`` (tokenized here), with how they were measured.
-
-    The core shared by :func:`analyze`, :func:`prune` and the sweep; users call :func:`analyze` (from text)
-    or :func:`depthprune.measure.distances.measure_distances` (from token ids).
-    """
-    check_length(model.config, data.seq_len, "--seq-len")
-    sequences = tokenize(texts, tokenizer, data.seq_len)
-    result = measure_distances(model, sequences, batch_size=analysis.batch_size, token_mode=analysis.token_mode,
-                               pad_token_id=pad_id(tokenizer), progress=progress)
-    result.meta.update(model=str(model.config.name_or_path), model_fingerprint=model_fingerprint(model.config),
-                       seq_len=data.seq_len, num_tokens=int(sum(len(s) for s in sequences)), data=data.source,
-                       seed=data.seed)
-    return result
-
-
 def _measure_streamed(plan: StreamPlan, data: DataOptions, texts: list[str], analysis: AnalysisOptions, dtype: str,
                       trust_remote_code: bool, progress: bool = True) -> AngularDistances:
-    """:func:`_measure_texts` with one decoder layer in memory at a time (see :mod:`depthprune.measure.stream`)."""
+    """:func:`~depthprune.measure.analysis.measure_texts` with one decoder layer in memory at a time."""
     result = compute_distances_streamed(plan.spec, texts, seq_len=data.seq_len, batch_size=analysis.batch_size,
                                         token_mode=analysis.token_mode, dtype=dtype, device=plan.device,
                                         offload=plan.offload, trust_remote_code=trust_remote_code, progress=progress)
@@ -134,7 +89,7 @@ def analyze(
     """
     if not isinstance(data, DataOptions):
         raise DepthpruneError("data must be DataOptions(source, samples, seq_len, ...)")
-    analysis = _check_measuring(batch_size, token_mode)
+    analysis = check_measuring(batch_size, token_mode)
     config = check_model(model, trust_remote_code)
     if config is not None:
         check_length(config, data.seq_len, "--seq-len")
@@ -147,7 +102,7 @@ def analyze(
         result = _measure_streamed(plan, data, texts, analysis, dtype, trust_remote_code, progress)
     else:
         model, tokenizer = _loaded(model, tokenizer, device, dtype, trust_remote_code)
-        result = _measure_texts(model, tokenizer, data, texts, analysis, progress)
+        result = measure_texts(model, tokenizer, data, texts, analysis, progress)
     if out is not None:
         from .measure.heatmap import plot_heatmap
 
@@ -169,17 +124,6 @@ def _check_cut(config, n: int | None, fraction: float | None, layers: str | None
         distances.check_model(config)
     if data is not None:
         check_length(config, data.seq_len, "--seq-len")
-
-
-def check_cut_request(n: int | None, fraction: float | None, layers: str | None, criterion: str) -> str:
-    """Check how the layers to cut are asked for (before anything loads); returns what the criterion needs."""
-    if sum(x is not None for x in (n, fraction, layers)) != 1:
-        raise DepthpruneError("give exactly one of --n, --fraction or --layers")
-    if layers is not None:
-        layer_ranges(layers)
-        return "nothing"
-    check_block_request(n, fraction)
-    return CRITERIA.get(criterion).needs
 
 
 def _check_distances_serve(criterion: str | None, distances: AngularDistances | None) -> None:
@@ -226,7 +170,7 @@ def prune(
     """
     needs = check_cut_request(n, fraction, layers, criterion)
     chosen_options = criterion_options(**options)
-    analysis = _check_measuring(batch_size, token_mode) if data is not None else None
+    analysis = check_measuring(batch_size, token_mode) if data is not None else None
     config = check_model(model, trust_remote_code)
     check_output_dir(out, force, _input_paths(model, distances, data.source if data else None))
     if isinstance(distances, (str, Path)):
@@ -249,7 +193,7 @@ def prune(
     _check_cut(model.config, n, fraction, layers, distances, data if reads_data else None)  # hub ids, GGUF: now
     total = num_layers(model)
     if measuring and plan is None:
-        distances = _measure_texts(model, tokenizer, data, texts, analysis, progress)
+        distances = measure_texts(model, tokenizer, data, texts, analysis, progress)
     if layers is not None:
         selection: Selection = explicit_selection(layers, total, distances)
     else:

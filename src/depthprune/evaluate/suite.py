@@ -13,8 +13,8 @@ import time
 import typing
 from pathlib import Path
 
-from ..api import check_model
 from ..errors import DepthpruneError
+from ..model.check import check_model
 from ..model.load import check_length, count_parameters, load_model, num_layers
 from ..model.record import read_record
 from ..options import convert

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..api import _check_measuring, _measure_texts, check_cut_request, load_calibration
 from ..config import AnalysisOptions, DataOptions
 from ..data import tokenize
 from ..errors import DepthpruneError
+from ..measure.analysis import check_measuring, load_calibration, measure_texts
 from ..measure.distances import AngularDistances, load_distances
 from ..model.load import load_model, resolve_model_source
 from ..outputs import check_output_file
@@ -21,6 +21,7 @@ from ..select import (
     Selection,
     SelectionContext,
     block_size,
+    check_cut_request,
     choose,
     criterion_options,
     explicit_selection,
@@ -49,7 +50,7 @@ def _select(model: str, total: int, n: int | None, fraction: float | None, layer
         loaded, tokenizer = load_model(model)  # the de-quantized copy; the cut is applied to the file
         texts = load_calibration(data)
         if needs == "distances" and distances is None:
-            distances = _measure_texts(loaded, tokenizer, data, texts, analysis, progress)
+            distances = measure_texts(loaded, tokenizer, data, texts, analysis, progress)
         if needs == "calibration":
             sequences = tokenize(texts, tokenizer, data.seq_len)
     return choose(criterion, size, SelectionContext(total, distances, loaded, tokenizer, sequences, options=options))
@@ -79,7 +80,7 @@ def prune_gguf(
     """
     needs = check_cut_request(n, fraction, layers, criterion)
     chosen_options = criterion_options(**options)
-    analysis = _check_measuring(batch_size, token_mode)
+    analysis = check_measuring(batch_size, token_mode)
     source = gguf_source(model)
     check_output_file(out, [source, distances if isinstance(distances, (str, Path)) else None,
                             data.source if data else None], "output GGUF file")

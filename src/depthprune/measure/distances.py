@@ -15,7 +15,6 @@ real tokens of cos(x⁽ˡ⁾, x⁽ˡ⁺¹⁾), whatever token mode the distances
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 from ..config import TOKEN_MODES
 from ..data import batches, read_json
 from ..errors import DepthpruneError
+from ..model.capture import accepts, watch_layers
 from ..model.load import FINGERPRINT_KEYS, decoder_layout, model_fingerprint, num_layers
 from ..outputs import atomic_write_text
 
@@ -203,14 +203,68 @@ def _meta(raw: dict, path: Path) -> dict:
     return {k: v for k, v in raw.items() if k not in _STRUCTURE_KEYS}
 
 
-def _pairwise_angles(unit: torch.Tensor) -> torch.Tensor:
+def pairwise_angles(unit: torch.Tensor) -> torch.Tensor:
     """arccos(cos)/π between every pair of the L+1 unit vectors on the last-but-one axis."""
     cos = unit @ unit.transpose(-1, -2)
     return torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
 
 
-def _accepts(module: torch.nn.Module, name: str) -> bool:
-    return name in inspect.signature(module.forward).parameters
+def token_mean_angles(real: torch.Tensor, token_chunk: int) -> torch.Tensor:
+    """The (L+1)×(L+1) angles of one sample averaged over its real tokens ``real`` (T_real, L+1, H unit
+    vectors), ``token_chunk`` tokens at a time."""
+    per_token = sum(pairwise_angles(real[s : s + token_chunk]).sum(dim=0) for s in range(0, len(real), token_chunk))
+    return per_token / len(real)
+
+
+def check_measurable(sequences: Sequence[Sequence[int]], token_mode: str) -> None:
+    if token_mode not in TOKEN_MODES:
+        raise DepthpruneError(f"unknown token mode '{token_mode}': choose one of {', '.join(TOKEN_MODES)}")
+    if not sequences:
+        raise DepthpruneError("no calibration sequences to measure")
+
+
+class _BatchStates:
+    """The layer inputs x⁽⁰⁾ … x⁽ᴸ⁾ of one batch as the forward pass produces them, kept at the chosen tokens,
+    and the block-influence sums over every real token.
+
+    Every state is gathered onto one device (the first layer's: with device_map they differ). Block influence
+    is summed from the full states before any token is selected; only the previous layer's input is held.
+    """
+
+    def __init__(self, num_layers: int, token_mode: str, device: torch.device):
+        self.token_mode, self.device = token_mode, device
+        self.states: list[torch.Tensor | None] = [None] * (num_layers + 1)
+        self.cos_sums = torch.zeros(num_layers, dtype=torch.float64, device=device)
+        self.previous: torch.Tensor | None = None
+        self.mask = self.last = None
+
+    def start(self, mask: torch.Tensor) -> None:
+        """A new batch with attention mask ``mask``."""
+        positions = torch.arange(mask.shape[1], device=self.device)
+        self.last = torch.where(mask, positions, -1).max(dim=1).values
+        self.mask = mask
+        self.states[:] = [None] * len(self.states)
+        self.previous = None
+
+    def keep(self, index: int, hidden: torch.Tensor) -> None:
+        hidden = hidden.to(self.device)
+        real = hidden[self.mask].to(torch.float64)  # (real tokens of the batch, H)
+        if index > 0:
+            self.cos_sums[index - 1] += torch.nn.functional.cosine_similarity(self.previous, real, dim=-1).sum()
+        self.previous = real
+        if self.token_mode == "last":
+            hidden = hidden[torch.arange(hidden.shape[0], device=self.device), self.last]
+        self.states[index] = hidden.to(torch.float64)
+
+    def add_angles(self, total: torch.Tensor, token_chunk: int) -> None:
+        """Add each of the batch's samples' (L+1)×(L+1) mean angles to ``total``."""
+        stacked = torch.stack(self.states, dim=-2)  # last: (B, L+1, H); all: (B, T, L+1, H)
+        unit = torch.nn.functional.normalize(stacked, dim=-1)
+        if self.token_mode == "last":
+            total += pairwise_angles(unit).sum(dim=0)
+            return
+        for row in range(unit.shape[0]):
+            total += token_mean_angles(unit[row][self.mask[row]], token_chunk)
 
 
 @torch.no_grad()
@@ -231,78 +285,28 @@ def measure_distances(
     uses each sequence's last real token (the paper's default); ``'all'`` averages over its real tokens
     first, then over sequences. Padding side does not change the result.
     """
-    if token_mode not in TOKEN_MODES:
-        raise DepthpruneError(f"unknown token mode '{token_mode}': choose one of {', '.join(TOKEN_MODES)}")
-    tokens = token_mode
-    if not sequences:
-        raise DepthpruneError("no calibration sequences to measure")
+    check_measurable(sequences, token_mode)
     layout = decoder_layout(model)
     L = len(layout.layers)
     device = layout.layers[0].parameters().__next__().device
-    # Every state is gathered onto one device (the first layer's: with device_map they differ).
-    states: list[torch.Tensor | None] = [None] * (L + 1)
-    select: dict[str, torch.Tensor] = {}
-    # Block influence: the sum over real tokens of cos(x_l, x_{l+1}), from the full states before any token
-    # is selected; only the previous layer's input is held at a time.
-    cos_sums = torch.zeros(L, dtype=torch.float64, device=device)
-    previous: dict[str, torch.Tensor] = {}
-
-    def keep(index: int, hidden: torch.Tensor) -> None:
-        hidden = hidden.to(device)
-        real = hidden[select["mask"]].to(torch.float64)  # (real tokens of the batch, H)
-        if index > 0:
-            cos_sums[index - 1] += torch.nn.functional.cosine_similarity(previous["real"], real, dim=-1).sum()
-        previous["real"] = real
-        if tokens == "last":
-            hidden = hidden[torch.arange(hidden.shape[0], device=device), select["last"]]
-        states[index] = hidden.to(torch.float64)
-
-    def pre_hook(index):
-        def hook(module, args, kwargs):
-            keep(index, args[0] if args else kwargs["hidden_states"])
-
-        return hook
-
-    def last_hook(module, args, kwargs, output):
-        keep(L, output[0] if isinstance(output, tuple) else output)
-
-    handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(layout.layers)]
-    handles.append(layout.layers[-1].register_forward_hook(last_hook, with_kwargs=True))
+    kept = _BatchStates(L, token_mode, device)
     # Longest first: less padding per batch, and an out-of-memory error shows up at once.
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
-    ordered = [sequences[i] for i in order]
+    ordered = sorted(sequences, key=len, reverse=True)
     total = torch.zeros((L + 1, L + 1), dtype=torch.float64, device=device)
-    pass_positions = _accepts(layout.backbone, "position_ids")
+    pass_positions = accepts(layout.backbone, "position_ids")
     bar = tqdm(total=len(ordered), unit="sample", desc="angular distances", disable=not progress)
     real_tokens = 0
-    try:
+    watching = watch_layers(layout.layers, lambda index, hidden, call: kept.keep(index, hidden),
+                            lambda output: kept.keep(L, output))
+    with bar, watching:
         for batch in batches(ordered, batch_size, pad_token_id, padding_side):
             batch = batch.to(device)
-            mask = batch.attention_mask.bool()
-            positions = torch.arange(mask.shape[1], device=device)
-            select["last"] = torch.where(mask, positions, -1).max(dim=1).values
-            select["mask"] = mask
+            kept.start(batch.attention_mask.bool())
             kwargs = {"position_ids": batch.position_ids} if pass_positions else {}
             layout.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **kwargs)
-            stacked = torch.stack(states, dim=-2)  # last: (B, L+1, H); all: (B, T, L+1, H)
-            unit = torch.nn.functional.normalize(stacked, dim=-1)
-            if tokens == "last":
-                total += _pairwise_angles(unit).sum(dim=0)
-            else:
-                for row in range(unit.shape[0]):
-                    real = unit[row][mask[row]]  # (T_real, L+1, H)
-                    per_token = sum(
-                        _pairwise_angles(real[s : s + token_chunk]).sum(dim=0) for s in range(0, len(real), token_chunk)
-                    )
-                    total += per_token / len(real)
-            states[:] = [None] * (L + 1)
-            previous.clear()
-            real_tokens += int(mask.sum())
-            bar.update(len(mask))
-    finally:
-        bar.close()
-        for handle in handles:
-            handle.remove()
-    influence = (1.0 - cos_sums / real_tokens).cpu().numpy()
-    return AngularDistances((total / len(ordered)).cpu().numpy(), len(ordered), tokens,
+            kept.add_angles(total, token_chunk)
+            real_tokens += int(kept.mask.sum())
+            bar.update(len(kept.mask))
+    influence = (1.0 - kept.cos_sums / real_tokens).cpu().numpy()
+    return AngularDistances((total / len(ordered)).cpu().numpy(), len(ordered), token_mode,
                             block_influence=np.clip(influence, 0.0, 2.0))

@@ -2,12 +2,14 @@
 
 :func:`~depthprune.measure.distances.measure_distances` needs the whole model loaded; a 70B model is ~140 GB in
 bf16 for a measurement that only ever uses one layer at a time. Here the model is a skeleton on the
-``meta`` device (no weights), and the weights are read from the safetensors files as they are needed:
+``meta`` device (no weights), and the weights are read from the safetensors files as they are needed
+(:mod:`depthprune.measure.checkpoint`):
 
 1. The input embedding gets only the rows of the token ids that occur; one pass of the skeleton per batch,
-   with every decoder layer replaced by a :class:`_Capture` stand-in, records the embedded input of layer 0
-   and the exact arguments every layer is called with (causal or sliding-window masks, rotary position
-   embeddings per layer type, position ids, ...), so no architecture-specific code is needed.
+   with every decoder layer replaced by a weightless stand-in that hands its input on, records the embedded
+   input of layer 0 and the exact arguments every layer is called with (causal or sliding-window masks,
+   rotary position embeddings per layer type, position ids, ...: :func:`depthprune.model.capture.watch_layers`),
+   so no architecture-specific code is needed. The final norm and LM head never run.
 2. For each layer ℓ: its weights are read (memory-mapped, only its own tensors), every batch's residual
    stream goes through it with the captured arguments of layer ℓ, a callback sees its input and output,
    and the layer is freed before the next one is read.
@@ -21,12 +23,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import json
 import re
-import struct
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -36,178 +35,16 @@ from tqdm.auto import tqdm
 
 from ..data import Batch, batches, pad_id, tokenize
 from ..errors import DepthpruneError
-from ..model.load import (
-    DTYPES,
-    check_length,
-    convert_gguf,
-    decoder_layout,
-    model_fingerprint,
-    resolve_model_source,
-)
-from .distances import TOKEN_MODES, AngularDistances, _pairwise_angles
-
-# --- memory sizes -------------------------------------------------------------------------------------
-
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-MEMORY_HELP = "bytes, or a number with a unit: KB/MB/GB/TB (powers of 1000) or KiB/MiB/GiB/TiB (powers of 1024)"
+from ..model.capture import LayerCall, accepts, watch_layers
+from ..model.load import DTYPES, check_length, decoder_layout, model_fingerprint
+from .checkpoint import Checkpoint, local_checkpoint
+from .distances import AngularDistances, check_measurable, pairwise_angles, token_mean_angles
 
 
-def parse_memory(text: str | int) -> int:
-    """Bytes from ``'2GiB'``, ``'1.5 GB'``, ``'512MiB'`` or a plain byte count (units are case-insensitive)."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        value, unit = text, "b"
-    else:
-        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*", str(text).lower())
-        if not match or (match[2] or "b") not in _UNITS:
-            raise DepthpruneError(f"memory size '{text}' not understood: give {MEMORY_HELP}, e.g. 2GiB")
-        value, unit = float(match[1]), match[2] or "b"
-    size = int(value * _UNITS[unit])
-    if size <= 0:
-        raise DepthpruneError(f"memory size must be positive, got '{text}'")
-    return size
-
-
-def format_memory(size: float) -> str:
-    for unit in ("TiB", "GiB", "MiB", "KiB"):
-        if size >= _UNITS[unit.lower()]:
-            return f"{size / _UNITS[unit.lower()]:.2f} {unit}"
-    return f"{int(size)} B"
-
-
-# --- safetensors checkpoints --------------------------------------------------------------------------
-
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-             "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-@dataclass(frozen=True)
-class _Entry:
-    file: Path
-    dtype: str  # safetensors' name, e.g. 'BF16'
-    shape: tuple[int, ...]
-
-    @property
-    def numel(self) -> int:
-        return int(torch.Size(self.shape).numel())
-
-
-def _read_header(path: Path) -> dict:
-    """The JSON header of a safetensors file: a little-endian u64 length, then that many bytes of JSON."""
-    try:
-        with path.open("rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > path.stat().st_size - 8:
-                raise ValueError("header longer than the file")
-            header = json.loads(f.read(length))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (OSError, struct.error, ValueError) as exc:  # JSON and Unicode errors are ValueErrors
-        raise DepthpruneError(f"'{path}' is not a readable safetensors file ({exc})") from None
-    header.pop("__metadata__", None)
-    return header
-
-
-class Checkpoint:
-    """The tensors of a local safetensors checkpoint (single file or sharded), known from the headers only.
-
-    Reading opens the files memory-mapped and closes them again at once: pages of a mapped file that were
-    touched count as resident while it stays open, so a handle kept open would grow to the whole model.
-    """
-
-    def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
-        index = self.directory / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted({self.directory / name for name in weight_map.values()})
-        else:
-            files = sorted(self.directory.glob("*.safetensors"))
-        if not files:
-            pickles = sorted(p.name for p in self.directory.glob("*.bin"))
-            found = f"only pickle weights ({', '.join(pickles[:2])})" if pickles else "no .safetensors weights"
-            raise DepthpruneError(f"model directory '{self.directory}' has {found}: streaming reads safetensors "
-                                  "only; re-save it with save_pretrained (safetensors is the default)")
-        self.entries: dict[str, _Entry] = {}
-        for file in files:
-            if not file.is_file():
-                raise DepthpruneError(f"'{index}' names '{file.name}', which is missing: is the download complete?")
-            for name, info in _read_header(file).items():
-                self.entries[name] = _Entry(file, info["dtype"], tuple(info["shape"]))
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.entries
-
-    def entry(self, name: str) -> _Entry:
-        if name not in self.entries:
-            raise DepthpruneError(f"checkpoint '{self.directory}' has no tensor '{name}': is it complete, "
-                                  "and saved by transformers?")
-        return self.entries[name]
-
-    def tensors(self, names: Sequence[str], dtype: torch.dtype, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(name, tensor)`` converted to ``dtype`` on ``device``, one at a time; each file opened once."""
-        from safetensors import safe_open
-
-        by_file: dict[Path, list[str]] = {}
-        for name in names:
-            by_file.setdefault(self.entry(name).file, []).append(name)
-        for file, group in by_file.items():
-            with safe_open(file, framework="pt") as f:
-                for name in group:
-                    yield name, f.get_tensor(name).to(device=device, dtype=dtype)
-
-    def read_rows(self, name: str, rows: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """Rows ``rows`` (sorted, unique) of a 2-D tensor, reading only those rows' bytes."""
-        from safetensors import safe_open
-
-        # Consecutive ids are read as one slice: far fewer calls than one per row.
-        breaks = (torch.nonzero(rows[1:] - rows[:-1] != 1).flatten() + 1).tolist()
-        starts, ends = [0, *breaks], [*breaks, len(rows)]
-        with safe_open(self.entry(name).file, framework="pt") as f:
-            view = f.get_slice(name)
-            parts = [view[int(rows[s]) : int(rows[e - 1]) + 1] for s, e in zip(starts, ends, strict=True)]
-        return torch.cat(parts).to(device=device, dtype=dtype)
-
-    def nbytes(self, names: Sequence[str], dtype: torch.dtype) -> int:
-        """Bytes the named tensors take once converted to ``dtype``."""
-        return sum(self.entry(n).numel for n in names) * dtype.itemsize
-
-
-def local_checkpoint(spec: str) -> Path:
-    """The local directory to stream ``spec`` from: a checkpoint directory, a downloaded hub id, or the
-    converted safetensors cache of a .gguf file or embedded alias (converted once, as :func:`load_model` does)."""
-    source = resolve_model_source(spec)
-    if source.kind in ("alias", "gguf"):
-        return convert_gguf(source.location)
-    if source.kind == "hub":
-        from huggingface_hub import snapshot_download
-
-        try:
-            return Path(snapshot_download(spec, local_files_only=True))
-        except Exception:  # LocalEntryNotFoundError and friends: not (fully) in the local cache
-            raise DepthpruneError(f"'{spec}' is not downloaded and streaming reads local files only: run "
-                                  f"`hf download {spec}` first, or pass the checkpoint directory") from None
-    return Path(source.location)
-
-
-# --- the model skeleton -------------------------------------------------------------------------------
-
-
-class _Captured(Exception):
-    """Raised by the last layer's stand-in: the rest of the forward (final norm, ...) is not needed."""
-
-
-class _Capture(nn.Module):
-    """Stands in for decoder layer ``index``: records the call and hands the hidden state on unchanged."""
-
-    def __init__(self, index: int, calls: list, last: bool):
-        super().__init__()
-        self.index, self.calls, self.last = index, calls, last
+class _PassThrough(nn.Module):
+    """Stands in for a decoder layer whose weights are not loaded: hands the hidden state on unchanged."""
 
     def forward(self, hidden_states, *args, **kwargs):
-        self.calls[self.index] = (hidden_states, args, kwargs)
-        if self.last:
-            raise _Captured
         return hidden_states
 
 
@@ -239,10 +76,10 @@ class _Skeleton:
         self.backbone, self.layers_path = layout.backbone, layout.layers_path
         # The real layers leave the model for good, so that dropping one here frees it; stand-ins take their place.
         self.layers: list[nn.Module | None] = list(layout.layers)
-        self.calls: list = [None] * len(self.layers)
         self._spare: dict[str, nn.Parameter] = {}
         for i in range(len(self.layers)):
-            layout.layers[i] = _Capture(i, self.calls, last=i == len(self.layers) - 1)
+            layout.layers[i] = _PassThrough()
+        self.stand_ins = layout.layers
         self.embedding = self.model.get_input_embeddings()
         names = {id(module): name for name, module in self.model.named_modules()}
         self.embedding_name = f"{names[id(self.embedding)]}.weight"
@@ -312,27 +149,22 @@ class _Skeleton:
         self.layers[index] = None
 
     @torch.no_grad()
-    def capture(self, batch: Batch, compact_ids: torch.Tensor) -> tuple[torch.Tensor, list[tuple]]:
-        """Layer 0's input and every layer's ``(args, kwargs)`` for one batch, from one skeleton pass."""
-        calls = self.calls
-        calls[:] = [None] * len(calls)
-        kwargs = {"position_ids": batch.position_ids} if _accepts(self.backbone, "position_ids") else {}
-        try:
+    def capture(self, batch: Batch, compact_ids: torch.Tensor) -> tuple[torch.Tensor, list[LayerCall]]:
+        """Layer 0's input and every layer's call for one batch, from one skeleton pass."""
+        seen: list = [None] * len(self.stand_ins)
+
+        def on_input(index: int, hidden: torch.Tensor, call: LayerCall) -> None:
+            seen[index] = hidden, call
+
+        kwargs = {"position_ids": batch.position_ids} if accepts(self.backbone, "position_ids") else {}
+        with watch_layers(self.stand_ins, on_input, stop_after_last=True):
             self.backbone(inputs_embeds=self.embedding(compact_ids), attention_mask=batch.attention_mask,
                           use_cache=False, **kwargs)
-        except _Captured:
-            pass
-        first = calls[0][0] if calls[0] else None
-        if first is None or any(call is None or call[0] is not first for call in calls):
+        first = seen[0][0] if seen[0] else None
+        if first is None or any(s is None or s[0] is not first for s in seen):
             raise DepthpruneError(f"{type(self.model).__name__} does not pass the hidden state straight from one "
                                   "decoder layer to the next: layer streaming does not support it")
-        return first, [(args, kwargs) for _, args, kwargs in calls]  # a new list: the next batch reuses `calls`
-
-
-def _accepts(module: nn.Module, name: str) -> bool:
-    import inspect
-
-    return name in inspect.signature(module.forward).parameters
+        return first, [call for _, call in seen]
 
 
 # --- streaming ----------------------------------------------------------------------------------------
@@ -378,10 +210,9 @@ def stream_layers(
     skeleton.free_embedding()
     for index in tqdm(range(len(skeleton.layers)), unit="layer", desc="streamed layers", disable=not progress):
         layer = skeleton.load_layer(index)
-        for b, (args, kwargs) in enumerate(c[index] for c in calls):
+        for b, call in enumerate(c[index] for c in calls):
             inputs = states[b].to(compute)
-            output = layer(inputs, *args, **kwargs)
-            output = output[0] if isinstance(output, tuple) else output
+            output = call.replay(layer, inputs)
             callback(index, b, inputs, output)
             states[b] = output.to(storage)
         del layer
@@ -447,12 +278,10 @@ class _DistanceCollector:
         for b, states in enumerate(self.kept):
             unit = torch.nn.functional.normalize(torch.stack([s.to(torch.float64) for s in states], dim=-2), dim=-1)
             if self.token_mode == "last":
-                total += _pairwise_angles(unit).sum(dim=0)
+                total += pairwise_angles(unit).sum(dim=0)
                 continue
             for real in unit.split(self.masks[b].sum(dim=1).tolist()):  # one sample's tokens: (T_real, L+1, H)
-                per_token = sum(_pairwise_angles(real[s : s + self.token_chunk]).sum(dim=0)
-                                for s in range(0, len(real), self.token_chunk))
-                total += per_token / len(real)
+                total += token_mean_angles(real, self.token_chunk)
             self.kept[b] = []  # free as we go
         return total
 
@@ -473,10 +302,7 @@ def stream_distances(
 ) -> AngularDistances:
     """:func:`~depthprune.measure.distances.measure_distances` of the checkpoint in ``checkpoint`` (a directory),
     streamed one layer at a time: the same batches, the same result."""
-    if token_mode not in TOKEN_MODES:
-        raise DepthpruneError(f"unknown token mode '{token_mode}': choose one of {', '.join(TOKEN_MODES)}")
-    if not sequences:
-        raise DepthpruneError("no calibration sequences to measure")
+    check_measurable(sequences, token_mode)
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = Checkpoint(checkpoint)
     # Longest first, as measure_distances batches them: the same padding, so the same numbers.
@@ -528,151 +354,3 @@ def compute_distances_streamed(
     result.meta.update(model=spec, model_fingerprint=model_fingerprint(config), seq_len=seq_len,
                        num_tokens=int(sum(len(s) for s in sequences)), streamed=True)
     return result
-
-
-# --- memory estimates and the choice ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    """What an analysis needs on the device it runs on, in bytes: from the safetensors headers, the config
-    and the batch shapes, before anything is loaded. An estimate, not a bound."""
-
-    model: int  # every weight at the analysis dtype
-    layer: int  # the largest decoder layer
-    embedding_rows: int  # the rows of the token ids that can occur
-    extras: int  # other weights outside the layers (position embeddings, norms)
-    residual: int  # the residual stream of every calibration token (twice: a layer's input and output)
-    arguments: int  # the captured layer arguments (masks, rotary cos/sin) and the kept token vectors
-    batch_work: int  # one batch through one layer (attention scores, MLP), and the float64 distance maths
-
-    @property
-    def in_memory(self) -> int:
-        return self.model + self.batch_work
-
-    def streamed(self, offload: bool = False) -> int:
-        """Peak of the streamed analysis; with ``offload`` the residual stream lives in CPU memory instead."""
-        residual = 0 if offload else self.residual
-        return self.layer + self.embedding_rows + self.extras + residual + self.arguments + self.batch_work
-
-    def too_small(self, budget: int) -> DepthpruneError:
-        return DepthpruneError(
-            f"memory budget {format_memory(budget)} is too small to stream this model: one layer "
-            f"({format_memory(self.layer)}) + embedding rows and other weights "
-            f"({format_memory(self.embedding_rows + self.extras)}) + activations "
-            f"({format_memory(self.residual + self.arguments + self.batch_work)}) need about "
-            f"{format_memory(self.streamed())}; raise --max-memory or use fewer or shorter samples")
-
-
-def estimate_memory(
-    checkpoint: Checkpoint | str | Path,
-    lengths: Sequence[int],
-    *,
-    batch_size: int = 8,
-    token_mode: str = "last",
-    dtype: str = "float32",
-    trust_remote_code: bool = False,
-) -> MemoryEstimate:
-    """Estimate the memory of the in-memory and the streamed analysis of sequences of ``lengths`` tokens
-    (before tokenizing: ``[seq_len] * samples``, an upper bound)."""
-    from transformers import AutoConfig
-
-    if not isinstance(checkpoint, Checkpoint):
-        checkpoint = Checkpoint(checkpoint)
-    config = AutoConfig.from_pretrained(checkpoint.directory, trust_remote_code=trust_remote_code)
-    config = getattr(config, "text_config", config)
-    size = DTYPES[dtype].itemsize
-    entries = checkpoint.entries
-    layers = _group_layers(entries)
-    layer_bytes = max((checkpoint.nbytes(names, DTYPES[dtype]) for names in layers.values()), default=0)
-    in_layers = {n for names in layers.values() for n in names}
-    embedding = max((n for n in entries if n not in in_layers and len(entries[n].shape) == 2),
-                    key=lambda n: entries[n].numel)
-    vocab_size, hidden = entries[embedding].shape
-    # Outside the layers, streaming never reads the embedding whole, nor an untied LM head (same shape).
-    extras = checkpoint.nbytes([n for n in entries if n not in in_layers and entries[n].shape != entries[embedding].shape],
-                               DTYPES[dtype])
-    ordered = sorted(lengths, reverse=True)
-    shapes = [(len(ordered[i : i + batch_size]), ordered[i]) for i in range(0, len(ordered), batch_size)]
-    heads = getattr(config, "num_attention_heads", 1)
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    inner = getattr(config, "intermediate_size", None) or 4 * hidden
-    kinds = len(set(getattr(config, "layer_types", None) or ["full"]))
-    L = len(layers)
-    kept_vectors = (len(ordered) if token_mode == "last" else sum(ordered)) * (L + 1) * hidden * size
-    # Per batch and kind of layer: a (B, 1, T, T) mask and the rotary cos/sin (B, T, head_dim) each.
-    arguments = sum(kinds * (b * t * t * size + 2 * b * t * head_dim * 4) for b, t in shapes)
-    b, t = shapes[0]
-    one_pass = b * t * (2 * heads * t + 3 * inner + 4 * hidden) * size
-    distance_maths = 2 * (b if token_mode == "last" else b * t) * (L + 1) * hidden * 8
-    return MemoryEstimate(
-        model=checkpoint.nbytes(list(entries), DTYPES[dtype]), layer=layer_bytes,
-        embedding_rows=min(vocab_size, sum(ordered)) * hidden * size, extras=extras,
-        residual=2 * sum(b * t for b, t in shapes) * hidden * size, arguments=arguments + kept_vectors,
-        batch_work=one_pass + distance_maths,
-    )
-
-
-def _group_layers(entries: dict[str, _Entry]) -> dict[str, list[str]]:
-    """Tensor names grouped by decoder layer: the names with a '.<index>.' whose prefix occurs most often."""
-    groups: dict[tuple[str, int], list[str]] = {}
-    for name in entries:
-        match = re.match(r"(.*?)\.(\d+)\.", name)
-        if match:
-            groups.setdefault((match[1], int(match[2])), []).append(name)
-    if not groups:
-        return {}
-    prefixes = [prefix for prefix, _ in groups]
-    main = max(set(prefixes), key=prefixes.count)
-    return {f"{prefix}.{i}": names for (prefix, i), names in groups.items() if prefix == main}
-
-
-@dataclass(frozen=True)
-class StreamPlan:
-    """How to stream a model: from which local directory, on which device, the residual stream where."""
-
-    spec: str
-    directory: Path
-    device: str
-    offload: bool
-
-
-def plan_streaming(
-    model,
-    samples: int,
-    seq_len: int,
-    *,
-    stream: bool = False,
-    max_memory: int | str | None = None,
-    batch_size: int = 8,
-    token_mode: str = "last",
-    device: str = "cpu",
-    dtype: str = "float32",
-    trust_remote_code: bool = False,
-) -> StreamPlan | None:
-    """Decide between the in-memory (None) and the streamed analysis, before anything heavy loads.
-
-    Streams when ``stream`` is set, or when the whole model would not fit ``max_memory`` (bytes or a string
-    such as '2GiB', see :func:`parse_memory`: the memory of the device the analysis runs on). On a GPU, the
-    residual stream goes to CPU memory when only that makes it fit. A budget smaller than the streamed
-    analysis needs is an error.
-    """
-    if not stream and max_memory is None:
-        return None
-    if not isinstance(model, str):
-        raise DepthpruneError("--stream and --max-memory need a model name or checkpoint directory, "
-                              "not an already loaded model")
-    budget = None if max_memory is None else parse_memory(max_memory)
-    directory = local_checkpoint(model)
-    estimate = estimate_memory(directory, [seq_len] * samples, batch_size=batch_size, token_mode=token_mode, dtype=dtype,
-                               trust_remote_code=trust_remote_code)
-    if budget is not None and not stream and estimate.in_memory <= budget:
-        return None
-    on_gpu = device in ("cuda", "auto")
-    offload = budget is not None and on_gpu and estimate.streamed() > budget
-    if budget is not None and estimate.streamed(offload) > budget:
-        raise estimate.too_small(budget)
-    if not stream:
-        print(f"depthprune: '{model}' needs about {format_memory(estimate.in_memory)} in memory, more than "
-              f"--max-memory {format_memory(budget)}: streaming it one layer at a time", flush=True)
-    return StreamPlan(model, directory, "cuda" if on_gpu else "cpu", offload)

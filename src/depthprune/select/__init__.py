@@ -188,6 +188,17 @@ def check_block_request(n: int | None = None, fraction: float | None = None) -> 
         raise DepthpruneError(f"n={n} out of range: remove at least 1 layer")
 
 
+def check_cut_request(n: int | None, fraction: float | None, layers: str | None, criterion: str) -> str:
+    """Check how the layers to cut are asked for (before anything loads); returns what the criterion needs."""
+    if sum(x is not None for x in (n, fraction, layers)) != 1:
+        raise DepthpruneError("give exactly one of --n, --fraction or --layers")
+    if layers is not None:
+        layer_ranges(layers)
+        return "nothing"
+    check_block_request(n, fraction)
+    return CRITERIA.get(criterion).needs
+
+
 def block_size(num_layers: int, n: int | None = None, fraction: float | None = None) -> int:
     """The number of layers to remove, from a count ``n`` or a ``fraction`` of the L layers (rounded)."""
     check_block_request(n, fraction)

@@ -33,7 +33,6 @@ Import this module only inside a criterion's ``select``: it imports torch.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Sequence
 
@@ -42,6 +41,7 @@ from tqdm.auto import tqdm
 
 from ..data import collate
 from ..errors import DepthpruneError
+from ..model.capture import accepts, watch_layers
 from ..model.load import decoder_layout
 
 # The states of every kept layer for every batch are kept in memory when they fit in this many bytes;
@@ -50,10 +50,6 @@ STATE_BUDGET_BYTES = 3 * 2**30
 HEAD_CHUNK = 512  # positions per LM-head chunk: (chunk, vocab) float32 logits at a time
 SUBSET_DIVISOR = 8  # the loss bound uses 1/SUBSET_DIVISOR of the vocabulary
 BOUND_MARGIN = 1e-4  # relative: a candidate is dropped only when its bound exceeds the best loss by more
-
-
-def _output(out):
-    return out[0] if isinstance(out, tuple) else out
 
 
 class LayerRunner:
@@ -80,7 +76,7 @@ class LayerRunner:
         project_out = getattr(parent, "project_out", None)  # OPT's projection after the final norm
         self.project_out = project_out if isinstance(project_out, torch.nn.Module) else None
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
-        self.pass_positions = "position_ids" in inspect.signature(self.layout.backbone.forward).parameters
+        self.pass_positions = accepts(self.layout.backbone, "position_ids")
         order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))  # longest first: less padding
         ordered = [sequences[i] for i in order]
         self.batches = [collate(ordered[s : s + batch_size], pad_token_id, "right").to(self.device)
@@ -109,31 +105,18 @@ class LayerRunner:
         calls: list = [None] * len(self.layers)
         captured: dict = {}
 
-        def pre_hook(index):
-            def hook(module, args, kwargs):
-                if args:
-                    hidden, rest, key = args[0], tuple(args[1:]), None
-                else:
-                    hidden, rest, key = kwargs["hidden_states"], (), "hidden_states"
-                calls[index] = (rest, {k: v for k, v in kwargs.items() if k != "hidden_states"}, key)
-                if index == 0:
-                    captured["embedding"] = hidden.detach()
+        def on_input(index, hidden, layer_call):
+            calls[index] = layer_call
+            if index == 0:
+                captured["embedding"] = hidden.detach()
 
-            return hook
+        def on_last_output(hidden):
+            captured["last"] = hidden.detach()
 
-        def last_hook(module, args, kwargs, output):
-            captured["last"] = _output(output).detach()
-
-        handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(self.layers)]
-        handles.append(self.layers[-1].register_forward_hook(last_hook, with_kwargs=True))
-        try:
-            kwargs = {"position_ids": batch.position_ids} if self.pass_positions else {}
-            with torch.no_grad():
-                result = (call or self.layout.backbone)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                                        use_cache=False, **kwargs)
-        finally:
-            for handle in handles:
-                handle.remove()
+        kwargs = {"position_ids": batch.position_ids} if self.pass_positions else {}
+        with torch.no_grad(), watch_layers(self.layers, on_input, on_last_output):
+            result = (call or self.layout.backbone)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                                    use_cache=False, **kwargs)
         if any(c is None for c in calls):
             raise DepthpruneError(f"{type(self.model).__name__}: not every decoder layer ran in the forward pass")
         return captured["embedding"], calls, captured["last"] if call is None else (captured["last"], result)
@@ -163,10 +146,7 @@ class LayerRunner:
 
     def call(self, index: int, hidden: torch.Tensor, b: int) -> torch.Tensor:
         """Layer ``index`` (original numbering) on ``hidden`` of batch ``b``, with the arguments it got."""
-        rest, kwargs, key = self.calls[b][index]
-        layer = self.layers[index]
-        out = layer(*rest, hidden_states=hidden, **kwargs) if key else layer(hidden, *rest, **kwargs)
-        return _output(out)
+        return self.calls[b][index].replay(self.layers[index], hidden)
 
     def run(self, kept: Sequence[int], start: int, hidden: torch.Tensor, b: int) -> torch.Tensor:
         """Run the kept layers from position ``start`` on (``hidden`` is the input of that position)."""

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import yaml
 
-from ..api import _measure_texts, load_calibration
 from ..data import tokenize
 from ..errors import DepthpruneError
+from ..measure.analysis import load_calibration, measure_texts
 from ..measure.distances import AngularDistances
 from ..model.load import load_model, num_layers
 from ..outputs import atomic_output_dir, atomic_write_text, check_output_dir, output_lock, replace_dir
@@ -157,7 +157,7 @@ def _analyse(model, tokenizer, c: SweepConfig, work: Path, texts: list[str], log
     from ..measure.heatmap import plot_heatmap
 
     log(f"measuring angular distances on {len(texts)} samples of {c.data}")
-    distances = _measure_texts(model, tokenizer, _data_options(c), texts, _analysis_options(c), progress=progress)
+    distances = measure_texts(model, tokenizer, _data_options(c), texts, _analysis_options(c), progress=progress)
     with atomic_output_dir(work / ANALYSIS_DIR, force=True) as tmp:
         distances.save(tmp)
         plot_heatmap(distances, tmp / "heatmap.png")
