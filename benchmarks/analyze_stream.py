@@ -49,7 +49,8 @@ def _peak_rss_bytes() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
-def whole_child(method: str, alias: str, samples: int, seq_len: int, batch_size: int, tokens: str, data: str) -> None:
+def whole_child(method: str, alias: str, samples: int, seq_len: int, batch_size: int, token_mode: str,
+                data: str) -> None:
     """``depthprune.analyze`` in this fresh process, nothing loaded before; print its peak and distances as JSON."""
     import torch
 
@@ -58,13 +59,13 @@ def whole_child(method: str, alias: str, samples: int, seq_len: int, batch_size:
     torch.set_num_threads(1)
     wall = time.perf_counter()
     result = depthprune.analyze(alias, depthprune.DataOptions(data, samples=samples, seq_len=seq_len),
-                                batch_size=batch_size, token_mode=tokens, stream=method == "analyze-stream",
+                                batch_size=batch_size, token_mode=token_mode, stream=method == "analyze-stream",
                                 progress=False)
     print(json.dumps({"whole_mib": _peak_rss_bytes() / 2**20, "wall_s": time.perf_counter() - wall,
                       "pairwise": result.pairwise.tolist()}))
 
 
-def child(method: str, alias: str, samples: int, seq_len: int, batch_size: int, tokens: str, data: str) -> None:
+def child(method: str, alias: str, samples: int, seq_len: int, batch_size: int, token_mode: str, data: str) -> None:
     """Run one analysis in this fresh process; print its figures as one JSON line."""
     import accelerate  # noqa: F401  (imported by both methods; not the analysis' memory)
     import torch
@@ -95,11 +96,11 @@ def child(method: str, alias: str, samples: int, seq_len: int, batch_size: int, 
     if method == "in-memory":
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, use_safetensors=True).eval()
         result = measure_distances(model, tokenize(texts, tokenizer, seq_len), batch_size=batch_size,
-                                   token_mode=tokens, pad_token_id=pad_id(tokenizer), progress=False)
+                                   token_mode=token_mode, pad_token_id=pad_id(tokenizer), progress=False)
     else:
         loading = _time_layer_loads()
         result = compute_distances_streamed(alias, texts, tokenizer=tokenizer, seq_len=seq_len,
-                                            batch_size=batch_size, token_mode=tokens, progress=False)
+                                            batch_size=batch_size, token_mode=token_mode, progress=False)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     done.set()
     watcher.join()
@@ -142,7 +143,7 @@ def _layer_size(directory, tokenizer, texts, seq_len: int, batch_size: int) -> d
 
 def run_child(method: str, alias: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", method, "--models", alias, "--samples", str(args.samples),
-           "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--tokens", args.tokens,
+           "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--token-mode", args.token_mode,
            "--data", args.data]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
@@ -171,16 +172,16 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--tokens", default="last", choices=["last", "all"])
+    p.add_argument("--token-mode", "--tokens", default="last", choices=["last", "all"])  # --tokens: before issue 18
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--rounds", type=int, default=2, help="runs per method, alternating; best time, lowest peak")
     p.add_argument("--child", choices=METHODS + WHOLE, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         run = whole_child if args.child in WHOLE else child
-        return run(args.child, args.models, args.samples, args.seq_len, args.batch_size, args.tokens, args.data)
+        return run(args.child, args.models, args.samples, args.seq_len, args.batch_size, args.token_mode, args.data)
 
-    print(f"{args.samples} C4 documents ≤ {args.seq_len} tokens, batch {args.batch_size}, tokens={args.tokens}, "
+    print(f"{args.samples} C4 documents ≤ {args.seq_len} tokens, batch {args.batch_size}, token_mode={args.token_mode}, "
           f"float32, CPU, 1 thread; a fresh process per run, best of {args.rounds} alternating rounds\n")
     _whole_process(args)
     print(f"\nabove a baseline\n{'model':<14} {'method':<10} {'peak +MiB':>9} {'wall s':>7} {'CPU s':>7}")

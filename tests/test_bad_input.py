@@ -65,7 +65,8 @@ def _distances_variants(root) -> dict:
         "nan": _with(raw, pairwise=np.where(pairwise == 0.1, np.nan, pairwise).tolist()),
         "above_one": _with(raw, pairwise=(pairwise * 20).tolist()),
         "bad_samples": _with(raw, num_samples="ten"),
-        "bad_tokens": _with(raw, tokens="first"),
+        "bad_token_mode": _with(raw, token_mode="first"),
+        "bad_tokens": _with({k: v for k, v in raw.items() if k != "token_mode"}, tokens="first"),  # before issue 18
         "bad_layers": _with(raw, num_layers=4),
         "bad_fingerprint": _with(raw, model_fingerprint=[1, 2]),
         "eight_layers": json.dumps(other),
@@ -225,7 +226,8 @@ CASES = [
     ("distances NaN", prune(criterion="similarity", distances="{dist_nan}"), "NaN"),
     ("distances above 1", prune(criterion="similarity", distances="{dist_above_one}"), "between 0 and 1"),
     ("distances sample count", prune(criterion="similarity", distances="{dist_bad_samples}"), "num_samples is 'ten'"),
-    ("distances token mode", prune(criterion="similarity", distances="{dist_bad_tokens}"), "tokens is 'first'"),
+    ("distances token mode", prune(criterion="similarity", distances="{dist_bad_token_mode}"), "token_mode is 'first'"),
+    ("distances old token mode", prune(criterion="similarity", distances="{dist_bad_tokens}"), "tokens is 'first'"),
     ("distances layer count", prune(criterion="similarity", distances="{dist_bad_layers}"), "num_layers 4"),
     ("distances fingerprint", prune(criterion="similarity", distances="{dist_bad_fingerprint}"), "model_fingerprint"),
     # prune: distances of another model, for every criterion

@@ -10,7 +10,8 @@ from test_evaluate import _llama, naive_loglikelihoods, tokenizer  # noqa: F401 
 
 from depthprune.errors import DepthpruneError
 from depthprune.evaluate.multiple_choice import multiple_choice_accuracy
-from depthprune.evaluate.tasks.arc import build_prompt, evaluate_arc, load_arc
+from depthprune.evaluate.registry import EVAL_TASKS
+from depthprune.evaluate.tasks.arc_easy import build_prompt, evaluate_arc_easy, load_arc
 from depthprune.evaluate.tasks.hellaswag import evaluate_hellaswag, load_hellaswag
 
 
@@ -52,7 +53,7 @@ def test_arc_matches_lm_eval(tokenizer, shared_data):  # noqa: F811
     model = _llama(tokenizer)
     theirs = lm_eval_summary(run_lm_eval(model, tokenizer, ["arc_easy_local"], data_dir=shared_data, limit=10,
                                          batch_size=4))["arc_easy_local"]
-    ours = evaluate_arc(model, tokenizer, str(shared_data / "arc" / "ARC-Easy-Test.jsonl"), limit=10, progress=False)
+    ours = evaluate_arc_easy(model, tokenizer, str(shared_data / "arc" / "ARC-Easy-Test.jsonl"), limit=10, progress=False)
     assert ours["accuracy"] == pytest.approx(theirs["acc"]) and ours["accuracy_norm"] == pytest.approx(theirs["acc_norm"])
 
 
@@ -65,8 +66,25 @@ def test_hellaswag_accuracy_by_hand(tokenizer, shared_data):  # noqa: F811
         scores = naive_loglikelihoods(model, tokenizer, prompt, [" " + e for e in endings])
         correct += int(np.argmax(scores)) == label
         correct_norm += int(np.argmax(np.array(scores) / [len(e) for e in endings])) == label
-    assert r["accuracy"] == correct_norm / 4 and r["accuracy_unnormalized"] == correct / 4
+    assert r["accuracy_norm"] == correct_norm / 4 and r["accuracy"] == correct / 4
     assert r["num_examples"] == 4 and r["chance"] == 0.25
+
+
+def test_results_name_each_measure_as_the_store_does(tokenizer, shared_data):  # noqa: F811
+    """ARC-Easy's result is the task arc_easy; both results call acc 'accuracy' and acc_norm 'accuracy_norm',
+    and flatten to the store's columns {task}_acc and {task}_acc_norm."""
+    model = _llama(tokenizer)
+    arc = evaluate_arc_easy(model, tokenizer, str(shared_data / "arc" / "ARC-Easy-Test.jsonl"), limit=2,
+                            progress=False)
+    hellaswag = evaluate_hellaswag(model, tokenizer, str(shared_data / "hellaswag" / "hellaswag_val_subset1000.jsonl"),
+                                   limit=2, progress=False)
+    assert arc["task"] == "arc_easy" == EVAL_TASKS.get("arc_easy").name
+    for r in (arc, hellaswag):
+        assert {"accuracy", "accuracy_norm", "chance", "num_examples"} <= set(r) and "accuracy_unnormalized" not in r
+        assert EVAL_TASKS.get(r["task"]).flatten(r) == {f"{r['task']}_acc": r["accuracy"],
+                                                       f"{r['task']}_acc_norm": r["accuracy_norm"],
+                                                       f"{r['task']}_chance": 0.25}
+    assert EVAL_TASKS.get("hellaswag").headline == "hellaswag_acc_norm"
 
 
 def test_bad_data(tmp_path):

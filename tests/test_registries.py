@@ -219,7 +219,7 @@ def test_plugins_reach_the_cli_the_sweep_and_the_report(plugins, context, tiny_c
                             test_words=str(tiny_corpus), limit=10, cost=False)
     run_sweep(config, log=lambda _: None)
     points = load_points(tmp_path / "s")
-    assert {p["criterion"] for p in points} == {"full", "similarity", "test_block_influence"}
+    assert {p["criterion"] for p in points} == {"unpruned", "similarity", "test_block_influence"}
     assert all(p["metrics"]["test_words_chance"] == 0.5 for p in points)
     html = write_report(tmp_path / "s").read_text()
     assert "Word parity (test)" in html and "ShortGPT" in html

@@ -40,7 +40,7 @@ def fake_sweep(tmp_path, mmlu=lambda n, criterion, heal: 0.70, boolq=lambda n, c
     AngularDistances(pairwise, 4, "last", {"model": "fake"}).save(tmp_path / "analysis")
     db = connect(tmp_path)
     for n in [0, 2, 4, 6]:
-        for criterion in ["full"] if n == 0 else ["similarity", "deepest"]:
+        for criterion in ["unpruned"] if n == 0 else ["similarity", "deepest"]:
             for heal in ["none", "lora"] if n == 4 else ["none"]:
                 kept = L - n
                 metrics = {"mmlu_acc": mmlu(n, criterion, heal), "mmlu_chance": 0.25, "boolq_acc": boolq(n, criterion, heal),

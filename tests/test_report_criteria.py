@@ -29,7 +29,7 @@ def criteria_sweep(tmp_path):
         tmp_path / "analysis")
     db = connect(tmp_path)
     evaluation = {"model": "fake", "tasks": {"arc_easy": {"num_examples": 100}, "c4": {"vocab_size": 1000}}}
-    save_point(db, n=0, fraction=0, criterion="full", heal="none", removed_layers=[], distance=None,
+    save_point(db, n=0, fraction=0, criterion="unpruned", heal="none", removed_layers=[], distance=None,
                metrics={"arc_easy_acc": 0.6, "arc_easy_chance": 0.25, "c4_loss": 3.0, "c4_loss_norm": 0.43},
                details={"evaluation": evaluation})
     for criterion, by_n in CUTS.items():

@@ -49,7 +49,7 @@ def test_all_prints_every_column_of_the_store(capsys):
 
 
 def test_ranges_and_number_formats():
-    points = [_point(0, [], "full", mmlu_acc=0.5, c4_loss=2.88512, weight_bytes=2**21),
+    points = [_point(0, [], "unpruned", mmlu_acc=0.5, c4_loss=2.88512, weight_bytes=2**21),
               _point(6, list(range(13, 19)), mmlu_acc=1 / 3, c4_loss=3.4, weight_bytes=2**20),
               _point(4, [3, 7, 9, 10], "block-influence", "lora", mmlu_acc=0.25, heal_val_loss=4.05)]
     lines = results_lines("sweep", points, {})
@@ -57,7 +57,7 @@ def test_ranges_and_number_formats():
     assert header == ["n", "fraction", "criterion", "heal", "removed_layers", "distance", "mmlu_acc", "c4_loss",
                       "weight_MiB", "heal_val_loss"]
     full, block, cut = (_columns(line) for line in lines[1:4])
-    assert full == ["0", "0.00", "full", "none", "0.500", "2.885", "2.0"]
+    assert full == ["0", "0.00", "unpruned", "none", "0.500", "2.885", "2.0"]
     assert block == ["6", "0.20", "similarity", "none", "13-18", "0.123", "0.333", "3.400", "1.0"]
     assert cut == ["4", "0.13", "block-influence", "lora", "3,7,9-10", "0.123", "0.250", "4.050"]
     assert lines[4] == "10 of 10 columns; --all shows every column"
@@ -65,7 +65,7 @@ def test_ranges_and_number_formats():
 
 def test_columns_left_out_to_fit_are_named():
     tasks = {f"task{i}_acc": 0.5 for i in range(12)}
-    points = [_point(0, [], "full", c4_loss=3.0, prefill_ms_per_token=2.5, **tasks),
+    points = [_point(0, [], "unpruned", c4_loss=3.0, prefill_ms_per_token=2.5, **tasks),
               _point(3, [1, 2, 3], c4_loss=3.5, prefill_ms_per_token=2.0, **tasks)]
     lines = results_lines("sweep", points, {})
     assert max(len(line) for line in lines) <= 160
@@ -107,11 +107,11 @@ def test_a_store_of_failed_points_only_says_so_in_one_line(tmp_path, capsys):
 
 def test_a_finished_point_beside_failed_ones_is_shown(tmp_path, capsys):
     db = connect(tmp_path)
-    save_point(db, n=0, fraction=0.0, criterion="full", heal="none", removed_layers=[], distance=None,
+    save_point(db, n=0, fraction=0.0, criterion="unpruned", heal="none", removed_layers=[], distance=None,
                metrics={"c4_loss": 3.0}, details={})
     save_failure(db, n=2, criterion="deepest", heal="lora", error="worker died")
     db.close()
     assert main(["results", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert _columns(lines[1]) == ["0", "0.00", "full", "none", "3.000"]
+    assert _columns(lines[1]) == ["0", "0.00", "unpruned", "none", "3.000"]
     assert lines[-1].startswith("failed: n=2/deepest/lora (1x, last ")

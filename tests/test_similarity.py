@@ -71,7 +71,7 @@ def test_sdpa_padding_matches_eager():
 
 def test_block_indexing_and_best():
     pairwise = np.array([[0, .5, .6, .9], [.5, 0, .1, .7], [.6, .1, 0, .2], [.9, .7, .2, 0]], dtype=float)
-    d = AngularDistances(pairwise, num_samples=3, tokens="last")
+    d = AngularDistances(pairwise, num_samples=3, token_mode="last")
     assert d.num_layers == 3
     np.testing.assert_allclose(d.block(1), [.5, .1, .2])
     np.testing.assert_allclose(d.block(2), [.6, .7])
@@ -89,7 +89,7 @@ def test_save_and_load_round_trip(tmp_path):
     d.save(tmp_path)
     back = load_distances(tmp_path)
     np.testing.assert_array_equal(back.pairwise, d.pairwise)
-    assert back.meta["model"] == "tiny" and back.tokens == "last"
+    assert back.meta["model"] == "tiny" and back.token_mode == "last"
     rows = (tmp_path / "distances.csv").read_text().splitlines()
     assert rows[0] == "n,start_layer,end_layer,distance"
     assert len(rows) == 1 + sum(6 - n + 1 for n in range(1, 7))

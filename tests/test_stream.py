@@ -51,7 +51,7 @@ def test_streamed_equals_in_memory(saved, arch, tokens, padding_side):
                                 progress=False)
     np.testing.assert_allclose(streamed.pairwise, expected.pairwise, atol=1e-6, rtol=0)
     np.testing.assert_allclose(streamed.block_influence, expected.block_influence, atol=1e-9, rtol=0)
-    assert streamed.num_samples == 7 and streamed.tokens == tokens
+    assert streamed.num_samples == 7 and streamed.token_mode == tokens
     assert streamed.block(1).min() > 1e-3  # not trivially zero: a wrong layer would show
 
 

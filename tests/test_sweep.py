@@ -29,7 +29,7 @@ def _quality(points):
 def test_sweep_rows_report_and_resume(tiny_checkpoint, tiny_corpus, shared_data, tmp_path, monkeypatch, capsys):
     whole = run_sweep(_config(tiny_checkpoint, tiny_corpus, shared_data, tmp_path / "whole"), log=lambda _: None)
     points = load_points(whole)
-    assert [(p["n"], p["criterion"]) for p in points] == [(0, "full"), (2, "deepest"), (2, "similarity"),
+    assert [(p["n"], p["criterion"]) for p in points] == [(0, "unpruned"), (2, "deepest"), (2, "similarity"),
                                                           (4, "deepest"), (4, "similarity")]
     for p in points:
         assert {"mmlu_acc", "boolq_acc", "c4_loss", "c4_loss_norm", "prefill_ms_per_token", "weight_bytes"} <= set(p["metrics"])
@@ -79,7 +79,7 @@ def test_a_sweep_grows_with_more_criteria_and_sizes(tiny_checkpoint, tiny_corpus
                       **small), log=lambda _: None)
     assert len(evaluated) == 3  # 2/similarity, 4/deepest, 4/similarity: not the full model nor 2/deepest again
     assert {(p["n"], p["criterion"]) for p in load_points(out)} == {
-        (0, "full"), (2, "deepest"), (2, "similarity"), (4, "deepest"), (4, "similarity")}
+        (0, "unpruned"), (2, "deepest"), (2, "similarity"), (4, "deepest"), (4, "similarity")}
     assert "similarity" in (out / "sweep.yaml").read_text()
 
 

@@ -114,7 +114,7 @@ def test_metric_names_say_which_accuracy():
             "mmlu": {"accuracy": 0.3, "chance": 0.25},
             "boolq": {"accuracy": 0.6, "majority_baseline": 0.62},
             "arc_easy": {"accuracy": 0.5, "accuracy_norm": 0.45, "chance": 0.25},
-            "hellaswag": {"accuracy": 0.4, "accuracy_unnormalized": 0.35, "chance": 0.25},  # accuracy is acc_norm
+            "hellaswag": {"accuracy": 0.35, "accuracy_norm": 0.4, "chance": 0.25},
             "c4": {"loss": 3.0, "loss_over_log_vocab": 0.3, "perplexity": 20.1},
         },
         "lm_eval": {"tasks": {"arc_challenge": {"acc": 0.2, "acc_norm": 0.28, "num_examples": 10},

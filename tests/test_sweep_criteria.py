@@ -25,7 +25,7 @@ def test_sweep_runs_every_criterion(tiny_checkpoint, tiny_corpus, tmp_path, monk
                             c4_sequences=2, c4_seq_len=16, cost=False)
     out = run_sweep(config, log=lambda _: None)
     points = load_points(out)
-    assert {(p["n"], p["criterion"]) for p in points} == {(0, "full")} | {(n, c) for n in (2, 3) for c in CRITERIA.names()}
+    assert {(p["n"], p["criterion"]) for p in points} == {(0, "unpruned")} | {(n, c) for n in (2, 3) for c in CRITERIA.names()}
     # Greedy: one step per layer up to n = 3 (each n a prefix). One-shot shares greedy's first step: it
     # computes only the candidates that step stopped early, never one twice.
     assert sorted(k for k, _ in steps) in ([4, 5, 6], [4, 5, 6, 6])

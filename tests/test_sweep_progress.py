@@ -78,10 +78,10 @@ def test_stages_counter_and_eta_across_a_resume(tiny_checkpoint, tiny_corpus, sh
     with pytest.raises(KeyboardInterrupt):
         run_sweep(config, log=first, quiet=True)
     assert first.matching(r"^3 points, 0 already finished$")
-    assert first.matching(r"^\[1/3\] n=0/full/none: cut: removing layers none$")
-    assert first.matching(r"^\[1/3\] n=0/full/none: evaluating boolq \(1/2\)$")
-    assert first.matching(r"^\[1/3\] n=0/full/none: evaluating c4 \(2/2\)$")
-    assert first.matching(r"^\[1/3\] n=0/full/none: done in \d+ s: boolq_acc=")
+    assert first.matching(r"^\[1/3\] n=0/unpruned/none: cut: removing layers none$")
+    assert first.matching(r"^\[1/3\] n=0/unpruned/none: evaluating boolq \(1/2\)$")
+    assert first.matching(r"^\[1/3\] n=0/unpruned/none: evaluating c4 \(2/2\)$")
+    assert first.matching(r"^\[1/3\] n=0/unpruned/none: done in \d+ s: boolq_acc=")
     # The ETA comes after the first finished point, from its time, and counts what is left.
     eta = first.matching(r"^ETA: ")
     assert len(eta) == 1 and "2 points left (2 unhealed)" in eta[0] and "unhealed " in eta[0]
@@ -163,7 +163,7 @@ def test_quiet_cli_draws_no_bars_and_the_default_does(tiny_checkpoint, tiny_corp
     assert main(["sweep", "--config", str(config), "--out", str(tmp_path / "bars")]) == 0
     out, err = capfd.readouterr()
     assert "%|" in err and "\r" in err  # tqdm's bars, on standard error
-    assert "[1/2] n=0/full/none: evaluating boolq (1/2)" in out and "%|" not in out
+    assert "[1/2] n=0/unpruned/none: evaluating boolq (1/2)" in out and "%|" not in out
 
 
 def test_a_stage_without_a_bar_says_it_still_runs(monkeypatch):
@@ -193,8 +193,8 @@ def test_estimate_by_kind():
 
 def test_progress_counts_points_finished_in_earlier_runs():
     lines = Lines()
-    keys = [("n=0/full/none", "unhealed"), ("n=2/deepest/none", "unhealed"), ("n=2/deepest/lora", "healed")]
-    progress = SweepProgress(lines, keys, {"n=0/full/none": 12.0, "gone": 5.0}, {"n=0/full/none", "gone"})
+    keys = [("n=0/unpruned/none", "unhealed"), ("n=2/deepest/none", "unhealed"), ("n=2/deepest/lora", "healed")]
+    progress = SweepProgress(lines, keys, {"n=0/unpruned/none": 12.0, "gone": 5.0}, {"n=0/unpruned/none", "gone"})
     progress.begin()
     with progress.point("n=2/deepest/lora"):
         progress.say("cut")
@@ -205,15 +205,15 @@ def test_progress_counts_points_finished_in_earlier_runs():
     progress.finished("n=2/deepest/lora", 100.0)
     assert lines[3].startswith("ETA: 1 point left (1 unhealed), about 12 s")
     without_cost = Lines()
-    SweepProgress(without_cost, keys, {"n=0/full/none": 12.0}, {"n=0/full/none"}, cost_phase=False).log_eta()
+    SweepProgress(without_cost, keys, {"n=0/unpruned/none": 12.0}, {"n=0/unpruned/none"}, cost_phase=False).log_eta()
     assert "cost phase" not in without_cost[0] and "cost phase" in lines[1]
 
 
 def test_points_running_at_once_shorten_the_estimate():
     """Under Ray, k tasks at a time finish the remaining work k times sooner (never more than the points left)."""
     lines = Lines()
-    keys = [("n=0/full/none", "unhealed")] + [(f"n={n}/deepest/none", "unhealed") for n in (1, 2, 3, 4)]
-    progress = SweepProgress(lines, keys, {"n=0/full/none": 60.0}, {"n=0/full/none"}, cost_phase=False)
+    keys = [("n=0/unpruned/none", "unhealed")] + [(f"n={n}/deepest/none", "unhealed") for n in (1, 2, 3, 4)]
+    progress = SweepProgress(lines, keys, {"n=0/unpruned/none": 60.0}, {"n=0/unpruned/none"}, cost_phase=False)
     progress.log_eta()
     progress.parallel = 2
     progress.log_eta()

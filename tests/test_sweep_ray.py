@@ -68,7 +68,7 @@ def test_ray_sweep_equals_serial_and_survives_dead_workers_and_a_killed_driver(
         local_ray, tiny_checkpoint, tiny_corpus, tmp_path, monkeypatch, capsys):
     serial = run_sweep(_config(tiny_checkpoint, tiny_corpus, tmp_path / "serial"), log=lambda _: None)
     expected = _table(serial)
-    assert set(expected) == {"n=0/full/none", DIES, "n=2/deepest/lora", RAISES}
+    assert set(expected) == {"n=0/unpruned/none", DIES, "n=2/deepest/lora", RAISES}
 
     # One worker dies (os._exit) and another task raises, on their first attempt: both recorded, the rest saved.
     lines: list[str] = []
@@ -81,7 +81,7 @@ def test_ray_sweep_equals_serial_and_survives_dead_workers_and_a_killed_driver(
     assert set(failed) == {DIES, RAISES}
     assert failed[DIES]["error"].startswith("worker died") and failed[DIES]["attempts"] == 1
     assert failed[RAISES]["error"].startswith("RuntimeError: fault injected")
-    assert set(_table(tmp_path / "ray")) == {"n=0/full/none", "n=2/deepest/lora"}
+    assert set(_table(tmp_path / "ray")) == {"n=0/unpruned/none", "n=2/deepest/lora"}
     assert not load_cost(tmp_path / "ray")  # no cost phase while points are missing
     assert not (tmp_path / "ray" / "summary.json").exists()
     capsys.readouterr()

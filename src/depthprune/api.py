@@ -209,7 +209,7 @@ def prune(
         if distances is not None:
             record["distances"] = {
                 "data": distances.meta.get("data"), "seq_len": distances.meta.get("seq_len"),
-                "seed": distances.meta.get("seed"), "num_samples": distances.num_samples, "tokens": distances.tokens,
+                "seed": distances.meta.get("seed"), "num_samples": distances.num_samples, "token_mode": distances.token_mode,
             }
         save_pruned(pruned, tokenizer, out, record, force)
     return record

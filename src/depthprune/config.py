@@ -96,7 +96,8 @@ class SharedEvalOptions(Checked):
     max_length: int | None = option(None, minimum=2, help="context limit in tokens (default: the model's)")
     seed: int = option(0, help="C4: seed of the document sample")
     lm_eval: list[str] = option(help="lm-evaluation-harness tasks to run too, comma-separated (e.g. hellaswag; "
-                                     "arc_easy_local reads a local copy)", default_factory=list)
+                                     "arc_easy_local: ARC-Easy through lm-evaluation-harness, from a local copy)",
+                                default_factory=list)
     lm_eval_include: str | None = option(None, metavar="DIR", path=True,
                                          help="directory of your own lm-eval task YAMLs")
     lm_eval_data: str | None = option(None, metavar="DIR", path=True,

@@ -29,7 +29,7 @@ def run(args) -> None:
     result = analyze(args.model, data_options(args), args.out, force=args.force, **analysis_kwargs(args),
                      **memory_kwargs(args), **model_kwargs(args))
     print(f"\n{result.meta['model']}: {result.num_layers} layers, {result.num_samples} samples, "
-          f"{result.tokens} token(s)")
+          f"{result.token_mode} token(s)")
     print(f"{'n':>4}  {'best block':>12}  {'distance':>8}")
     for n in range(1, result.num_layers + 1):
         start, distance = result.best(n)

@@ -1,5 +1,5 @@
 """Evaluation tasks, one module each, registered in ``EVAL_TASKS`` (``registry.py``): MMLU (``mmlu``), BoolQ
-(``boolq``), C4 validation loss (``c4``), ARC-Easy (``arc``), HellaSwag (``hellaswag``); lm-evaluation-harness
+(``boolq``), C4 validation loss (``c4``), ARC-Easy (``arc_easy``), HellaSwag (``hellaswag``); lm-evaluation-harness
 tasks through ``lm_eval_bridge``. ``suite.evaluate`` (exported as ``depthprune.evaluate_model``) runs any of
 them on one model.
 

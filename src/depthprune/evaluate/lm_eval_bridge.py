@@ -2,7 +2,8 @@
 
 lm-eval's ``HFLM`` wraps the loaded model and tokenizer as they are, so nothing is saved or reloaded.
 Tasks fetch their data as lm-eval defines it; ``lm_eval_tasks/`` next to this module adds tasks that
-read local copies instead (``arc_easy_local``, ``arc_challenge_local``: ``data_dir`` / DEPTHPRUNE_DATA),
+read local copies instead (``arc_easy_local``, ``arc_challenge_local``: ARC-Easy and ARC-Challenge through
+lm-evaluation-harness, ``data_dir`` / DEPTHPRUNE_DATA),
 and ``include`` adds a directory of the user's own task YAMLs. Needs ``pip install 'depthprune[lm-eval]'``.
 """
 

@@ -47,9 +47,9 @@ class ChoiceRequest:
 
 @dataclass
 class _Row:
-    """One sequence to run: ``tokens`` and the (request, choice, position, target token) entries scored on it."""
+    """One sequence to run: ``token_ids`` and the (request, choice, position, target token) entries scored on it."""
 
-    tokens: list[int]
+    token_ids: list[int]
     targets: list[tuple[int, int, int, int]]
     group: Hashable | None
 
@@ -92,19 +92,19 @@ def _rows(requests: Sequence[ChoiceRequest], max_length: int) -> list[_Row]:
     for r, req in enumerate(requests):
         if all(len(c) == 1 for c in req.continuations):
             # All choices are one token: the logits at the prompt's last position score every choice.
-            tokens = list(req.context)
-            targets = [(r, i, len(tokens) - 1, c[0]) for i, c in enumerate(req.continuations)]
-            rows.append(_Row(tokens, targets, req.group))
+            token_ids = list(req.context)
+            targets = [(r, i, len(token_ids) - 1, c[0]) for i, c in enumerate(req.continuations)]
+            rows.append(_Row(token_ids, targets, req.group))
             continue
         for i, cont in enumerate(req.continuations):
-            tokens = (req.context + cont)[:-1]
+            token_ids = (req.context + cont)[:-1]
             start = len(req.context) - 1
-            rows.append(_Row(tokens, [(r, i, start + j, t) for j, t in enumerate(cont)], req.group))
+            rows.append(_Row(token_ids, [(r, i, start + j, t) for j, t in enumerate(cont)], req.group))
     for row in rows:
         # Like lm-eval, keep the last max_length tokens of an over-long row (its scored tail survives).
-        cut = len(row.tokens) - max_length
+        cut = len(row.token_ids) - max_length
         if cut > 0:
-            row.tokens = row.tokens[cut:]
+            row.token_ids = row.token_ids[cut:]
             row.targets = [(r, i, p - cut, t) for r, i, p, t in row.targets]
             if min(p for _, _, p, _ in row.targets) < 0:
                 raise DepthpruneError(f"a choice is longer than the model's context of {max_length} tokens")
@@ -113,11 +113,11 @@ def _rows(requests: Sequence[ChoiceRequest], max_length: int) -> list[_Row]:
 
 def _common_prefix(rows: Sequence[_Row]) -> int:
     """Length of the longest token prefix shared by all rows, kept short of every scored position."""
-    first = np.asarray(rows[0].tokens)
+    first = np.asarray(rows[0].token_ids)
     shared = min(p for row in rows for _, _, p, _ in row.targets)  # a scored position must run in the suffix
     for row in rows[1:]:
-        n = min(shared, len(row.tokens))
-        differ = np.flatnonzero(first[:n] != np.asarray(row.tokens[:n]))
+        n = min(shared, len(row.token_ids))
+        differ = np.flatnonzero(first[:n] != np.asarray(row.token_ids[:n]))
         shared = int(differ[0]) if differ.size else n
         if shared == 0:
             break
@@ -156,8 +156,8 @@ class _Scorer:
         return torch.allclose(ours, reference, rtol=1e-4, atol=1e-4 * (1 + reference.abs().max().item()))
 
     @torch.no_grad()
-    def prefix_cache(self, tokens: list[int]):
-        ids = torch.tensor([tokens], device=self.device)
+    def prefix_cache(self, token_ids: list[int]):
+        ids = torch.tensor([token_ids], device=self.device)
         out = self.layout.backbone(input_ids=ids, use_cache=True)
         return out[self.cache_arg] if self.cache_arg in out else out["past_key_values"]
 
@@ -214,14 +214,14 @@ def choice_loglikelihoods(model, tokenizer, requests: Sequence[ChoiceRequest], *
         if key is not None:
             offset = _common_prefix(members)
             if offset > 0:
-                cache = scorer.prefix_cache(members[0].tokens[:offset])
-        members = sorted(members, key=lambda row: -len(row.tokens))
+                cache = scorer.prefix_cache(members[0].token_ids[:offset])
+        members = sorted(members, key=lambda row: -len(row.token_ids))
         for start in range(0, len(members), batch_size):
             batch = members[start : start + batch_size]
             pairs = [(b, p - offset) for b, row in enumerate(batch) for _, _, p, _ in row.targets]
             where = list(dict.fromkeys(pairs))  # one-token choices share their position: one head row for all
             slot = {pair: i for i, pair in enumerate(where)}
-            logprobs = scorer.log_probs([row.tokens[offset:] for row in batch], where, cache, offset)
+            logprobs = scorer.log_probs([row.token_ids[offset:] for row in batch], where, cache, offset)
             entries = [entry for row in batch for entry in row.targets]
             picked = logprobs[torch.tensor([slot[pair] for pair in pairs]),
                               torch.tensor([t for *_, t in entries])].double().tolist()

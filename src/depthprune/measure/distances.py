@@ -55,7 +55,7 @@ class AngularDistances:
 
     pairwise: np.ndarray  # (L+1, L+1): mean of arccos(cos)/pi between x_i and x_j
     num_samples: int
-    tokens: str
+    token_mode: str  # 'last' or 'all': which tokens of each sample are compared (TOKEN_MODES)
     meta: dict = field(default_factory=dict)  # model, data, seq_len, seed, ...
     block_influence: np.ndarray | None = None  # (L,): 1 - mean cos(x_l, x_{l+1}) over all real tokens
 
@@ -97,7 +97,7 @@ class AngularDistances:
             "definition": DEFINITION,
             **self.meta,
             "num_layers": L,
-            "tokens": self.tokens,
+            "token_mode": self.token_mode,
             "num_samples": self.num_samples,
             "best": [
                 {"n": n, "start": s, "end": s + n - 1, "distance": d}
@@ -125,8 +125,8 @@ class AngularDistances:
         atomic_write_text(directory / "distances.csv", "\n".join(lines) + "\n")
 
 
-_STRUCTURE_KEYS = ("format", "definition", "num_layers", "tokens", "num_samples", "best", "by_block_size", "pairwise",
-                   "block_influence_definition", "block_influence")
+_STRUCTURE_KEYS = ("format", "definition", "num_layers", "token_mode", "tokens", "num_samples", "best", "by_block_size",
+                   "pairwise", "block_influence_definition", "block_influence")
 
 
 def load_distances(path: str | Path) -> AngularDistances:
@@ -145,7 +145,7 @@ def load_distances(path: str | Path) -> AngularDistances:
         found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
         raise DepthpruneError(f"'{path}' is not a depthprune distances file (format {found!r}, expected {FORMAT!r})")
     pairwise = _pairwise(raw, path)
-    return AngularDistances(pairwise, _num_samples(raw, path), _tokens(raw, path), _meta(raw, path),
+    return AngularDistances(pairwise, _num_samples(raw, path), _token_mode(raw, path), _meta(raw, path),
                             _block_influence(raw, path, len(pairwise) - 1))
 
 
@@ -189,11 +189,12 @@ def _num_samples(raw: dict, path: Path) -> int:
     return samples
 
 
-def _tokens(raw: dict, path: Path) -> str:
-    tokens = raw.get("tokens")
-    if tokens not in TOKEN_MODES:
-        raise _damaged(path, f"tokens is {tokens!r}, expected one of {', '.join(TOKEN_MODES)}")
-    return tokens
+def _token_mode(raw: dict, path: Path) -> str:
+    key = "token_mode" if "token_mode" in raw else "tokens"  # its name in files written before issue 18
+    mode = raw.get(key)
+    if mode not in TOKEN_MODES:
+        raise _damaged(path, f"{key} is {mode!r}, expected one of {', '.join(TOKEN_MODES)}")
+    return mode
 
 
 def _meta(raw: dict, path: Path) -> dict:

@@ -68,7 +68,7 @@ def plot_heatmap(distances: AngularDistances, path: str | Path, title: str | Non
     ax.set_xlabel(r"first layer of the block, $\ell$ (0-based)")
     ax.set_ylabel("block size $n$ (layers)")
     model = distances.meta.get("model", "")
-    ax.set_title(title or f"{model}: {distances.num_samples} samples, {'last token' if distances.tokens == 'last' else 'all tokens'}", fontsize=10)
+    ax.set_title(title or f"{model}: {distances.num_samples} samples, {'last token' if distances.token_mode == 'last' else 'all tokens'}", fontsize=10)
     ax.legend(loc="upper right", fontsize=7 if marked else 8, framealpha=0.85)
     fig.tight_layout()
     return save_png(fig, path)

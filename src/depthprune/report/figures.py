@@ -14,6 +14,7 @@ import numpy as np
 from ..measure import heatmap
 from ..measure.distances import AngularDistances
 from ..measure.heatmap import Markers, new_figure, save_png
+from ..sweep.store import UNPRUNED
 from .cost import COST_PANELS, MIN_R2, cost_fits, cost_points, cost_timing, timing_spread
 from .stats import (
     accuracy_tasks,
@@ -40,7 +41,7 @@ def criterion_style(criterion: str) -> tuple[str, str]:
     """(colour, marker) of a criterion's curves: by its place in the registry; the full model is a black star."""
     from ..select import CRITERIA
 
-    if criterion == "full":
+    if criterion == UNPRUNED:
         return "black", "*"
     names = CRITERIA.names()
     if criterion not in names:  # a criterion of an older store, or of a plug-in not loaded now
@@ -263,12 +264,14 @@ def plot_cost(points: list[dict], path: str | Path) -> Path | None:
             if full is not None:
                 ax.scatter([0], [full["metrics"][metric] * scale], color="black", marker="*", s=60, zorder=4,
                            label="full model")
-        for criterion in [] if timing["together"] else sorted({p["criterion"] for p in measured}):
+        # the full model first, then the criteria by name
+        by_name = sorted({p["criterion"] for p in measured}, key=lambda name: (name != UNPRUNED, name))
+        for criterion in [] if timing["together"] else by_name:
             color, marker = criterion_style(criterion)
             chosen = [p for p in measured if p["criterion"] == criterion]
             ax.scatter([p["fraction"] for p in chosen], [p["metrics"][metric] * scale for p in chosen], color=color,
-                       marker=marker, s=60 if criterion == "full" else 24,
-                       label="full model" if criterion == "full" else criterion,
+                       marker=marker, s=60 if criterion == UNPRUNED else 24,
+                       label="full model" if criterion == UNPRUNED else criterion,
                        zorder=3)
         fit = fits[metric]
         if fit["problems"]:  # said above the panel, where it cannot hide a point

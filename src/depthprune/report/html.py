@@ -13,7 +13,7 @@ from pathlib import Path
 from ..errors import DepthpruneError
 from ..measure.distances import AngularDistances, load_distances
 from ..outputs import atomic_write_text
-from ..sweep.store import load_points, to_csv
+from ..sweep.store import UNPRUNED, load_points, to_csv
 from .cost import COST_PANELS, MIN_R2, cost_fits, cost_points, cost_timing, timed_together
 from .figures import plot_accuracy, plot_best_block, plot_c4_loss, plot_cost, plot_heatmap, plot_selections
 from .stats import (
@@ -85,7 +85,7 @@ def _criteria_html(points: list[dict]) -> str:
     """What each criterion of the sweep does, from the registry (layers are 0-based, ranges inclusive)."""
     from ..select import CRITERIA
 
-    used = [name for name in dict.fromkeys(p["criterion"] for p in points) if name != "full"]
+    used = [name for name in dict.fromkeys(p["criterion"] for p in points) if name != UNPRUNED]
     described = [f"<em>{html.escape(name)}</em>: {html.escape(CRITERIA.get(name).description)}"
                  + ("" if CRITERIA.get(name).contiguous else " (not one block)")
                  for name in used if name in CRITERIA]

@@ -190,7 +190,7 @@ def selections(points: list[dict]) -> dict[str, dict[int, list[int]]]:
 
     found: dict[str, dict[int, list[int]]] = {}
     for p in sorted(points, key=lambda p: p["n"]):
-        if p["n"] > 0 and p["criterion"] != "full":
+        if p["n"] > 0:  # the unpruned point removes nothing
             found.setdefault(p["criterion"], {}).setdefault(p["n"], sorted(p["removed_layers"]))
     names = CRITERIA.names()  # the registry's order, as the curves' colours
     return dict(sorted(found.items(), key=lambda item: names.index(item[0]) if item[0] in names else len(names)))

@@ -1,7 +1,7 @@
 """Which points a sweep runs: every layer count of its settings, by each criterion and each healing.
 
 A point is one (n layers removed, selection criterion, healing) and one row of ``results.sqlite``; n = 0 is
-the full model, one point whatever the criteria and healings.
+the full model, one point whatever the criteria and healings: its criterion is 'unpruned'.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import DepthpruneError
 from .config import SweepConfig
-from .store import point_key
+from .store import UNPRUNED, point_key
 
 POINTS_DIR = "points"  # under the sweep's folder: each healed point's own folder (its healing, resumable)
 
@@ -34,7 +34,7 @@ class Point:
         return self.heal != "none"
 
 
-FULL_MODEL = Point(0, "full", "none")
+UNPRUNED_POINT = Point(0, UNPRUNED, "none")
 
 
 def point_dir(work: Path, point: Point) -> Path:
@@ -56,6 +56,6 @@ def sweep_points(c: SweepConfig, total_layers: int) -> list[Point]:
     (healed only at the sizes of ``heal_fractions`` when given)."""
     sizes = block_sizes(c, total_layers)
     healed_sizes = set(sizes) if c.heal_fractions is None else {round(f * total_layers) for f in c.heal_fractions}
-    points = [FULL_MODEL] if 0 in sizes else []
+    points = [UNPRUNED_POINT] if 0 in sizes else []
     return points + [Point(n, s, h) for n in sizes if n > 0 for s in c.criteria for h in c.heal
                      if h == "none" or n in healed_sizes]

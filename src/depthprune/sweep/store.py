@@ -11,6 +11,10 @@ write (``CREATE TABLE IF NOT EXISTS``), and older versions ignore it.
 The ``cost`` table holds one row per distinct layer count: the cost timed in the sweep's final phase (median
 and spread over interleaved rounds). It is rewritten whole, in the same transaction that copies each
 record into the points of that layer count, every time a sweep finishes.
+
+Older tables are read as they are and brought up to date, in one transaction, when a sweep opens them to
+write: before issue 9 the criterion column was called 'strategy'; before issue 18 the n = 0 point's criterion
+was 'full' (key 'n=0/full/none'), the name of a healing method too, and is now 'unpruned'.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ CREATE TABLE IF NOT EXISTS points (
     key TEXT PRIMARY KEY,      -- 'n=8/similarity/qlora'
     n INTEGER NOT NULL,        -- layers removed
     fraction REAL NOT NULL,    -- n / layers of the full model
-    criterion TEXT NOT NULL,   -- 'full', or a selection criterion: 'similarity', 'deepest', ...
+    criterion TEXT NOT NULL,   -- 'unpruned' (n = 0), or a selection criterion: 'similarity', 'deepest', ...
     heal TEXT NOT NULL,        -- 'none', 'qlora', 'lora' or 'full'
     removed_layers TEXT NOT NULL,  -- JSON list, 0-based
     distance REAL,             -- angular distance of the removed block
@@ -43,9 +47,9 @@ CREATE TABLE IF NOT EXISTS points (
 
 
 COLUMNS = ("key", "n", "fraction", "criterion", "heal", "removed_layers", "distance", "metrics", "details", "finished")
-# Before issue 9 the criterion column was called 'strategy': such tables are read as they are and renamed
-# (in one transaction) when a sweep opens them to write.
-LEGACY_COLUMNS = tuple("strategy" if c == "criterion" else c for c in COLUMNS)
+LEGACY_COLUMNS = tuple("strategy" if c == "criterion" else c for c in COLUMNS)  # before issue 9
+UNPRUNED = "unpruned"  # the criterion of the n = 0 point: nothing removed
+LEGACY_UNPRUNED = "full"  # its name before issue 18
 _COST_SCHEMA = """
 CREATE TABLE IF NOT EXISTS cost (
     n INTEGER PRIMARY KEY,     -- layers removed
@@ -70,6 +74,19 @@ CREATE TABLE IF NOT EXISTS failed (
 
 def point_key(n: int, criterion: str, heal: str) -> str:
     return f"n={n}/{criterion}/{heal}"
+
+
+def current_key(key: str) -> str:
+    """A point's key as written today: 'n=0/full/none' of a table from before issue 18 is 'n=0/unpruned/none'."""
+    legacy = point_key(0, LEGACY_UNPRUNED, "")
+    return point_key(0, UNPRUNED, key[len(legacy):]) if key.startswith(legacy) else key
+
+
+def _current_row(row: dict) -> dict:
+    """A point's row as written today (see :func:`current_key`)."""
+    if row["n"] == 0 and row["criterion"] == LEGACY_UNPRUNED:
+        return {**row, "key": current_key(row["key"]), "criterion": UNPRUNED}
+    return row
 
 
 def _damaged(path: Path, why: str) -> DepthpruneError:
@@ -99,16 +116,31 @@ def _is_legacy(db: sqlite3.Connection) -> bool:
     return tuple(row[1] for row in db.execute("PRAGMA table_info(points)")) == LEGACY_COLUMNS
 
 
+def _holds_legacy_unpruned(db: sqlite3.Connection) -> bool:
+    """Whether a row or a failure still calls the n = 0 point 'full' (asked once the column is 'criterion')."""
+    return any(db.execute(f"SELECT 1 FROM {t} WHERE n = 0 AND criterion = ?", (LEGACY_UNPRUNED,)).fetchone()
+               for t in ("points", "failed") if _has_table(db, t))
+
+
 def _migrate(db: sqlite3.Connection) -> None:
-    """Rename the old 'strategy' column 'criterion', in one transaction: the table is either old or new."""
-    if _is_legacy(db):
-        db.execute("BEGIN IMMEDIATE")
-        try:
+    """Bring an older table up to date in one transaction (it is either old or new): rename the 'strategy'
+    column 'criterion', and the n = 0 point's criterion 'full' 'unpruned' (in its key too, and in ``failed``)."""
+    if not _has_table(db) or not (_is_legacy(db) or _holds_legacy_unpruned(db)):
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if _is_legacy(db):
             db.execute("ALTER TABLE points RENAME COLUMN strategy TO criterion")
-        except BaseException:
-            db.rollback()
-            raise
-        db.commit()
+        legacy, prefix = point_key(0, LEGACY_UNPRUNED, ""), point_key(0, UNPRUNED, "")
+        for t in [t for t in ("points", "failed") if _has_table(db, t)]:
+            # OR IGNORE, then DELETE: where an older version wrote 'full' again beside 'unpruned', today's row stays
+            db.execute(f"UPDATE OR IGNORE {t} SET criterion = ?, key = ? || substr(key, ?) "
+                       "WHERE n = 0 AND criterion = ?", (UNPRUNED, prefix, len(legacy) + 1, LEGACY_UNPRUNED))
+            db.execute(f"DELETE FROM {t} WHERE n = 0 AND criterion = ?", (LEGACY_UNPRUNED,))
+    except BaseException:
+        db.rollback()
+        raise
+    db.commit()
 
 
 def read_finished(directory: str | Path) -> set[str]:
@@ -118,13 +150,13 @@ def read_finished(directory: str | Path) -> set[str]:
         return set()
     db = _open_existing(path)
     try:
-        return {row[0] for row in db.execute("SELECT key FROM points")} if _has_table(db) else set()
+        return finished_keys(db) if _has_table(db) else set()
     finally:
         db.close()
 
 
-def _has_table(db: sqlite3.Connection) -> bool:
-    return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'points'").fetchone() is not None
+def _has_table(db: sqlite3.Connection, name: str = "points") -> bool:
+    return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
 
 
 def connect(directory: str | Path) -> sqlite3.Connection:
@@ -140,7 +172,7 @@ def connect(directory: str | Path) -> sqlite3.Connection:
 
 
 def finished_keys(db: sqlite3.Connection) -> set[str]:
-    return {row[0] for row in db.execute("SELECT key FROM points")}
+    return {current_key(row[0]) for row in db.execute("SELECT key FROM points")}
 
 
 def save_point(db: sqlite3.Connection, *, n: int, fraction: float, criterion: str, heal: str, removed_layers,
@@ -169,11 +201,12 @@ def save_failure(db: sqlite3.Connection, *, n: int, criterion: str, heal: str, e
 
 def read_failed(db: sqlite3.Connection) -> dict[str, dict]:
     """Key -> {n, criterion, heal, error, attempts, failed} of every point recorded as failed ({} in an old table)."""
-    if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'failed'").fetchone() is None:
+    if not _has_table(db, "failed"):
         return {}
     names = ("key", "n", "criterion", "heal", "error", "attempts", "failed")
-    return {row[0]: dict(zip(names[1:], row[1:], strict=True))
-            for row in db.execute(f"SELECT {', '.join(names)} FROM failed ORDER BY n, criterion, heal")}
+    rows = [_current_row(dict(zip(names, row, strict=True)))
+            for row in db.execute(f"SELECT {', '.join(names)} FROM failed ORDER BY n, criterion, heal")]
+    return {row.pop("key"): row for row in rows}
 
 
 def load_failed(directory: str | Path) -> dict[str, dict]:
@@ -197,7 +230,7 @@ def point_seconds(db: sqlite3.Connection) -> dict[str, float]:
         except (TypeError, ValueError, AttributeError):
             continue
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            seconds[key] = float(value)
+            seconds[current_key(key)] = float(value)
     return seconds
 
 
@@ -211,8 +244,8 @@ def _points_of(db: sqlite3.Connection, path: Path) -> list[dict]:
         db.row_factory = None
     try:
         return [
-            {**dict(row), "removed_layers": json.loads(row["removed_layers"]), "metrics": json.loads(row["metrics"]),
-             "details": json.loads(row["details"])}
+            _current_row({**dict(row), "removed_layers": json.loads(row["removed_layers"]),
+                          "metrics": json.loads(row["metrics"]), "details": json.loads(row["details"])})
             for row in rows
         ]
     except (TypeError, json.JSONDecodeError) as exc:

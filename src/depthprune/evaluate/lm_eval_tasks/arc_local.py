@@ -11,7 +11,7 @@ import datasets
 
 def load_arc(data_dir: str | None = None, arc_file: str = "ARC-Easy-Test.jsonl", **_metadata) -> datasets.DatasetDict:
     from depthprune.errors import DepthpruneError
-    from depthprune.evaluate.tasks.arc import read_arc_jsonl
+    from depthprune.evaluate.tasks.arc_easy import read_arc_jsonl
 
     root = data_dir or os.environ.get("DEPTHPRUNE_DATA")
     if not root:

@@ -1,8 +1,10 @@
 """HellaSwag, 0-shot, in lm-eval's ``hellaswag`` format: pick the likeliest ending of an activity description.
 
 The context is "{activity_label}: {ctx_a} {Ctx_b}" and the endings are cleaned as lm-eval's
-``preprocess`` does (WikiHow "[title]" markers and bracketed notes removed). The usual figure is
-``acc_norm`` (log-likelihood per character), reported here as ``accuracy``.
+``preprocess`` does (WikiHow "[title]" markers and bracketed notes removed). Its result names each measure
+as ARC's does: ``accuracy`` is lm-eval's ``acc``, ``accuracy_norm`` its ``acc_norm`` (log-likelihood per
+character), the usual figure and the headline. Results written before issue 18 held acc_norm as ``accuracy``
+and acc as ``accuracy_unnormalized``; :func:`current_result` reads them.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 
 from ...data import read_jsonl
 from ...errors import DepthpruneError
-from ..registry import EVAL_TASKS, EvalTask
+from ..registry import EVAL_TASKS, EvalTask, accuracy_flatten
 
 
 def preprocess(text: str) -> str:
@@ -56,16 +58,16 @@ def load_hellaswag(source: str, split: str = "validation") -> list[tuple[str, li
 
 def evaluate_hellaswag(model, tokenizer, source: str, *, limit: int | None = None, batch_size: int = 8,
                        max_length: int | None = None, progress: bool = True) -> dict:
-    """0-shot HellaSwag on the first ``limit`` examples: ``accuracy`` is lm-eval's ``acc_norm``."""
+    """0-shot HellaSwag on the first ``limit`` examples: ``accuracy`` is lm-eval's ``acc``, ``accuracy_norm`` its
+    ``acc_norm``."""
     from ..multiple_choice import multiple_choice_accuracy
 
     examples = load_hellaswag(source)[:limit]
     r = multiple_choice_accuracy(model, tokenizer, [p for p, _, _ in examples], [e for _, e, _ in examples],
                                  [y for *_, y in examples], batch_size=batch_size, max_length=max_length,
                                  progress=progress, desc="hellaswag")
-    return {"task": "hellaswag", "accuracy": r["acc_norm"], "accuracy_unnormalized": r["acc"], "chance": r["chance"],
-            "num_examples": r["num_examples"], "limit": limit, "shots": 0, "data": source,
-            "accuracy_note": "'accuracy' is lm-eval's acc_norm (per-character), 'accuracy_unnormalized' its acc"}
+    return {"task": "hellaswag", "accuracy": r["acc"], "accuracy_norm": r["acc_norm"], "chance": r["chance"],
+            "num_examples": r["num_examples"], "limit": limit, "shots": 0, "data": source}
 
 
 def _run(model, tokenizer, source: str, options, *, details: bool = False, progress: bool = True) -> dict:
@@ -73,15 +75,25 @@ def _run(model, tokenizer, source: str, options, *, details: bool = False, progr
                               max_length=options.max_length, progress=progress)
 
 
+def current_result(r: dict) -> dict:
+    """A result as written today; one of a store from before issue 18 (which the cost phase flattens again)
+    held acc_norm as ``accuracy`` and acc as ``accuracy_unnormalized``."""
+    if "accuracy_unnormalized" not in r:
+        return r
+    kept = {k: v for k, v in r.items() if k not in ("accuracy_unnormalized", "accuracy_note")}
+    return {**kept, "accuracy": r["accuracy_unnormalized"], "accuracy_norm": r["accuracy"]}
+
+
+_flatten_current = accuracy_flatten("hellaswag")
+
+
 def _flatten(r: dict) -> dict:
-    # The native result's headline `accuracy` is acc_norm; the store names each measure for what it is.
-    return {"hellaswag_acc": r["accuracy_unnormalized"], "hellaswag_acc_norm": r["accuracy"],
-            "hellaswag_chance": r.get("chance")}
+    return _flatten_current(current_result(r))
 
 
 def _summary(r: dict) -> list:
-    return [("hellaswag", "acc_norm", r["accuracy"], r["chance"], r["num_examples"]),
-            ("hellaswag", "acc", r["accuracy_unnormalized"], r["chance"], r["num_examples"])]
+    return [("hellaswag", "acc_norm", r["accuracy_norm"], r["chance"], r["num_examples"]),
+            ("hellaswag", "acc", r["accuracy"], r["chance"], r["num_examples"])]
 
 
 TASK = EVAL_TASKS.register(EvalTask(

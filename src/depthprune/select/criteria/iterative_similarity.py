@@ -18,7 +18,7 @@ def removal_order(context: SelectionContext, n: int) -> dict:
     from ...model.surgery import layers_removed
 
     state = context.cache.setdefault("iterative-similarity", {"order": [], "distances": []})
-    token_mode = context.token_mode or (context.distances.tokens if context.distances is not None else "last")
+    token_mode = context.token_mode or (context.distances.token_mode if context.distances is not None else "last")
     pad = pad_id(context.tokenizer) if context.tokenizer is not None else 0
     total = context.num_layers
     while len(state["order"]) < n:

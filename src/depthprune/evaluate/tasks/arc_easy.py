@@ -1,8 +1,9 @@
-"""ARC (AI2 Reasoning Challenge), 0-shot, in lm-eval's ``arc_easy`` / ``arc_challenge`` format.
+"""The ``arc_easy`` task: ARC-Easy (AI2 Reasoning Challenge), 0-shot, in lm-eval's ``arc_easy`` format.
 
 Prompt "Question: {question}\\nAnswer:", each choice's text scored after it. Data: the original
 ARC-V1-Feb2018 JSONL (``{"question": {"stem", "choices": [{"text", "label"}]}, "answerKey"}``, as in
-``../shared/data/arc``) or the Hugging Face ``allenai/ai2_arc`` dataset (config ARC-Easy/ARC-Challenge).
+``../shared/data/arc``) or the Hugging Face ``allenai/ai2_arc`` dataset. The readers of the ARC format serve
+ARC-Challenge too (config ARC-Challenge; the bundled lm-eval task ``arc_challenge_local``).
 """
 
 from __future__ import annotations
@@ -64,23 +65,23 @@ def load_arc(source: str, config: str = "ARC-Easy", split: str = "test") -> list
     return examples
 
 
-def evaluate_arc(model, tokenizer, source: str, *, limit: int | None = None, batch_size: int = 8,
-                 max_length: int | None = None, progress: bool = True) -> dict:
-    """0-shot ARC accuracy on the first ``limit`` questions: ``accuracy`` is lm-eval's ``acc``."""
+def evaluate_arc_easy(model, tokenizer, source: str, *, limit: int | None = None, batch_size: int = 8,
+                      max_length: int | None = None, progress: bool = True) -> dict:
+    """0-shot ARC-Easy accuracy on the first ``limit`` questions: ``accuracy`` is lm-eval's ``acc``."""
     from ..multiple_choice import multiple_choice_accuracy
 
     examples = load_arc(source)[:limit]
     r = multiple_choice_accuracy(model, tokenizer, [build_prompt(q) for q, _, _ in examples],
                                  [c for _, c, _ in examples], [y for *_, y in examples], batch_size=batch_size,
-                                 max_length=max_length, progress=progress, desc="arc")
-    return {"task": "arc", "accuracy": r["acc"], "accuracy_norm": r["acc_norm"], "chance": r["chance"],
+                                 max_length=max_length, progress=progress, desc="arc_easy")
+    return {"task": "arc_easy", "accuracy": r["acc"], "accuracy_norm": r["acc_norm"], "chance": r["chance"],
             "num_examples": r["num_examples"], "limit": limit, "shots": 0, "data": source,
             "accuracy_note": "'accuracy' is lm-eval's acc, 'accuracy_norm' its acc_norm (per-character)"}
 
 
 def _run(model, tokenizer, source: str, options, *, details: bool = False, progress: bool = True) -> dict:
-    return evaluate_arc(model, tokenizer, source, limit=options.limit, batch_size=options.batch_size,
-                        max_length=options.max_length, progress=progress)
+    return evaluate_arc_easy(model, tokenizer, source, limit=options.limit, batch_size=options.batch_size,
+                             max_length=options.max_length, progress=progress)
 
 
 def _summary(r: dict) -> list:
