@@ -32,8 +32,8 @@ def repairable_block(layers_removed: Sequence[int], total: int) -> tuple[int, in
         raise DepthpruneError(f"--repair needs one contiguous block of layers, not {drop}: choose a criterion that "
                               "removes one block (e.g. similarity), or cut without --repair")
     if drop[0] == 0:
-        raise DepthpruneError(f"--repair cannot repair a cut starting at layer 0 (layers {drop[0]}-{drop[-1]}): no kept "
-                              "layer before it to fold the map into; cut without --repair")
+        raise DepthpruneError(f"--repair cannot repair a cut starting at layer 0 (layers {drop[0]}-{drop[-1]}): "
+                              "no kept layer before it to fold the map into; cut without --repair")
     return drop[0], drop[-1] + 1
 
 

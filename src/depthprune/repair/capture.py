@@ -91,7 +91,7 @@ def stop_forward() -> None:
 
 
 def run_until_reached(model: nn.Module, batch: Batch) -> None:
-    """Forward ``batch`` through the model's backbone until a hook calls :func:`stop_forward` (an error if none does)."""
+    """Forward ``batch`` through the backbone until a hook calls :func:`stop_forward` (an error if none does)."""
     layout = decoder_layout(model)
     device = model.get_input_embeddings().weight.device
     batch = batch.to(device)
@@ -187,7 +187,8 @@ def capture(model: nn.Module, projection: nn.Module, kept_layer: int, stop: int,
     seen: dict[str, torch.Tensor] = {}
     handles = [
         projection.register_forward_hook(lambda module, args, output: seen.__setitem__("mlp", output)),
-        layers[kept_layer].register_forward_hook(lambda module, args, output: seen.__setitem__("out", hidden_of(output))),
+        layers[kept_layer].register_forward_hook(
+            lambda module, args, output: seen.__setitem__("out", hidden_of(output))),
         target_hook(model, stop, lambda hidden: seen.__setitem__("target", hidden)),
     ]
     device = projection.weight.device

@@ -3,13 +3,15 @@
 T = argmin Σ w ‖M T − (L − Y)‖² + λ‖T‖² = (Mᵀ W M + λI)⁻¹ Mᵀ W (L − Y), solved in float64 by a Cholesky
 factorisation of the symmetric positive (semi-)definite system. Each token's weight is w = ‖L‖^-p
 (``repair_norm_power`` p). ReplaceMe weighs every token alike (p = 0); then the few tokens with massive
-activations (attention sinks, whose hidden state can be 100× longer than the others') dominate the sum,
-and the map bends every other token towards fitting them: on SmolLM2-135M cut at layers 11-18 that closes
-4 % of the C4-loss gap, p = 1 closes 57 %; p = 2 (every token's relative error alike, close to the cosine
-distance) gives up the sinks' direction and is worse than the plain cut (benchmarks/repair_quick.py). The ridge is given relative to the
-system's scale: λ = ridge × trace(Mᵀ W M) / d, the mean eigenvalue of Mᵀ W M, so one value means the same
-for every model and calibration size. Without a ridge the system must be well-posed: at least d real
-tokens, and MᵀM not numerically singular.
+activations (attention sinks, whose hidden state can be 100× longer than the others') dominate the sum, and
+the map bends every other token towards fitting them. On SmolLM2-135M cut at layers 11-18 (the sinks' massive
+activation arises inside that block) p = 0 closes 4 % of the C4-loss gap and p = 1 61 %; p = 1.5 and 2 (every
+token's relative error alike, close to the cosine distance) give up the sinks' direction and end worse than
+the plain cut (benchmarks/repair_quick.py and its report).
+
+The ridge is given relative to the system's scale: λ = ridge × trace(Mᵀ W M) / d, the mean eigenvalue of
+Mᵀ W M, so one value means the same for every model and calibration size. Without a ridge the system must be well-posed: at least d real
+tokens, and Mᵀ W M not numerically singular.
 
 Objectives, for any T (T = I is the plain cut, whose kept layer outputs M + Y):
 ``residual_error`` = Σ w ‖L − (M T + Y)‖² / Σ w ‖L − Y‖² over all calibration tokens, exact from the
@@ -25,14 +27,13 @@ from ..errors import DepthpruneError
 from . import RepairFit
 from .capture import Calibration, TokenSample
 
-# Largest condition number of MᵀM + λI accepted: beyond it the float64 solve keeps too few digits.
+# Largest condition number of Mᵀ W M + λI accepted: beyond it the float64 solve keeps too few digits.
 CONDITION_LIMIT = 1e12
 SUGGESTED_RIDGE = 1e-4
 NOTE = ("residual_error: sum over all calibration tokens of w |L - (M T + Y)|^2 as a fraction of w |L - Y|^2, w = "
         "|L|^-norm_power (before: T = I, the plain cut); mse_per_token: that sum per token; cosine_distance: mean "
-        "1 - cos(M T + Y, L) over "
-        "sample_tokens of them. M: the kept layer's MLP output, Y: the residual it is added to, L: the hidden state "
-        "after the removed block")
+        "1 - cos(M T + Y, L) over sample_tokens of them. M: the kept layer's MLP output, Y: the residual it is added "
+        "to, L: the hidden state after the removed block")
 
 
 def check_tokens(tokens: int, hidden: int, ridge: float) -> None:
@@ -96,6 +97,7 @@ def fit_least_squares(calibration: Calibration, ridge: float) -> RepairFit:
     """The least-squares map and its record: the objectives of the plain cut (before) and the map (after)."""
     transform = solve(calibration, ridge)
     record = {"objective": "least squares", "tokens": calibration.tokens, "sample_tokens": len(calibration.sample),
-              "norm_power": calibration.norm_power, "ridge": ridge, "ridge_absolute": ridge_strength(calibration, ridge),
+              "norm_power": calibration.norm_power, "ridge": ridge,
+              "ridge_absolute": ridge_strength(calibration, ridge),
               "before": objectives(calibration, None), "after": objectives(calibration, transform), "note": NOTE}
     return RepairFit(transform, record)

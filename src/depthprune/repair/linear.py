@@ -15,7 +15,7 @@ class LinearRepairOptions:
     """The options of the least-squares repair (and, inherited, of ``linear-cosine``)."""
 
     repair_ridge: float = option(0.0, minimum=0, help="repair: ridge of the least-squares map, relative to the "
-                                                      "mean eigenvalue trace(MᵀM)/hidden size (0: none)")
+                                                      "mean eigenvalue of the weighted MᵀM (0: none)")
     repair_norm_power: float = option(1.0, minimum=0, maximum=2, help="repair: weigh each calibration token's squared "
                                       "error by |L|^-p, L its target hidden state (0: all alike, as ReplaceMe; 1: "
                                       "tokens with massive activations no longer dominate the fit)")

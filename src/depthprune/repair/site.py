@@ -125,8 +125,8 @@ def check_additive(model: nn.Module, site: FoldSite, ids: list[int]) -> None:
     error = float((changed - plain - delta.to(plain.device)).norm() / delta.norm())
     if not error <= PROBE_TOLERANCE:  # also refuses NaN
         raise DepthpruneError(f"{type(model).__name__}: the output of {site.name} does not reach the residual stream "
-                              f"unchanged (a change to it changes layer {site.layer}'s output by a relative {error:.2g} "
-                              "otherwise), so no map folded into it is exact: --repair does not support this "
+                              f"unchanged (a change δ to it changes layer {site.layer}'s output by δ plus a relative "
+                              f"{error:.2g}), so no map folded into it is exact: --repair does not support this "
                               "architecture; heal the cut instead (depthprune heal)")
 
 
