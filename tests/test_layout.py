@@ -18,6 +18,7 @@ STAGES = [
     {"model"},
     {"measure"},
     {"select"},
+    {"repair"},
     {"heal"},
     {"evaluate"},
     {"gguf"},

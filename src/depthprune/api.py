@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 
 from .config import AnalysisOptions, DataOptions
@@ -126,6 +127,51 @@ def _check_cut(config, n: int | None, fraction: float | None, layers: str | None
         check_length(config, data.seq_len, "--seq-len")
 
 
+def _split_options(options: dict, repair: str | None):
+    """The criteria's options and the repairs' options among ``options`` (each checked, one-line errors)."""
+    from .repair import repair_options, repair_options_class
+
+    repair_names = {f.name for f in dataclasses.fields(repair_options_class())}
+    criterion_values = {k: v for k, v in options.items() if k not in repair_names}
+    repair_values = {k: v for k, v in options.items() if k in repair_names}
+    if repair_values and repair is None:
+        raise DepthpruneError(f"{', '.join(sorted(repair_values))}: a repair option without --repair")
+    return criterion_options(**criterion_values), repair_options(**repair_values)
+
+
+def _check_repair_request(repair: str | None, layers: str | None, criterion: str, data: DataOptions | None) -> None:
+    """What a repair needs that is known before anything loads: its name, calibration text, one block."""
+    if repair is None:
+        return
+    from .repair import REPAIRS
+
+    REPAIRS.get(repair)
+    if data is None:
+        raise DepthpruneError(f"--repair {repair} fits its map on calibration text: pass --data SRC")
+    if layers is None and not CRITERIA.get(criterion).contiguous:
+        raise DepthpruneError(f"--repair needs one contiguous block of layers, and criterion '{criterion}' may remove "
+                              "layers apart: choose one that removes a block (similarity, deepest, block-influence)")
+
+
+def _repaired(model, tokenizer, selection: Selection, texts: list[str], data: DataOptions, repair: str, settings,
+              batch_size: int, inplace: bool, progress: bool):
+    """(the cut, repaired model, its ``repair`` record): the map fitted on the uncut model, then folded. A model
+    the caller passed in is copied first unless ``inplace``: the repair changes a kept layer's weights."""
+    import copy
+
+    from .data import pad_id
+    from .repair.apply import repair_cut
+
+    if not inplace:
+        model = copy.deepcopy(model)
+    sequences = tokenize(texts, tokenizer, data.seq_len)
+    record = repair_cut(model, selection.layers, sequences, repair, settings, pad_token_id=pad_id(tokenizer),
+                        batch_size=batch_size, progress=progress)
+    record["calibration"] = {"data": data.source, "samples": data.samples, "seq_len": data.seq_len,
+                             "seed": data.seed, "tokens": sum(map(len, sequences))}
+    return model, record
+
+
 def _check_distances_serve(criterion: str | None, distances: AngularDistances | None) -> None:
     """Whether given distances can serve ``criterion`` (e.g. block influence from distances that predate it)."""
     entry = CRITERIA.get(criterion) if criterion is not None else None
@@ -154,6 +200,7 @@ def prune(
     force: bool = False,
     inplace: bool = False,
     progress: bool = True,
+    repair: str | None = None,
     **options,
 ) -> dict:
     """Remove a block of layers and save the pruned checkpoint with its ``depthprune.json``; returns that record.
@@ -165,11 +212,16 @@ def prune(
     taylor) needs ``data`` and measures on it (``batch_size`` sequences at a time). A loaded ``model`` is cut
     only while it is saved and then restored, unless ``inplace=True`` leaves it cut (its removed layers can
     then be freed). ``stream`` and ``max_memory`` choose how the distances are measured, as in :func:`analyze`
-    (the cut itself loads the model). Other keywords: the criteria's own options (``window=5`` for a criterion
-    declaring it). Every input is checked before the model loads.
+    (the cut itself loads the model). ``repair`` (a name of ``depthprune.repair.REPAIRS``, e.g. 'linear'; None
+    or 'none': no repair) fits a linear map on ``data``'s calibration text and folds it into the last kept layer
+    (ReplaceMe), recorded under ``repair`` in ``depthprune.json``; a loaded ``model`` is then copied first unless
+    ``inplace``. Other keywords: the criteria's and the repairs' own options (``window=5`` for a criterion
+    declaring it, ``repair_ridge=0.01``). Every input is checked before the model loads.
     """
     needs = check_cut_request(n, fraction, layers, criterion)
-    chosen_options = criterion_options(**options)
+    repair = None if repair in (None, "none") else repair
+    chosen_options, repair_settings = _split_options(options, repair)
+    _check_repair_request(repair, layers, criterion, data)
     analysis = check_measuring(batch_size, token_mode) if data is not None else None
     config = check_model(model, trust_remote_code)
     check_output_dir(out, force, _input_paths(model, distances, data.source if data else None))
@@ -181,7 +233,7 @@ def prune(
         raise DepthpruneError(f"criterion '{criterion}' needs --distances DIR (from `depthprune analyze`) or --data SRC")
     if needs == "calibration" and data is None:
         raise DepthpruneError(f"criterion '{criterion}' needs calibration text: pass --data SRC")
-    reads_data = measuring or needs == "calibration"
+    reads_data = measuring or needs == "calibration" or repair is not None
     if config is not None:
         _check_cut(config, n, fraction, layers, distances, data if reads_data else None)
     plan = _plan(model, data, analysis, stream, max_memory, device, dtype, trust_remote_code) if measuring else None
@@ -201,15 +253,35 @@ def prune(
         context = SelectionContext(total, distances, model, tokenizer, sequences, batch_size=batch_size,
                                    token_mode=token_mode, progress=progress, options=chosen_options)
         selection = choose(criterion, block_size(total, n=n, fraction=fraction), context)
-    params_before = count_parameters(model)
-    cut = contextlib.nullcontext(remove_layers(model, selection.layers)) if inplace else \
-        layers_removed(model, selection.layers)
+    if repair is not None:
+        texts_and_data = (texts, data, repair_settings, batch_size)
+        return _save_cut(model, tokenizer, source, selection, distances, out, force, inplace, progress, repair,
+                         texts_and_data)
+    return _save_cut(model, tokenizer, source, selection, distances, out, force, inplace, progress)
+
+
+def _save_cut(model, tokenizer, source: str, selection: Selection, distances: AngularDistances | None, out, force: bool,
+              inplace: bool, progress: bool, repair: str | None = None, calibration: tuple | None = None) -> dict:
+    """Cut (and repair) the loaded ``model``, save it with its record, and return the record."""
+    total, params_before = num_layers(model), count_parameters(model)
+    repaired = None
+    if repair is not None:
+        texts, data, settings, batch_size = calibration
+        model, repaired = _repaired(model, tokenizer, selection, texts, data, repair, settings, batch_size, inplace,
+                                    progress)
+        cut = contextlib.nullcontext(model)
+    else:
+        cut = contextlib.nullcontext(remove_layers(model, selection.layers)) if inplace else \
+            layers_removed(model, selection.layers)
     with cut as pruned:
         record = pruning_record(source, total, params_before, pruned, selection)
+        if repaired is not None:
+            record["repair"] = repaired
         if distances is not None:
             record["distances"] = {
                 "data": distances.meta.get("data"), "seq_len": distances.meta.get("seq_len"),
-                "seed": distances.meta.get("seed"), "num_samples": distances.num_samples, "token_mode": distances.token_mode,
+                "seed": distances.meta.get("seed"), "num_samples": distances.num_samples,
+                "token_mode": distances.token_mode,
             }
         save_pruned(pruned, tokenizer, out, record, force)
     return record

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..options import add_options, given_options
+from ..repair import REPAIRS, repair_choices, repair_options_class
 from ..select import CRITERIA, criterion_options_class
 from .parser import (
     add_data_options,
@@ -28,6 +29,10 @@ def add_parser(commands) -> argparse.ArgumentParser:
     p.add_argument("--criterion", default="similarity", choices=CRITERIA.names(),
                    help="which layers to remove (default: similarity). " + CRITERIA.help())
     add_options(p, criterion_options_class(), title="criterion options")
+    p.add_argument("--repair", default="none", choices=repair_choices(),
+                   help="repair the cut without training: fit a linear map on --data's calibration text and fold it "
+                        "into the last kept layer (default: none). " + REPAIRS.help())
+    add_options(p, repair_options_class(), title="repair options")
     p.add_argument("--distances", help="directory written by `depthprune analyze` (else measured from --data)")
     add_data_options(p, required=False)
     p.add_argument("--out", required=True, help="output directory for the pruned checkpoint, or a .gguf file")
@@ -47,9 +52,10 @@ def run(args) -> None:
     if (args.format or ("gguf" if args.out.lower().endswith(".gguf") else "checkpoint")) == "gguf":
         from ..gguf.prune import prune_gguf
 
-        record = prune_gguf(args.model, args.out, swa_pattern=args.swa_pattern, **common)
+        record = prune_gguf(args.model, args.out, swa_pattern=args.swa_pattern, repair=args.repair, **common)
     else:
-        record = prune(args.model, args.out, **common, **memory_kwargs(args), **model_kwargs(args))
+        record = prune(args.model, args.out, repair=args.repair, **common, **given_options(args, repair_options_class()),
+                       **memory_kwargs(args), **model_kwargs(args))
     from ..select import format_layers
 
     distance = record["angular_distance"]
@@ -60,4 +66,8 @@ def run(args) -> None:
           f"({100 * (1 - record['parameters_after'] / record['parameters_before']):.1f}% fewer)")
     if "bytes_after" in record:
         print(f"file size:  {record['bytes_before']:>12,} -> {record['bytes_after']:,} bytes (quantization kept)")
+    if "repair" in record:
+        fit = record["repair"]["fit"]
+        print(f"repair:     {record['repair']['method']} folded into {record['repair']['folded_into']}; residual error "
+              f"{fit['before']['residual_error']:.4g} -> {fit['after']['residual_error']:.4g} (plain cut -> repaired)")
     print(f"saved the pruned model to {args.out}")

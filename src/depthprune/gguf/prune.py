@@ -71,13 +71,19 @@ def prune_gguf(
     swa_pattern: str = "period",
     force: bool = False,
     progress: bool = True,
+    repair: str | None = None,
     **options,
 ) -> dict:
     """Remove layers from a GGUF file (or embedded alias) and write a GGUF file; returns the record.
 
     Arguments as :func:`depthprune.prune` (the other keywords: the criteria's options); ``swa_pattern`` as
     :func:`depthprune.gguf.surgery.cut_gguf`. Every input is checked before anything is measured or written.
+    ``repair`` is refused: the cut copies the kept tensors' bytes, and a repair changes one of them.
     """
+    if repair not in (None, "none"):
+        raise DepthpruneError(f"--repair {repair} changes a kept layer's weights, which a GGUF cut (kept tensors "
+                              "byte-copied) cannot write: prune to a checkpoint directory with --repair, then "
+                              "`depthprune export` it to GGUF")
     needs = check_cut_request(n, fraction, layers, criterion)
     chosen_options = criterion_options(**options)
     analysis = check_measuring(batch_size, token_mode)

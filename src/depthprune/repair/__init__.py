@@ -17,10 +17,13 @@ This package's top level stays light (no torch): the CLI reads the registry to b
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import DepthpruneError
+from ..options import Checked, compose
 from ..registry import Registry
 
 
@@ -52,5 +55,29 @@ class RepairMethod:
 
 
 REPAIRS: Registry[RepairMethod] = Registry("repair")
+
+
+
+def repair_options_class() -> type:
+    """The options of every registered repair, as one dataclass (checked when made): their flags and keys."""
+    return compose("RepairOptions", REPAIRS.option_classes(), module=__name__, bases=(Checked,),
+                   doc="The options of the registered repairs, one field each (flags and YAML keys).")
+
+
+def repair_options(**values) -> Any:
+    """The repairs' options from keyword values (the rest at their defaults), checked: one-line errors."""
+    cls = repair_options_class()
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise DepthpruneError(f"unknown repair option(s) {', '.join(unknown)}: the registered repairs declare "
+                              + (", ".join(known) or "none"))
+    return cls(**values)
+
+
+def repair_choices() -> tuple[str, ...]:
+    """'none' (cut without repair, the default) and every registered repair."""
+    return ("none", *REPAIRS.names())
+
 
 from . import linear, linear_cosine  # noqa: E402,F401,I001  (registration order = the order of the choices)
