@@ -58,6 +58,8 @@ def run(args) -> None:
         return
     fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
     print(f"healed with {result['method']}: {result['steps']} steps, {result['tokens']:,} tokens")
+    if result.get("trained"):
+        print(f"trained: {result['trained']}")
     print(f"train loss (last steps) {fmt(result['final_train_loss'])}; validation loss "
           f"{fmt(result['val_loss_before'])} -> {fmt(result['val_loss_after'])}")
     print(f"saved the merged model to {args.out}")

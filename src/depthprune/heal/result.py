@@ -57,12 +57,15 @@ def finish(run: Run, state: TrainingState, result: dict, base_record: dict, save
 
 
 def healing_record(run: Run, state: TrainingState, data) -> dict:
-    """What ``depthprune.json``'s ``healing`` record says about the run: its settings, data and losses."""
+    """What ``depthprune.json``'s ``healing`` record says about the run: its settings, data and losses (and what
+    trained, from a method that says: ``HealMethod.describe``)."""
     o, p = run.o, state.progress
     adapters = hasattr(state.net, "peft_config")
     recent = p.recent_losses
+    trained = {"trained": run.method.describe(state.net, o)} if run.method.describe is not None else {}
     return {
         "method": o.method,
+        **trained,
         "teacher": o.teacher,
         "kd_weight": o.kd_weight if o.teacher else None,
         "steps": run.steps,
