@@ -379,3 +379,15 @@ def build(cls, values: dict, where: str = "setting"):
     obj = cls(**coerce(cls, values, where))
     check_ranges(obj, where)
     return obj
+
+
+def plugin_options(cls, values: dict, kind: str, kinds: str) -> Any:
+    """``cls(**values)``, the options of a stage's plug-ins (the rest at their defaults), checked when made; a
+    name that no registered plug-in (a ``kind``; several: ``kinds``) declares is a one-line error naming those
+    that are."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise DepthpruneError(f"unknown {kind} option(s) {', '.join(unknown)}: the registered {kinds} declare "
+                              + (", ".join(known) or "none"))
+    return cls(**values)

@@ -17,13 +17,11 @@ This package's top level stays light (no torch): the CLI reads the registry to b
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import DepthpruneError
-from ..options import Checked, compose
+from ..options import Checked, compose, plugin_options
 from ..registry import Registry
 
 
@@ -66,13 +64,7 @@ def repair_options_class() -> type:
 
 def repair_options(**values) -> Any:
     """The repairs' options from keyword values (the rest at their defaults), checked: one-line errors."""
-    cls = repair_options_class()
-    known = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise DepthpruneError(f"unknown repair option(s) {', '.join(unknown)}: the registered repairs declare "
-                              + (", ".join(known) or "none"))
-    return cls(**values)
+    return plugin_options(repair_options_class(), values, "repair", "repairs")
 
 
 def repair_choices() -> tuple[str, ...]:

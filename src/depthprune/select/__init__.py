@@ -19,14 +19,13 @@ This package stays light (no torch at import): the CLI reads the registry to bui
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DepthpruneError
-from ..options import Checked, compose
+from ..options import Checked, compose, plugin_options
 from ..registry import AFTER_BUILT_INS, Registry, import_plugins
 
 if TYPE_CHECKING:
@@ -112,13 +111,7 @@ def criterion_options_class() -> type:
 
 def criterion_options(**values) -> Any:
     """The criteria's options from keyword values (the rest at their defaults), checked: one-line errors."""
-    cls = criterion_options_class()
-    known = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise DepthpruneError(f"unknown criterion option(s) {', '.join(unknown)}: the registered criteria declare "
-                              + (", ".join(known) or "none"))
-    return cls(**values)
+    return plugin_options(criterion_options_class(), values, "criterion", "criteria")
 
 
 def __getattr__(name: str):
