@@ -19,6 +19,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
     add_task_data_options(p, title="task data")
     add_options(p, eval_options_class(), title="evaluation")
     p.add_argument("--details", action="store_true", help="also record each question's scores in --out")
+    p.add_argument("--reference", metavar="MODEL", help="also evaluate MODEL (e.g. the unpruned model; same device, "
+                   "dtype and task options) first, and report each multiple-choice task's agreement: the share of "
+                   "questions where the model picks the reference's choice")
     p.add_argument("--out", help="write the results as JSON to this file")
     return p
 
@@ -28,7 +31,7 @@ def run(args) -> None:
 
     options_class = eval_options_class()
     options = options_class(**given_options(args, options_class))
-    result = evaluate(args.model, args.tasks, options=options, details=args.details, out=args.out,
+    result = evaluate(args.model, args.tasks, options=options, details=args.details, out=args.out, reference=args.reference,
                       **model_kwargs(args), **given_sources(args))
     removed = result.get("removed_layers")
     print(f"\n{result['model']}: {result['num_layers']} layers"

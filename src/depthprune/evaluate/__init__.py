@@ -20,6 +20,7 @@ import_plugins(f"{__name__}.tasks")  # each registers itself; its ``order`` plac
 _LAZY = {
     "evaluate": ("suite", "evaluate"),
     "summary_rows": ("suite", "summary_rows"),
+    "predictions": ("suite", "predictions"),
     "evaluate_mmlu": ("tasks.mmlu", "evaluate_mmlu"),
     "evaluate_boolq": ("tasks.boolq", "evaluate_boolq"),
     "c4_loss": ("tasks.c4", "c4_loss"),

@@ -34,3 +34,9 @@ def multiple_choice_accuracy(model, tokenizer, prompts: Sequence[str], choices: 
         "predictions": picked,
         "predictions_norm": picked_norm,
     }
+
+
+def example_details(r: dict, labels: Sequence[int]) -> list[dict]:
+    """Each question's choice log-likelihoods, its ``acc`` and ``acc_norm`` predictions (choice indices) and answer."""
+    return [{"loglikelihoods": s, "prediction": p, "prediction_norm": q, "answer": y}
+            for s, p, q, y in zip(r["scores"], r["predictions"], r["predictions_norm"], labels, strict=True)]

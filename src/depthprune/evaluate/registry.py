@@ -43,6 +43,9 @@ class EvalTask:
     model must be able to take, e.g. C4's sequence length. ``options``: the dataclass of the task's own
     options. ``order``: its place in the CLI, the sweep's default table and the report (built-ins: 10, 20, ...).
     ``options`` arguments are instances of :func:`eval_options_class`.
+    A multiple-choice task gives ``predictions(result)``: each question's predicted choice (an index, the
+    choice its headline metric counts; ``agreement_choice`` says which) read from a result run with
+    ``details=True``, whose extra keys are ``detail_keys``. ``eval --reference`` compares them.
     """
 
     name: str
@@ -62,6 +65,9 @@ class EvalTask:
     lengths: Callable[[Any], list[tuple[str, int]]] | None = None
     options: type | None = None
     order: int = AFTER_BUILT_INS
+    predictions: Callable[[dict], list[int]] | None = None
+    detail_keys: tuple[str, ...] = ()
+    agreement_choice: str = ""
 
     @property
     def dest(self) -> str:
@@ -101,6 +107,13 @@ def given_sources(args: argparse.Namespace) -> dict[str, str]:
     return {task.name: getattr(args, task.dest) for task in EVAL_TASKS if getattr(args, task.dest, None) is not None}
 
 
+def agreement_rows(name: str, result: dict) -> list[SummaryRow]:
+    """The summary row of ``agreement`` (share of questions answered as the reference model does), if measured."""
+    if "agreement" not in result:
+        return []
+    return [(name, "agreement with reference", result["agreement"], None, result["agreement_n"])]
+
+
 def accuracy_flatten(name: str, chance_key: str = "chance") -> Callable[[dict], dict]:
     """``{name}_acc`` (and ``{name}_acc_norm`` when the result has ``accuracy_norm``) and ``{name}_chance``."""
 
@@ -109,6 +122,8 @@ def accuracy_flatten(name: str, chance_key: str = "chance") -> Callable[[dict], 
         if "accuracy_norm" in result:
             metrics[f"{name}_acc_norm"] = result["accuracy_norm"]
         metrics[f"{name}_chance"] = result.get(chance_key)
+        if "agreement" in result:
+            metrics[f"{name}_agreement"] = result["agreement"]
         return metrics
 
     return flatten

@@ -87,6 +87,7 @@ def evaluate(
     dtype: str = "float32",
     trust_remote_code: bool = False,
     progress: bool = True,
+    reference=None,
     **settings,
 ) -> dict:
     """Evaluate ``model`` on ``tasks`` (names of the task registry; default: those given data) and return a dict.
@@ -99,10 +100,16 @@ def evaluate(
     With ``out`` the dict is also written there as JSON (atomically). Every input (``out``, options, local
     data files, the model's files, lm-eval) is checked before the model loads; a bad one raises
     :class:`DepthpruneError`.
+
+    ``reference`` (a model as ``model`` takes it, a loaded model sharing ``tokenizer``, or ``{task: [choice
+    index per question]}`` as :func:`predictions` gives) adds to each multiple-choice task's result ``agreement``,
+    the share of its ``agreement_n`` questions where the model picks the reference's choice (the choice
+    ``agreement_choice`` names). The reference runs first, on the same questions with the same options.
     """
     sources, given = split_settings(settings)
     if out is not None:  # first: an unwritable --out must not be found after the whole evaluation
-        check_output_file(out, [model if isinstance(model, str) else None, *sources.values(),
+        check_output_file(out, [model if isinstance(model, str) else None,
+                                reference if isinstance(reference, str) else None, *sources.values(),
                                 given.get("lm_eval_include"), given.get("lm_eval_data")])
     options = dataclasses.replace(options or eval_options_class()(), **given)
     chosen = parse_tasks(tasks) if tasks is not None else [t for t in EVAL_TASKS.names() if t in sources]
@@ -122,18 +129,40 @@ def evaluate(
         from .lm_eval_bridge import check_tasks
 
         check_tasks(extra, options.lm_eval_include, options.lm_eval_data)
+    compared = _check_reference(reference, chosen, config, trust_remote_code)
+    expected, reference_vocab = None, None
+    if isinstance(reference, dict):
+        expected = {task: list(reference[task]) for task in compared}
+    elif isinstance(reference, str):  # before the model loads: one model in memory at a time
+        ref_model, ref_tokenizer = load_model(reference, device=device, dtype=dtype,
+                                              trust_remote_code=trust_remote_code)
+        reference_vocab = len(ref_tokenizer)
+        expected = _run_reference(ref_model, ref_tokenizer, compared, sources, options, progress)
+        del ref_model, ref_tokenizer
+    if tokenizer is None and not isinstance(model, str):
+        raise DepthpruneError("pass the tokenizer together with an already loaded model")
     spec = model
     if isinstance(model, str):
         model, tokenizer = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    elif tokenizer is None:
-        raise DepthpruneError("pass the tokenizer together with an already loaded model")
+    if reference_vocab is not None and reference_vocab != len(tokenizer):
+        raise DepthpruneError(f"the reference model's tokenizer has {reference_vocab} tokens, the model's "
+                              f"{len(tokenizer)}: agreement needs both to read the same questions the same way")
     _check_lengths(model.config, options, chosen)  # hub ids and GGUF files: known only now
+    if expected is None and reference is not None:  # a loaded reference model: it shares the model's tokenizer
+        if reference.config.vocab_size != model.config.vocab_size:
+            raise DepthpruneError(f"the reference model's vocabulary has {reference.config.vocab_size} tokens, the "
+                                  f"model's {model.config.vocab_size}: agreement needs the same tokenizer")
+        expected = _run_reference(reference, tokenizer, compared, sources, options, progress)
 
     result = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **_model_info(spec, model),
               "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "tasks": {}}
     for task in chosen:
         start = time.perf_counter()
-        r = EVAL_TASKS.get(task).run(model, tokenizer, sources[task], options, details=details, progress=progress)
+        agree = expected is not None and task in expected
+        r = EVAL_TASKS.get(task).run(model, tokenizer, sources[task], options, details=details or agree,
+                                     progress=progress)
+        if agree:
+            _add_agreement(task, r, expected[task], keep_details=details)
         r["seconds"] = round(time.perf_counter() - start, 2)
         result["tasks"][task] = r
     if extra:
@@ -145,9 +174,79 @@ def evaluate(
                              max_length=options.max_length)
         result["lm_eval"] = {"tasks": lm_eval_summary(output), "num_fewshot": options.lm_eval_fewshot,
                              "limit": options.limit, "seconds": round(time.perf_counter() - start, 2)}
+    if reference is not None:
+        result["reference"] = {"model": reference if isinstance(reference, str) else
+                               "precomputed predictions" if isinstance(reference, dict) else
+                               str(reference.config.name_or_path), "tasks": compared}
     if out is not None:
         atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _multiple_choice(names) -> list[str]:
+    return [t for t in names if t in EVAL_TASKS and EVAL_TASKS.get(t).predictions is not None]
+
+
+def _check_reference(reference, chosen: list[str], config, trust_remote_code: bool) -> list[str]:
+    """The tasks whose answers the reference is compared on; a reference that cannot be compared raises."""
+    if reference is None:
+        return []
+    compared = _multiple_choice(chosen)
+    if not compared:
+        raise DepthpruneError(f"--reference compares multiple-choice answers, but no chosen task has them: add one of "
+                              f"{', '.join(_multiple_choice(EVAL_TASKS.names()))}")
+    if isinstance(reference, dict):
+        missing = [t for t in compared if t not in reference]
+        if missing:
+            raise DepthpruneError(f"the reference predictions have no task {', '.join(missing)} "
+                                  f"(they hold {', '.join(map(str, reference)) or 'none'})")
+        for task in compared:
+            values = reference[task]
+            if isinstance(values, (str, bytes)) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                           for v in values):
+                raise DepthpruneError(f"the reference predictions of {task} must be a list of choice indices")
+    elif isinstance(reference, str):
+        ref_config = check_model(reference, trust_remote_code)
+        sizes = [getattr(c, "vocab_size", None) for c in (ref_config, config) if c is not None]
+        if len(sizes) == 2 and None not in sizes and sizes[0] != sizes[1]:
+            raise DepthpruneError(f"the reference model's vocabulary has {sizes[0]} tokens, the model's {sizes[1]}: "
+                                  "agreement needs the same tokenizer")
+    elif not hasattr(reference, "config"):
+        raise DepthpruneError("reference must be a model path or id, a loaded model, or predictions per task, "
+                              f"not {type(reference).__name__}")
+    return compared
+
+
+def _run_reference(model, tokenizer, tasks: list[str], sources: dict, options, progress: bool) -> dict[str, list[int]]:
+    """The reference model's choice per question of each task, on the same questions with the same options."""
+    results = {task: EVAL_TASKS.get(task).run(model, tokenizer, sources[task], options, details=True,
+                                              progress=progress) for task in tasks}
+    return predictions({"tasks": results})
+
+
+def predictions(result: dict) -> dict[str, list[int]]:
+    """Each multiple-choice task's predicted choice per question, from a result evaluated with ``details=True``
+    (the ``reference`` that :func:`evaluate` takes)."""
+    out = {}
+    for task in _multiple_choice(result.get("tasks", {})):
+        task_def, r = EVAL_TASKS.get(task), result["tasks"][task]
+        if all(key in r for key in task_def.detail_keys):
+            out[task] = task_def.predictions(r)
+    return out
+
+
+def _add_agreement(task: str, r: dict, expected: list[int], keep_details: bool) -> None:
+    task_def = EVAL_TASKS.get(task)
+    got = task_def.predictions(r)
+    if len(got) != len(expected):
+        raise DepthpruneError(f"{task}: the reference has {len(expected)} predictions, the model {len(got)} "
+                              "questions: give both the same data and options")
+    if not keep_details:
+        for key in task_def.detail_keys:
+            r.pop(key, None)
+    r["agreement"] = sum(a == b for a, b in zip(got, expected, strict=True)) / len(got)
+    r["agreement_n"] = len(got)
+    r["agreement_choice"] = task_def.agreement_choice
 
 
 def parse_lm_eval(tasks: str | list[str] | None) -> list[str]:

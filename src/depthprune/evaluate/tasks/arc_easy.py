@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ...data import read_jsonl
 from ...errors import DepthpruneError
-from ..registry import EVAL_TASKS, EvalTask, accuracy_flatten
+from ..registry import EVAL_TASKS, EvalTask, accuracy_flatten, agreement_rows
 
 Example = tuple[str, list[str], int]  # question, choices, index of the answer
 
@@ -66,27 +66,31 @@ def load_arc(source: str, config: str = "ARC-Easy", split: str = "test") -> list
 
 
 def evaluate_arc_easy(model, tokenizer, source: str, *, limit: int | None = None, batch_size: int = 8,
-                      max_length: int | None = None, progress: bool = True) -> dict:
+                      max_length: int | None = None, details: bool = False, progress: bool = True) -> dict:
     """0-shot ARC-Easy accuracy on the first ``limit`` questions: ``accuracy`` is lm-eval's ``acc``."""
-    from ..multiple_choice import multiple_choice_accuracy
+    from ..multiple_choice import example_details, multiple_choice_accuracy
 
     examples = load_arc(source)[:limit]
     r = multiple_choice_accuracy(model, tokenizer, [build_prompt(q) for q, _, _ in examples],
                                  [c for _, c, _ in examples], [y for *_, y in examples], batch_size=batch_size,
                                  max_length=max_length, progress=progress, desc="arc_easy")
-    return {"task": "arc_easy", "accuracy": r["acc"], "accuracy_norm": r["acc_norm"], "chance": r["chance"],
-            "num_examples": r["num_examples"], "limit": limit, "shots": 0, "data": source,
-            "accuracy_note": "'accuracy' is lm-eval's acc, 'accuracy_norm' its acc_norm (per-character)"}
+    result = {"task": "arc_easy", "accuracy": r["acc"], "accuracy_norm": r["acc_norm"], "chance": r["chance"],
+              "num_examples": r["num_examples"], "limit": limit, "shots": 0, "data": source,
+              "accuracy_note": "'accuracy' is lm-eval's acc, 'accuracy_norm' its acc_norm (per-character)"}
+    if details:
+        result["examples"] = example_details(r, [y for *_, y in examples])
+    return result
 
 
 def _run(model, tokenizer, source: str, options, *, details: bool = False, progress: bool = True) -> dict:
     return evaluate_arc_easy(model, tokenizer, source, limit=options.limit, batch_size=options.batch_size,
-                             max_length=options.max_length, progress=progress)
+                             max_length=options.max_length, details=details, progress=progress)
 
 
 def _summary(r: dict) -> list:
     return [("arc_easy", "acc", r["accuracy"], r["chance"], r["num_examples"]),
-            ("arc_easy", "acc_norm", r["accuracy_norm"], r["chance"], r["num_examples"])]
+            ("arc_easy", "acc_norm", r["accuracy_norm"], r["chance"], r["num_examples"]),
+            *agreement_rows("arc_easy", r)]
 
 
 TASK = EVAL_TASKS.register(EvalTask(
@@ -103,5 +107,8 @@ TASK = EVAL_TASKS.register(EvalTask(
     chance=0.25,
     flatten=accuracy_flatten("arc_easy"),
     summary=_summary,
+    predictions=lambda r: [e["prediction"] for e in r["examples"]],
+    detail_keys=("examples",),
+    agreement_choice="acc's choice (highest log-likelihood), as the headline arc_easy_acc",
     order=40,
 ))

@@ -14,7 +14,7 @@ from pathlib import Path
 from ...data import read_json, read_jsonl
 from ...errors import DepthpruneError
 from ...options import option
-from ..registry import EVAL_TASKS, EvalTask, accuracy_flatten
+from ..registry import EVAL_TASKS, EvalTask, accuracy_flatten, agreement_rows
 
 CHOICES = (" no", " yes")
 
@@ -146,7 +146,11 @@ TASK = EVAL_TASKS.register(EvalTask(
     chance=None,  # the majority class of the examples
     baseline_kind="majority class",
     flatten=accuracy_flatten("boolq", chance_key="majority_baseline"),
-    summary=lambda r: [("boolq", "acc", r["accuracy"], r["majority_baseline"], r["num_examples"])],
+    summary=lambda r: [("boolq", "acc", r["accuracy"], r["majority_baseline"], r["num_examples"]),
+                       *agreement_rows("boolq", r)],
     options=BoolQOptions,
     order=20,
+    predictions=lambda r: [int(e["prediction"] == "yes") for e in r["examples"]],
+    detail_keys=("examples",),
+    agreement_choice="no/yes, the likelier",
 ))

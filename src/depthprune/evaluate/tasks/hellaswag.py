@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ...data import read_jsonl
 from ...errors import DepthpruneError
-from ..registry import EVAL_TASKS, EvalTask, accuracy_flatten
+from ..registry import EVAL_TASKS, EvalTask, accuracy_flatten, agreement_rows
 
 
 def preprocess(text: str) -> str:
@@ -57,22 +57,25 @@ def load_hellaswag(source: str, split: str = "validation") -> list[tuple[str, li
 
 
 def evaluate_hellaswag(model, tokenizer, source: str, *, limit: int | None = None, batch_size: int = 8,
-                       max_length: int | None = None, progress: bool = True) -> dict:
+                       max_length: int | None = None, details: bool = False, progress: bool = True) -> dict:
     """0-shot HellaSwag on the first ``limit`` examples: ``accuracy`` is lm-eval's ``acc``, ``accuracy_norm`` its
     ``acc_norm``."""
-    from ..multiple_choice import multiple_choice_accuracy
+    from ..multiple_choice import example_details, multiple_choice_accuracy
 
     examples = load_hellaswag(source)[:limit]
     r = multiple_choice_accuracy(model, tokenizer, [p for p, _, _ in examples], [e for _, e, _ in examples],
                                  [y for *_, y in examples], batch_size=batch_size, max_length=max_length,
                                  progress=progress, desc="hellaswag")
-    return {"task": "hellaswag", "accuracy": r["acc"], "accuracy_norm": r["acc_norm"], "chance": r["chance"],
-            "num_examples": r["num_examples"], "limit": limit, "shots": 0, "data": source}
+    result = {"task": "hellaswag", "accuracy": r["acc"], "accuracy_norm": r["acc_norm"], "chance": r["chance"],
+              "num_examples": r["num_examples"], "limit": limit, "shots": 0, "data": source}
+    if details:
+        result["examples"] = example_details(r, [y for *_, y in examples])
+    return result
 
 
 def _run(model, tokenizer, source: str, options, *, details: bool = False, progress: bool = True) -> dict:
     return evaluate_hellaswag(model, tokenizer, source, limit=options.limit, batch_size=options.batch_size,
-                              max_length=options.max_length, progress=progress)
+                              max_length=options.max_length, details=details, progress=progress)
 
 
 def current_result(r: dict) -> dict:
@@ -93,7 +96,8 @@ def _flatten(r: dict) -> dict:
 
 def _summary(r: dict) -> list:
     return [("hellaswag", "acc_norm", r["accuracy_norm"], r["chance"], r["num_examples"]),
-            ("hellaswag", "acc", r["accuracy"], r["chance"], r["num_examples"])]
+            ("hellaswag", "acc", r["accuracy"], r["chance"], r["num_examples"]),
+            *agreement_rows("hellaswag", r)]
 
 
 TASK = EVAL_TASKS.register(EvalTask(
@@ -110,5 +114,8 @@ TASK = EVAL_TASKS.register(EvalTask(
     chance=0.25,
     flatten=_flatten,
     summary=_summary,
+    predictions=lambda r: [e["prediction_norm"] for e in r["examples"]],
+    detail_keys=("examples",),
+    agreement_choice="acc_norm's choice (highest log-likelihood per character), as the headline hellaswag_acc_norm",
     order=50,
 ))

@@ -22,7 +22,7 @@ from pathlib import Path
 from ...data import read_text
 from ...errors import DepthpruneError
 from ...options import option
-from ..registry import EVAL_TASKS, EvalTask
+from ..registry import EVAL_TASKS, EvalTask, agreement_rows
 
 LETTERS = ("A", "B", "C", "D")
 CHANCE = 0.25
@@ -263,7 +263,8 @@ def _run(model, tokenizer, source: str, options, *, details: bool = False, progr
 
 def _summary(r: dict) -> list:
     return [("mmlu", f"acc, mean over {r['num_subjects']} subjects", r["accuracy"], r["chance"], r["num_questions"]),
-            ("mmlu", "acc, mean over questions", r["accuracy_over_questions"], r["chance"], r["num_questions"])]
+            ("mmlu", "acc, mean over questions", r["accuracy_over_questions"], r["chance"], r["num_questions"]),
+            *agreement_rows("mmlu", r)]
 
 
 TASK = EVAL_TASKS.register(EvalTask(
@@ -278,8 +279,12 @@ TASK = EVAL_TASKS.register(EvalTask(
     headline="mmlu_acc",
     higher_is_better=True,
     chance=CHANCE,
-    flatten=lambda r: {"mmlu_acc": r["accuracy"], "mmlu_chance": r.get("chance")},
+    flatten=lambda r: {"mmlu_acc": r["accuracy"], "mmlu_chance": r.get("chance"),
+                       **({"mmlu_agreement": r["agreement"]} if "agreement" in r else {})},
     summary=_summary,
     options=MMLUOptions,
     order=10,
+    predictions=lambda r: [LETTERS.index(q["prediction"]) for q in r["questions"]],
+    detail_keys=("questions",),
+    agreement_choice="the letter of highest log-likelihood",
 ))
