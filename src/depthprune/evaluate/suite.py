@@ -112,6 +112,42 @@ def evaluate(
                                 reference if isinstance(reference, str) else None, *sources.values(),
                                 given.get("lm_eval_include"), given.get("lm_eval_data")])
     options = dataclasses.replace(options or eval_options_class()(), **given)
+    chosen, extra, config = _check_call(model, tasks, sources, options, trust_remote_code)
+    compared = _check_reference(reference, chosen, config, trust_remote_code)
+    expected, reference_vocab = _reference_before_loading(reference, compared, sources, options, device, dtype,
+                                                          trust_remote_code, progress)
+    if tokenizer is None and not isinstance(model, str):
+        raise DepthpruneError("pass the tokenizer together with an already loaded model")
+    spec = model
+    if isinstance(model, str):
+        model, tokenizer = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    if reference_vocab is not None and reference_vocab != len(tokenizer):
+        raise DepthpruneError(f"the reference model's tokenizer has {reference_vocab} tokens, the model's "
+                              f"{len(tokenizer)}: agreement needs both to read the same questions the same way")
+    _check_lengths(model.config, options, chosen)  # hub ids and GGUF files: known only now
+    if expected is None and reference is not None:  # a loaded reference model: it shares the model's tokenizer
+        if reference.config.vocab_size != model.config.vocab_size:
+            raise DepthpruneError(f"the reference model's vocabulary has {reference.config.vocab_size} tokens, the "
+                                  f"model's {model.config.vocab_size}: agreement needs the same tokenizer")
+        expected = _run_reference(reference, tokenizer, compared, sources, options, progress)
+    result = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **_model_info(spec, model),
+              "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "tasks": {}}
+    for task in chosen:
+        result["tasks"][task] = _run_task(task, model, tokenizer, sources[task], options, details, progress,
+                                          expected.get(task) if expected is not None else None)
+    if extra:
+        result["lm_eval"] = _run_lm_eval(model, tokenizer, extra, options)
+    if reference is not None:
+        result["reference"] = {"model": reference if isinstance(reference, str) else
+                               "precomputed predictions" if isinstance(reference, dict) else
+                               str(reference.config.name_or_path), "tasks": compared}
+    if out is not None:
+        atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _check_call(model, tasks, sources: dict, options, trust_remote_code: bool):
+    """(the tasks, the lm-eval tasks, the model's config or None): every input checked before a model loads."""
     chosen = parse_tasks(tasks) if tasks is not None else [t for t in EVAL_TASKS.names() if t in sources]
     extra = parse_lm_eval(options.lm_eval)
     if not chosen and not extra:
@@ -129,58 +165,44 @@ def evaluate(
         from .lm_eval_bridge import check_tasks
 
         check_tasks(extra, options.lm_eval_include, options.lm_eval_data)
-    compared = _check_reference(reference, chosen, config, trust_remote_code)
-    expected, reference_vocab = None, None
+    return chosen, extra, config
+
+
+def _reference_before_loading(reference, compared: list[str], sources: dict, options, device: str, dtype: str,
+                              trust_remote_code: bool, progress: bool):
+    """(the reference's choices per task or None, its tokenizer's size or None) for a reference given as choices
+    or as a model to load: run before the model loads, so one model is in memory at a time."""
     if isinstance(reference, dict):
-        expected = {task: list(reference[task]) for task in compared}
-    elif isinstance(reference, str):  # before the model loads: one model in memory at a time
+        return {task: list(reference[task]) for task in compared}, None
+    if isinstance(reference, str):
         ref_model, ref_tokenizer = load_model(reference, device=device, dtype=dtype,
                                               trust_remote_code=trust_remote_code)
-        reference_vocab = len(ref_tokenizer)
         expected = _run_reference(ref_model, ref_tokenizer, compared, sources, options, progress)
-        del ref_model, ref_tokenizer
-    if tokenizer is None and not isinstance(model, str):
-        raise DepthpruneError("pass the tokenizer together with an already loaded model")
-    spec = model
-    if isinstance(model, str):
-        model, tokenizer = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    if reference_vocab is not None and reference_vocab != len(tokenizer):
-        raise DepthpruneError(f"the reference model's tokenizer has {reference_vocab} tokens, the model's "
-                              f"{len(tokenizer)}: agreement needs both to read the same questions the same way")
-    _check_lengths(model.config, options, chosen)  # hub ids and GGUF files: known only now
-    if expected is None and reference is not None:  # a loaded reference model: it shares the model's tokenizer
-        if reference.config.vocab_size != model.config.vocab_size:
-            raise DepthpruneError(f"the reference model's vocabulary has {reference.config.vocab_size} tokens, the "
-                                  f"model's {model.config.vocab_size}: agreement needs the same tokenizer")
-        expected = _run_reference(reference, tokenizer, compared, sources, options, progress)
+        return expected, len(ref_tokenizer)
+    return None, None
 
-    result = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **_model_info(spec, model),
-              "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "tasks": {}}
-    for task in chosen:
-        start = time.perf_counter()
-        agree = expected is not None and task in expected
-        r = EVAL_TASKS.get(task).run(model, tokenizer, sources[task], options, details=details or agree,
-                                     progress=progress)
-        if agree:
-            _add_agreement(task, r, expected[task], keep_details=details)
-        r["seconds"] = round(time.perf_counter() - start, 2)
-        result["tasks"][task] = r
-    if extra:
-        from .lm_eval_bridge import lm_eval_summary, run_lm_eval
 
-        start = time.perf_counter()
-        output = run_lm_eval(model, tokenizer, extra, include=options.lm_eval_include, data_dir=options.lm_eval_data,
-                             limit=options.limit, num_fewshot=options.lm_eval_fewshot, batch_size=options.batch_size,
-                             max_length=options.max_length)
-        result["lm_eval"] = {"tasks": lm_eval_summary(output), "num_fewshot": options.lm_eval_fewshot,
-                             "limit": options.limit, "seconds": round(time.perf_counter() - start, 2)}
-    if reference is not None:
-        result["reference"] = {"model": reference if isinstance(reference, str) else
-                               "precomputed predictions" if isinstance(reference, dict) else
-                               str(reference.config.name_or_path), "tasks": compared}
-    if out is not None:
-        atomic_write_text(out, json.dumps(result, indent=2) + "\n")
-    return result
+def _run_task(task: str, model, tokenizer, source: str, options, details: bool, progress: bool,
+              expected: list[int] | None) -> dict:
+    """One task's result, timed, with its agreement when the reference's choices are ``expected``."""
+    start = time.perf_counter()
+    r = EVAL_TASKS.get(task).run(model, tokenizer, source, options, details=details or expected is not None,
+                                 progress=progress)
+    if expected is not None:
+        _add_agreement(task, r, expected, keep_details=details)
+    r["seconds"] = round(time.perf_counter() - start, 2)
+    return r
+
+
+def _run_lm_eval(model, tokenizer, extra: list[str], options) -> dict:
+    from .lm_eval_bridge import lm_eval_summary, run_lm_eval
+
+    start = time.perf_counter()
+    output = run_lm_eval(model, tokenizer, extra, include=options.lm_eval_include, data_dir=options.lm_eval_data,
+                         limit=options.limit, num_fewshot=options.lm_eval_fewshot, batch_size=options.batch_size,
+                         max_length=options.max_length)
+    return {"tasks": lm_eval_summary(output), "num_fewshot": options.lm_eval_fewshot, "limit": options.limit,
+            "seconds": round(time.perf_counter() - start, 2)}
 
 
 def _multiple_choice(names) -> list[str]:
