@@ -2,9 +2,10 @@
 
 Methods (``methods/``, one module each, listed by ``HEAL_METHODS``): ``qlora`` (LoRA on a 4-bit NF4
 base, the paper's recipe), ``lora`` (LoRA on a full-precision base), ``full`` (all weights), ``dora``
-(weight-decomposed LoRA). With a ``teacher`` (the unpruned model) the loss mixes the LM loss with the KL
+(weight-decomposed LoRA), ``last-layers`` (the last K layers, the final norm and the LM head). With a ``teacher`` (the unpruned model) the loss mixes the LM loss with the KL
 divergence between the teacher's and the student's next-token distributions (logit distillation, as in
-Minitron). A plain PyTorch loop in the style of torchtune's recipes (``recipe.py``):
+Minitron). A plain PyTorch loop in the style of torchtune's recipes (``recipe.py``: setup in ``state.py``, the step in
+``train.py``, the result in ``result.py``):
 
 - documents are tokenized whole and packed into ``seq_len``-token sequences, in a seeded order (``data.py``);
 - every ``save_every`` steps (and after the last one) the trainable weights, optimizer, scheduler, RNG

@@ -63,7 +63,7 @@ def data_identity(source: str | None) -> str | None:
 def check_call(o: HealOptions, device: str, dtype: str | None, world: int, stop_after) -> str:
     """Check the arguments that are not healing options; return the dtype to use."""
     if device not in DEVICES:
-        raise DepthpruneError(f"unknown device '{device}': choose cpu, cuda or auto")
+        raise DepthpruneError(f"unknown device '{device}': choose one of {', '.join(DEVICES)}")
     if device in ("cuda", "auto") and not torch.cuda.is_available():
         raise DepthpruneError(f"--device {device} needs a CUDA GPU and none is visible: use --device cpu")
     if device == "auto" and world > 1:

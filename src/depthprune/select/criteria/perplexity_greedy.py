@@ -3,7 +3,7 @@ lowest calibration loss, until n are gone.
 
 The calibration loss is the mean next-token NLL over every predicted token of the calibration sequences.
 The greedy order is computed once, up to the largest n asked for (a sweep extends it as n grows), and each n
-takes its prefix. The fast path (``select/_calibration.py``) runs each candidate only from the removed layer
+takes its prefix. The fast path (``select/calibration.py``) runs each candidate only from the removed layer
 on and stops a candidate once its partial loss exceeds the best complete one; the result is the same as
 evaluating every candidate cut in full. Its scores: the order, the loss after each removal, the full
 model's loss.
