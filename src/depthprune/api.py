@@ -153,8 +153,7 @@ def _check_repair_request(repair: str | None, layers: str | None, criterion: str
                               "layers apart: choose one that removes a block (similarity, deepest, block-influence)")
 
 
-def _repaired(model, tokenizer, selection: Selection, texts: list[str], data: DataOptions, repair: str, settings,
-              batch_size: int, inplace: bool, progress: bool):
+def _repaired(model, tokenizer, selection: Selection, repair: _RepairRequest, inplace: bool, progress: bool):
     """(the cut, repaired model, its ``repair`` record): the map fitted on the uncut model, then folded. A model
     the caller passed in is copied first unless ``inplace``: the repair changes a kept layer's weights."""
     import copy
@@ -164,9 +163,10 @@ def _repaired(model, tokenizer, selection: Selection, texts: list[str], data: Da
 
     if not inplace:
         model = copy.deepcopy(model)
-    sequences = tokenize(texts, tokenizer, data.seq_len)
-    record = repair_cut(model, selection.layers, sequences, repair, settings, pad_token_id=pad_id(tokenizer),
-                        batch_size=batch_size, progress=progress)
+    data = repair.data
+    sequences = tokenize(repair.texts, tokenizer, data.seq_len)
+    record = repair_cut(model, selection.layers, sequences, repair.method, repair.settings,
+                        pad_token_id=pad_id(tokenizer), batch_size=repair.batch_size, progress=progress)
     record["calibration"] = {"data": data.source, "samples": data.samples, "seq_len": data.seq_len,
                              "seed": data.seed, "tokens": sum(map(len, sequences))}
     return model, record
@@ -253,22 +253,28 @@ def prune(
         context = SelectionContext(total, distances, model, tokenizer, sequences, batch_size=batch_size,
                                    token_mode=token_mode, progress=progress, options=chosen_options)
         selection = choose(criterion, block_size(total, n=n, fraction=fraction), context)
-    if repair is not None:
-        texts_and_data = (texts, data, repair_settings, batch_size)
-        return _save_cut(model, tokenizer, source, selection, distances, out, force, inplace, progress, repair,
-                         texts_and_data)
-    return _save_cut(model, tokenizer, source, selection, distances, out, force, inplace, progress)
+    request = _RepairRequest(repair, repair_settings, texts, data, batch_size) if repair is not None else None
+    return _save_cut(model, tokenizer, source, selection, distances, out, force, inplace, progress, request)
+
+
+@dataclasses.dataclass(frozen=True)
+class _RepairRequest:
+    """A repair asked of :func:`prune`: the method, its options and the calibration text to fit it on."""
+
+    method: str
+    settings: object
+    texts: list[str]
+    data: DataOptions
+    batch_size: int
 
 
 def _save_cut(model, tokenizer, source: str, selection: Selection, distances: AngularDistances | None, out, force: bool,
-              inplace: bool, progress: bool, repair: str | None = None, calibration: tuple | None = None) -> dict:
+              inplace: bool, progress: bool, repair: _RepairRequest | None) -> dict:
     """Cut (and repair) the loaded ``model``, save it with its record, and return the record."""
     total, params_before = num_layers(model), count_parameters(model)
     repaired = None
     if repair is not None:
-        texts, data, settings, batch_size = calibration
-        model, repaired = _repaired(model, tokenizer, selection, texts, data, repair, settings, batch_size, inplace,
-                                    progress)
+        model, repaired = _repaired(model, tokenizer, selection, repair, inplace, progress)
         cut = contextlib.nullcontext(model)
     else:
         cut = contextlib.nullcontext(remove_layers(model, selection.layers)) if inplace else \
