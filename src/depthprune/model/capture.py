@@ -54,8 +54,9 @@ def split_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, LayerCall]:
     return kwargs["hidden_states"], LayerCall((), rest, True)
 
 
-class _StopForward(Exception):
-    """Raised after the last layer of interest: the rest of the forward pass is not needed."""
+class StopForward(Exception):
+    """Raised by a hook once it has seen what it needs: the rest of the forward pass is not computed. Whoever
+    runs the forward catches it (:func:`watch_layers` does; so does the repair's calibration pass)."""
 
 
 InputWatcher = Callable[[int, torch.Tensor, LayerCall], None]
@@ -81,13 +82,13 @@ def watch_layers(layers: Sequence[nn.Module], on_input: InputWatcher, on_last_ou
         if on_last_output is not None:
             on_last_output(layer_output(output))
         if stop_after_last:
-            raise _StopForward
+            raise StopForward
 
     handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     handles.append(layers[-1].register_forward_hook(last_hook, with_kwargs=True))
     try:
         yield
-    except _StopForward:
+    except StopForward:
         pass
     finally:
         for handle in handles:

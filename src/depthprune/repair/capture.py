@@ -6,13 +6,12 @@ layer's output minus M); L, the target: the input of layer ℓ+n, or the last la
 norm's input) when the block ends the model. The least-squares map needs only Σ w MᵀM, Σ w Mᵀ(L − Y) and
 Σ w ‖L − Y‖², accumulated in float64 batch by batch, so no activations are held. Each token's weight is
 w = ‖L‖^-p (``norm_power`` p; p = 0: every token alike, as ReplaceMe). A bounded random
-subsample of token rows (M, Y, L) is kept for the cosine distance. The forward stops (a private
-exception raised from a hook) once the target is seen: the layers after it and the LM head never run.
+subsample of token rows (M, Y, L) is kept for the cosine distance. The forward stops
+(:class:`depthprune.model.capture.StopForward`, raised from a hook) once the target is seen: the layers after it and the LM head never run.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,13 +21,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import Batch, batches
+from ..model.capture import StopForward, accepts, layer_output
 from ..model.load import decoder_layout
 
 SAMPLE_SEED = 0
-
-
-class _Reached(Exception):
-    """Raised by the hook that sees the last activation needed: the rest of the forward is skipped."""
 
 
 @dataclass
@@ -59,11 +55,6 @@ class Calibration:
         return self.gram.shape[0]
 
 
-def hidden_of(output) -> torch.Tensor:
-    """The hidden state of a decoder layer's output (a tensor, or a tuple whose first item it is)."""
-    return output[0] if isinstance(output, tuple) else output
-
-
 @contextmanager
 def hooked(handles: list) -> Iterator[None]:
     """Remove the given hook handles on leaving, whatever happens inside."""
@@ -87,7 +78,7 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 def stop_forward() -> None:
     """Called from a hook: the activation needed is seen, the rest of the forward is skipped."""
-    raise _Reached
+    raise StopForward
 
 
 def run_until_reached(model: nn.Module, batch: Batch) -> None:
@@ -95,11 +86,10 @@ def run_until_reached(model: nn.Module, batch: Batch) -> None:
     layout = decoder_layout(model)
     device = model.get_input_embeddings().weight.device
     batch = batch.to(device)
-    kwargs = {"position_ids": batch.position_ids} if "position_ids" in inspect.signature(
-        layout.backbone.forward).parameters else {}
+    kwargs = {"position_ids": batch.position_ids} if accepts(layout.backbone, "position_ids") else {}
     try:
         layout.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **kwargs)
-    except _Reached:
+    except StopForward:
         return
     raise RuntimeError("the forward pass ended before the hooked layer was reached")
 
@@ -119,7 +109,7 @@ def target_hook(model: nn.Module, stop: int, keep: Callable[[torch.Tensor], None
         return layers[stop].register_forward_pre_hook(before, with_kwargs=True)
 
     def after(module, args, output):
-        keep(hidden_of(output))
+        keep(layer_output(output))
         stop_forward()
 
     return layers[-1].register_forward_hook(after)
@@ -188,7 +178,7 @@ def capture(model: nn.Module, projection: nn.Module, kept_layer: int, stop: int,
     handles = [
         projection.register_forward_hook(lambda module, args, output: seen.__setitem__("mlp", output)),
         layers[kept_layer].register_forward_hook(
-            lambda module, args, output: seen.__setitem__("out", hidden_of(output))),
+            lambda module, args, output: seen.__setitem__("out", layer_output(output))),
         target_hook(model, stop, lambda hidden: seen.__setitem__("target", hidden)),
     ]
     device = projection.weight.device

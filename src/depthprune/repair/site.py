@@ -21,8 +21,9 @@ from torch import nn
 
 from ..data import collate
 from ..errors import DepthpruneError
+from ..model.capture import layer_output
 from ..model.load import decoder_layout
-from .capture import eval_mode, hidden_of, hooked, run_until_reached, stop_forward
+from .capture import eval_mode, hooked, run_until_reached, stop_forward
 
 # The MLP output projection of a decoder layer, by architecture (paths inside the layer), first match wins.
 PROJECTIONS = ("mlp.down_proj", "mlp.c_proj", "mlp.dense_4h_to_h", "mlp.fc2", "fc2", "mlp.w2", "feed_forward.w2")
@@ -101,7 +102,7 @@ def _probe_output(model: nn.Module, site: FoldSite, ids: list[int], delta: torch
         return output if delta is None else output + delta.to(output.device, output.dtype).reshape(output.shape)
 
     def keep(module, args, output):
-        seen["out"] = hidden_of(output)
+        seen["out"] = layer_output(output)
         stop_forward()
 
     with hooked([site.projection.register_forward_hook(perturb), layer.register_forward_hook(keep)]):
