@@ -20,7 +20,6 @@ Speed, without changing a single score:
 from __future__ import annotations
 
 import copy
-import inspect
 from collections import defaultdict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ..data import pad_id
 from ..errors import DepthpruneError
+from ..model.capture import cache_argument
 from ..model.load import decoder_layout, position_limit
 
 DEFAULT_MAX_LENGTH = 2048
@@ -132,9 +132,7 @@ class _Scorer:
         self.layout = decoder_layout(model)
         self.device = model.get_input_embeddings().weight.device
         self.pad = pad
-        # transformers renamed the KV-cache argument and output from past_key_values to cache (5.2x).
-        params = inspect.signature(self.layout.backbone.forward).parameters
-        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.cache_arg = cache_argument(self.layout.backbone)
         self.own_head = self._own_head_matches()
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:

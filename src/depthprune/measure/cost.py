@@ -12,7 +12,6 @@ keeps the median and the spread of the rounds.
 
 from __future__ import annotations
 
-import inspect
 import resource
 import threading
 import time
@@ -22,6 +21,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from ..model.capture import cache_argument
 from ..model.load import count_parameters, decoder_layout
 from ..model.surgery import layers_removed
 
@@ -108,8 +108,7 @@ def measure_cost(model, prefill_len: int = 256, decode_tokens: int = 32, batch_s
     layers = decoder_layout(model).layers
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (batch_size, prefill_len), generator=generator).to(device)
-    # transformers 5.24 renamed `past_key_values` to `cache` (argument and output); accept both.
-    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_name = cache_argument(model)
     state = {"phase": None, "start": 0.0, "layer_start": 0.0}
     totals: dict[str, float] = {}  # seconds per phase, of the whole model or of its layers
 

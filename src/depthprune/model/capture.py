@@ -27,6 +27,12 @@ def accepts(module: nn.Module, name: str) -> bool:
     return name in inspect.signature(module.forward).parameters
 
 
+def cache_argument(module: nn.Module) -> str:
+    """The name of ``module``'s KV-cache argument (and output): transformers renamed ``past_key_values`` to
+    ``cache`` in 5.2x; both are met."""
+    return "cache" if accepts(module, "cache") else "past_key_values"
+
+
 def layer_output(output) -> torch.Tensor:
     """The hidden state a decoder layer returns (some return a tuple with it first)."""
     return output[0] if isinstance(output, tuple) else output
