@@ -1,5 +1,6 @@
 """FSDP healing (torch's FSDP2 over gloo, two CPU processes): the same losses and weights as one process of
-full fine-tuning, also across a stop and resume; and the places it cannot apply, refused in one line."""
+full fine-tuning, also across a stop and resume; the places it cannot apply, refused in one line; and the
+process group healing started, destroyed when it ends."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import pytest
 import torch
 from badinput import assert_clean_failure
 from safetensors.torch import load_file
+
+from depthprune.heal import distributed
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -54,3 +57,32 @@ def test_fsdp_refused_where_it_cannot_apply(tiny_checkpoint, tiny_corpus, tmp_pa
                          [tmp_path])
     assert_clean_failure(capsys, [*base, "--method", "full", "--fsdp"],
                          "--fsdp shards the model over several processes, and this is one", [tmp_path])
+
+
+def _group_of_one(monkeypatch):
+    """A real gloo group of one process that ``joined`` takes for a torchrun run (it reads WORLD_SIZE)."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    return dist
+
+
+def test_a_process_group_heal_started_is_destroyed_when_it_ends(monkeypatch):
+    # Left to the interpreter's exit, gloo's threads aborted a finished torchrun run (SIGABRT) now and then.
+    dist = _group_of_one(monkeypatch)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: dist.distributed_c10d.init_process_group(
+        backend, store=dist.HashStore(), rank=0, world_size=1))
+    with distributed.joined("cpu") as processes:
+        assert dist.is_initialized() and processes.world == 2
+    assert not dist.is_initialized()
+
+
+def test_a_process_group_the_caller_started_stays(monkeypatch):
+    dist = _group_of_one(monkeypatch)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with distributed.joined("cpu"):
+            pass
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()

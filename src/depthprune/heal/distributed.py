@@ -23,6 +23,7 @@ import contextlib
 import copy
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +86,22 @@ class Processes:
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@contextlib.contextmanager
+def joined(device: str) -> Iterator[Processes]:
+    """This process's place in the run for the block (see :func:`start`). A process group started here is
+    destroyed when the block ends: left to the interpreter's exit, gloo's worker threads can outlive it and
+    abort the process ("terminate called without an active exception") after the work succeeded. A group
+    the caller started stays theirs."""
+    import torch.distributed as dist
+
+    started_here = world_size() > 1 and not dist.is_initialized()
+    try:
+        yield start(device)
+    finally:
+        if started_here and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def start(device: str) -> Processes:

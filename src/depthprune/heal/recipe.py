@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import DepthpruneError
 from ..model.load import load_model, quiet_bitsandbytes
 from ..model.record import read_record
-from .distributed import check_fsdp, gathered, start, world_size
+from .distributed import check_fsdp, gathered, joined, world_size
 from .inputs import check_call, check_inputs, loaded_dtype, loaded_identity, model_identity
 from .methods import HEAL_METHODS
 from .options import resolve_options, total_steps
@@ -83,8 +83,7 @@ def heal_loaded(model, data, out: str | Path, *, tokenizer=None, model_id: str |
     steps = total_steps(o)
     documents, identity = check_inputs(model_id, data, val_data, o, steps, dtype)
     out = check_out(out, (None if in_memory else model, data if isinstance(data, str) else None, val_data, o.teacher))
-    processes = start(device)
-    with holding(out, processes.rank):
+    with joined(device) as processes, holding(out, processes.rank):
         where = share_plan(plan(out, identity, force, restart) if processes.main else None, out, processes)
         if where.action == "finished":
             result = finished_result(out)
