@@ -16,6 +16,7 @@ from .measure.stream import compute_distances_streamed
 from .model.check import check_model
 from .model.load import check_length, count_parameters, load_model, num_layers
 from .model.record import pruning_record
+from .model.sublayers import check_sublayer_cut, remove_sublayers, sites_of, sublayers_removed
 from .model.surgery import layers_removed, remove_layers, save_pruned
 from .outputs import atomic_output_dir, check_output_dir
 from .select import (
@@ -114,13 +115,18 @@ def analyze(
 
 
 def _check_cut(config, n: int | None, fraction: float | None, layers: str | None,
-               distances: AngularDistances | None, data: DataOptions | None) -> None:
-    """Everything about a cut that the model's config decides: block size or layers, distances, sequence length."""
+               distances: AngularDistances | None, data: DataOptions | None, granularity: str = "layer") -> None:
+    """Everything about a cut that the model's config decides: whether the architecture can lose that sub-layer
+    exactly, block size or layers, distances, sequence length."""
     total = num_layers(config)
+    if granularity != "layer":
+        sites_of(config, granularity)
     if layers is not None:
-        parse_layers(layers, total)
+        listed = parse_layers(layers, total, granularity)
+        if granularity != "layer":
+            check_sublayer_cut(config, {granularity: listed})
     else:
-        block_size(total, n=n, fraction=fraction)
+        block_size(total, n=n, fraction=fraction, granularity=granularity)
     if distances is not None:
         distances.check_model(config)
     if data is not None:
@@ -139,13 +145,17 @@ def _split_options(options: dict, repair: str | None):
     return criterion_options(**criterion_values), repair_options(**repair_values)
 
 
-def _check_repair_request(repair: str | None, layers: str | None, criterion: str, data: DataOptions | None) -> None:
-    """What a repair needs that is known before anything loads: its name, calibration text, one block."""
+def _check_repair_request(repair: str | None, layers: str | None, criterion: str, data: DataOptions | None,
+                          granularity: str = "layer") -> None:
+    """What a repair needs that is known before anything loads: its name, calibration text, one block of layers."""
     if repair is None:
         return
     from .repair import REPAIRS
 
     REPAIRS.get(repair)
+    if granularity != "layer":
+        raise DepthpruneError(f"--repair fits a map across a removed block of whole layers and does not apply to "
+                              f"--granularity {granularity}: drop --repair, or cut whole layers")
     if data is None:
         raise DepthpruneError(f"--repair {repair} fits its map on calibration text: pass --data SRC")
     if layers is None and not CRITERIA.get(criterion).contiguous:
@@ -201,6 +211,7 @@ def prune(
     inplace: bool = False,
     progress: bool = True,
     repair: str | None = None,
+    granularity: str = "layer",
     **options,
 ) -> dict:
     """Remove a block of layers and save the pruned checkpoint with its ``depthprune.json``; returns that record.
@@ -216,12 +227,14 @@ def prune(
     or 'none': no repair) fits a linear map on ``data``'s calibration text and folds it into the last kept layer
     (ReplaceMe), recorded under ``repair`` in ``depthprune.json``; a loaded ``model`` is then copied first unless
     ``inplace``. Other keywords: the criteria's and the repairs' own options (``window=5`` for a criterion
-    declaring it, ``repair_ridge=0.01``). Every input is checked before the model loads.
+    declaring it, ``repair_ridge=0.01``). ``granularity`` 'attention' or 'mlp' removes only that sub-layer of the
+    layers ``n``/``fraction``/``layers`` count and name (exact, standard: :mod:`depthprune.model.sublayers`).
+    Every input is checked before the model loads.
     """
-    needs = check_cut_request(n, fraction, layers, criterion)
+    needs = check_cut_request(n, fraction, layers, criterion, granularity)
     repair = None if repair in (None, "none") else repair
     chosen_options, repair_settings = _split_options(options, repair)
-    _check_repair_request(repair, layers, criterion, data)
+    _check_repair_request(repair, layers, criterion, data, granularity)
     analysis = check_measuring(batch_size, token_mode) if data is not None else None
     config = check_model(model, trust_remote_code)
     check_output_dir(out, force, _input_paths(model, distances, data.source if data else None))
@@ -235,24 +248,25 @@ def prune(
         raise DepthpruneError(f"criterion '{criterion}' needs calibration text: pass --data SRC")
     reads_data = measuring or needs == "calibration" or repair is not None
     if config is not None:
-        _check_cut(config, n, fraction, layers, distances, data if reads_data else None)
+        _check_cut(config, n, fraction, layers, distances, data if reads_data else None, granularity)
     plan = _plan(model, data, analysis, stream, max_memory, device, dtype, trust_remote_code) if measuring else None
     texts = load_calibration(data) if reads_data else None
     if plan is not None:  # before the model loads, so the two peaks do not add up
         distances = _measure_streamed(plan, data, texts, analysis, dtype, trust_remote_code, progress)
     source = model if isinstance(model, str) else str(model.config.name_or_path)
     model, tokenizer = _loaded(model, tokenizer, device, dtype, trust_remote_code)
-    _check_cut(model.config, n, fraction, layers, distances, data if reads_data else None)  # hub ids, GGUF: now
+    _check_cut(model.config, n, fraction, layers, distances, data if reads_data else None, granularity)  # hub, GGUF
     total = num_layers(model)
     if measuring and plan is None:
         distances = measure_texts(model, tokenizer, data, texts, analysis, progress)
     if layers is not None:
-        selection: Selection = explicit_selection(layers, total, distances)
+        selection: Selection = explicit_selection(layers, total, distances, granularity)
     else:
         sequences = tokenize(texts, tokenizer, data.seq_len) if needs == "calibration" else None
         context = SelectionContext(total, distances, model, tokenizer, sequences, batch_size=batch_size,
-                                   token_mode=token_mode, progress=progress, options=chosen_options)
-        selection = choose(criterion, block_size(total, n=n, fraction=fraction), context)
+                                   token_mode=token_mode, progress=progress, options=chosen_options,
+                                   granularity=granularity)
+        selection = choose(criterion, block_size(total, n=n, fraction=fraction, granularity=granularity), context)
     request = _RepairRequest(repair, repair_settings, texts, data, batch_size) if repair is not None else None
     return _save_cut(model, tokenizer, source, selection, distances, out, force, inplace, progress, request)
 
@@ -276,6 +290,9 @@ def _save_cut(model, tokenizer, source: str, selection: Selection, distances: An
     if repair is not None:
         model, repaired = _repaired(model, tokenizer, selection, repair, inplace, progress)
         cut = contextlib.nullcontext(model)
+    elif selection.granularity != "layer":
+        removed = {selection.granularity: selection.layers}
+        cut = contextlib.nullcontext(remove_sublayers(model, removed)) if inplace else sublayers_removed(model, removed)
     else:
         cut = contextlib.nullcontext(remove_layers(model, selection.layers)) if inplace else \
             layers_removed(model, selection.layers)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import DepthpruneError
+from ..model.granularity import GRANULARITIES
 from ..options import add_options, given_options
 from ..repair import REPAIRS, repair_choices, repair_options_class
 from ..select import CRITERIA, criterion_options_class
@@ -23,9 +25,13 @@ def add_parser(commands) -> argparse.ArgumentParser:
     p = commands.add_parser("prune", help="remove a block of layers and save the smaller model")
     add_model_options(p)
     how = p.add_mutually_exclusive_group(required=True)
-    how.add_argument("--n", type=int, help="number of layers to remove")
-    how.add_argument("--fraction", type=float, help="fraction of the layers to remove, e.g. 0.25")
-    how.add_argument("--layers", help="explicit 0-based layers, inclusive ranges: '20-27' or '3,7,9'")
+    how.add_argument("--n", type=int, help="number of layers (or, with --granularity, sub-layers) to remove")
+    how.add_argument("--fraction", type=float, help="fraction of the layers (or sub-layers) to remove, e.g. 0.25")
+    how.add_argument("--layers", help="explicit 0-based layers, inclusive ranges: '20-27' or '3,7,9' (with "
+                                      "--granularity: the layers whose sub-layer goes)")
+    p.add_argument("--granularity", default="layer", choices=GRANULARITIES,
+                   help="what goes: whole layers (default), or only the attention or the MLP of the chosen layers "
+                        "(the checkpoint stays standard: those sub-layers' weights become zeros)")
     p.add_argument("--criterion", default="similarity", choices=CRITERIA.names(),
                    help="which layers to remove (default: similarity). " + CRITERIA.help())
     add_options(p, criterion_options_class(), title="criterion options")
@@ -50,16 +56,26 @@ def run(args) -> None:
                   distances=args.distances, data=data_options(args), force=args.force, **analysis_kwargs(args),
                   **given_options(args, criterion_options_class()))
     if (args.format or ("gguf" if args.out.lower().endswith(".gguf") else "checkpoint")) == "gguf":
+        if args.granularity != "layer":
+            raise DepthpruneError(f"--format gguf --granularity {args.granularity}: the GGUF writer of sub-layer cuts "
+                                  "is not in this version yet; write a checkpoint (--format checkpoint)")
         from ..gguf.prune import prune_gguf
 
         record = prune_gguf(args.model, args.out, swa_pattern=args.swa_pattern, repair=args.repair, **common)
     else:
-        record = prune(args.model, args.out, repair=args.repair, **common, **given_options(args, repair_options_class()),
-                       **memory_kwargs(args), **model_kwargs(args))
+        record = prune(args.model, args.out, repair=args.repair, granularity=args.granularity, **common,
+                       **given_options(args, repair_options_class()), **memory_kwargs(args), **model_kwargs(args))
+    _print_record(record, args.out)
+
+
+def _print_record(record: dict, out: str) -> None:
     from ..select import format_layers
 
     distance = record["angular_distance"]
-    print(f"removed layers {format_layers(record['removed_layers'])} (0-based, inclusive) by {record['criterion']}"
+    granularity = record.get("granularity", "layer")
+    removed = record["removed_layers"] if granularity == "layer" else record["removed_sublayers"][granularity]
+    what = "layers" if granularity == "layer" else f"the {granularity} of layers"
+    print(f"removed {what} {format_layers(removed)} (0-based, inclusive) by {record['criterion']}"
           + (f", angular distance {distance:.4f}" if distance is not None else ""))
     print(f"layers:     {record['layers_before']:>12,} -> {record['layers_after']:,}")
     print(f"parameters: {record['parameters_before']:>12,} -> {record['parameters_after']:,} "
@@ -70,4 +86,4 @@ def run(args) -> None:
         fit = record["repair"]["fit"]
         print(f"repair:     {record['repair']['method']} folded into {record['repair']['folded_into']}; residual error "
               f"{fit['before']['residual_error']:.4g} -> {fit['after']['residual_error']:.4g} (plain cut -> repaired)")
-    print(f"saved the pruned model to {args.out}")
+    print(f"saved the pruned model to {out}")

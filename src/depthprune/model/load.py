@@ -22,6 +22,9 @@ from torch import nn
 from ..config import DEVICES
 from ..data import read_json
 from ..errors import DepthpruneError
+from .layout import DecoderLayout, count_parameters, decoder_layout, num_layers  # noqa: F401 (re-exported: stages import them here)
+from .record import read_record, removed_sublayers
+from .sublayers import stand_in_removed
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # What identifies a model's shape: distances measured on one model are refused for another.
@@ -264,6 +267,9 @@ def load_model(
     ``quantize='nf4'`` loads the linear layers 4-bit (bitsandbytes NF4, computing in ``dtype``), as QLoRA
     trains on; on CPUs with AVX512-BF16 the weights are kept in bitsandbytes' standard layout, so that
     de-quantizing them later gives exactly the weights the model computed with.
+
+    A sub-layer cut (``removed_sublayers`` in its ``depthprune.json``) loads with its removed attention or MLP
+    modules replaced by stand-ins that compute nothing and hold no weights or KV cache (:mod:`.sublayers`).
     """
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -299,6 +305,9 @@ def load_model(
                               "than the config gives; check the sizes in config.json, or save the checkpoint again"
                               ) from None
     _check_loading_info(spec, info)
+    removed = removed_sublayers(read_record(location)) if source.kind == "local" else {}
+    if removed:
+        stand_in_removed(model, removed, spec)
     if quantize is not None:
         disable_cpu_repacking(model)
     elif device.startswith("cuda"):
@@ -373,69 +382,3 @@ def check_length(config, length: int, option: str) -> None:
 def model_fingerprint(config) -> dict:
     """What distances measured on a model must agree with: type, layer count, width and vocabulary."""
     return {key: getattr(config, key, None) for key in FINGERPRINT_KEYS}
-
-
-@dataclass
-class DecoderLayout:
-    """Where a causal LM keeps the parts layer pruning touches.
-
-    ``backbone`` maps input ids to the final (normed) hidden state without the LM head; ``layers`` is
-    the ModuleList of decoder blocks, found at ``layers_path`` (dotted, from the top model);
-    ``final_norm`` is None for models without one (e.g. OPT-350m).
-    """
-
-    backbone: nn.Module
-    layers: nn.ModuleList
-    layers_path: str
-    final_norm: nn.Module | None
-    lm_head: nn.Module
-
-
-_FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "norm_f", "final_norm", "final_layernorm")
-
-
-def num_layers(model) -> int:
-    """The number of decoder layers of a model (or of its config), as the config states it."""
-    config = getattr(model, "config", model)
-    n = getattr(config, "num_hidden_layers", None)
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise DepthpruneError(f"{type(model).__name__}: num_hidden_layers is {n!r}, expected a positive layer count")
-    return n
-
-
-def decoder_layout(model: nn.Module) -> DecoderLayout:
-    """Find the decoder layers, final norm and LM head of any causal LM with the standard layout.
-
-    The standard layout (Llama, Mistral, Qwen, Gemma, Phi, GPT-2, GPT-NeoX, OPT, Falcon, ...) is one
-    ModuleList of ``num_hidden_layers`` blocks inside ``model.base_model``, with the final norm beside it.
-    """
-    n = num_layers(model)
-    backbone = model.base_model
-    candidates = [
-        (name, module)
-        for name, module in backbone.named_modules()
-        if isinstance(module, nn.ModuleList) and len(module) == n and n > 0
-    ]
-    if len(candidates) != 1:
-        found = "none" if not candidates else ", ".join(name for name, _ in candidates)
-        raise DepthpruneError(
-            f"cannot find the decoder layers of {type(model).__name__}: expected one list of {n} blocks, "
-            f"found {found}; this architecture is not supported"
-        )
-    name, layers = candidates[0]
-    parent = backbone.get_submodule(name.rpartition(".")[0]) if "." in name else backbone
-    final_norm = next(
-        (getattr(parent, attr) for attr in _FINAL_NORM_NAMES if isinstance(getattr(parent, attr, None), nn.Module)),
-        None,
-    )
-    lm_head = model.get_output_embeddings()
-    if lm_head is None:
-        raise DepthpruneError(f"{type(model).__name__} has no LM head: load a *ForCausalLM model")
-    prefix = model.base_model_prefix
-    layers_path = f"{prefix}.{name}" if backbone is not model else name
-    return DecoderLayout(backbone, layers, layers_path, final_norm, lm_head)
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Parameters, counting tied weights (embedding = LM head) once."""
-    return sum(p.numel() for p in model.parameters())

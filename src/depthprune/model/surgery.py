@@ -14,6 +14,7 @@ from ..errors import DepthpruneError
 from ..outputs import atomic_output_dir, follow_umask
 from .load import decoder_layout, num_layers
 from .record import write_record
+from .sublayers import assign_cache_slots
 
 
 def _per_layer_config_keys(config, count: int) -> list[str]:
@@ -55,6 +56,7 @@ def remove_layers(model: nn.Module, layers: Iterable[int]) -> nn.Module:
     config.num_hidden_layers = len(keep)
     if num_layers(model) != len(keep):
         raise DepthpruneError(f"{type(model).__name__}: could not update the config's layer count")
+    assign_cache_slots(model)  # a model with removed attention sub-layers packs its KV-cache slots again
     return model
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DepthpruneError
+from ..model.granularity import GRANULARITIES, check_granularity, unit_name
 from ..options import Checked, compose, plugin_options
 from ..registry import AFTER_BUILT_INS, Registry, import_plugins
 
@@ -38,17 +39,20 @@ NEEDS = ("distances", "calibration", "nothing")
 class Selection:
     """Layers to remove (0-based, sorted), the criterion that chose them, and its evidence.
 
-    ``distance``: D[n][ℓ] of the removed block, when it is one contiguous measured block. ``scores``: the
-    criterion's own per-layer or per-block scores (JSON-ready), written into ``depthprune.json``.
+    ``granularity``: 'layer' (the layers go), or 'attention' / 'mlp' (only that sub-layer of each of ``layers``
+    goes). ``distance``: D[n][ℓ] of the removed block, when it is one contiguous measured block of whole layers.
+    ``scores``: the criterion's own per-layer or per-block scores (JSON-ready), written into ``depthprune.json``.
     """
 
     layers: tuple[int, ...]
     criterion: str  # a registered criterion, or 'explicit'
     distance: float | None = None
     scores: dict = field(default_factory=dict)
+    granularity: str = "layer"
 
     def describe(self) -> str:
-        text = f"remove {len(self.layers)} layer(s) {format_layers(self.layers)} ({self.criterion}"
+        what = "layer(s)" if self.granularity == "layer" else f"{self.granularity} sub-layer(s) of layers"
+        text = f"remove {len(self.layers)} {what} {format_layers(self.layers)} ({self.criterion}"
         return text + (f", angular distance {self.distance:.4f})" if self.distance is not None else ")")
 
 
@@ -60,6 +64,7 @@ class SelectionContext:
     that measure how to. ``cache`` holds what a criterion computed that serves other n (the greedy order, the
     one-shot losses, the captured layer arguments): one context per model and calibration set, e.g. a sweep's.
     ``options``: the criteria's options (:func:`criterion_options`; default: every option at its default).
+    ``granularity``: what the chosen layers lose, 'layer' (all of it), 'attention' or 'mlp'.
     """
 
     num_layers: int
@@ -72,6 +77,7 @@ class SelectionContext:
     progress: bool = False
     cache: dict = field(default_factory=dict, compare=False, repr=False)
     options: Any = field(default_factory=lambda: criterion_options())
+    granularity: str = "layer"
 
 
 @dataclass(frozen=True)
@@ -79,8 +85,9 @@ class Criterion:
     """A way to choose the layers to remove.
 
     ``description``: one line, naming the paper it comes from. ``needs``: 'distances', 'calibration' or
-    'nothing'. ``contiguous``: whether it always removes one block. ``select(context, n)`` returns a
-    :class:`Selection` of exactly ``n`` layers. ``check_distances(distances)``, optional: raise a one-line
+    'nothing'. ``contiguous``: whether it always removes one block (of whole layers). ``granularities``: what it
+    can choose, of 'layer', 'attention', 'mlp' (``context.granularity`` tells which is asked).
+    ``select(context, n)`` returns a :class:`Selection` of exactly ``n`` layers. ``check_distances(distances)``, optional: raise a one-line
     :class:`DepthpruneError` when given distances cannot serve it (checked before any model loads).
     ``options``, optional: the dataclass of its own options (read from ``context.options``). ``order``: its
     place in the CLI's choices and the report (built-ins: 10, 20, ...).
@@ -94,10 +101,23 @@ class Criterion:
     check_distances: Callable[[AngularDistances], None] | None = None
     options: type | None = None
     order: int = AFTER_BUILT_INS
+    granularities: tuple[str, ...] = ("layer",)
 
     def __post_init__(self) -> None:
         if self.needs not in NEEDS:
             raise ValueError(f"criterion '{self.name}': needs must be one of {', '.join(NEEDS)}, not {self.needs!r}")
+        if not self.granularities or not set(self.granularities) <= set(GRANULARITIES):
+            raise ValueError(f"criterion '{self.name}': granularities must be some of {', '.join(GRANULARITIES)}, "
+                             f"not {self.granularities!r}")
+
+
+def check_criterion_granularity(criterion: str, granularity: str) -> None:
+    """Refuse in one line a criterion that cannot choose at ``granularity``, naming those that can."""
+    check_granularity(granularity)
+    if granularity not in CRITERIA.get(criterion).granularities:
+        able = [name for name in CRITERIA.names() if granularity in CRITERIA.get(name).granularities]
+        raise DepthpruneError(f"criterion '{criterion}' cannot choose {unit_name(granularity)}: use one of "
+                              f"{', '.join(able)}, or list them with --layers")
 
 
 CRITERIA: Registry[Criterion] = Registry("criterion")
@@ -148,15 +168,16 @@ def layer_ranges(spec: str) -> list[tuple[int, int]]:
     return ranges
 
 
-def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
-    """Parse '20-27', '3,7,9' or a mix ('0,5-7') into sorted 0-based layer indices; ranges are inclusive."""
+def parse_layers(spec: str, num_layers: int, granularity: str = "layer") -> tuple[int, ...]:
+    """Parse '20-27', '3,7,9' or a mix ('0,5-7') into sorted 0-based layer indices; ranges are inclusive. At a
+    sub-layer ``granularity`` they name the layers whose attention or MLP goes."""
     ranges = layer_ranges(spec)
     top = max(last for _, last in ranges)
     if top >= num_layers:  # checked before expanding: '0-3000000000' must not fill the memory first
         raise DepthpruneError(f"layer {top} out of range: the model has layers 0..{num_layers - 1}")
     layers = {layer for first, last in ranges for layer in range(first, last + 1)}
     if len(layers) >= num_layers:
-        raise DepthpruneError(f"layer spec '{spec}' removes all {num_layers} layers: keep at least one")
+        raise DepthpruneError(f"layer spec '{spec}' removes all {num_layers} {unit_name(granularity)}: keep at least one")
     return tuple(sorted(layers))
 
 
@@ -181,26 +202,32 @@ def check_block_request(n: int | None = None, fraction: float | None = None) -> 
         raise DepthpruneError(f"n={n} out of range: remove at least 1 layer")
 
 
-def check_cut_request(n: int | None, fraction: float | None, layers: str | None, criterion: str) -> str:
-    """Check how the layers to cut are asked for (before anything loads); returns what the criterion needs."""
+def check_cut_request(n: int | None, fraction: float | None, layers: str | None, criterion: str,
+                      granularity: str = "layer") -> str:
+    """Check how the layers (or sub-layers) to cut are asked for (before anything loads); returns what the
+    criterion needs."""
     if sum(x is not None for x in (n, fraction, layers)) != 1:
         raise DepthpruneError("give exactly one of --n, --fraction or --layers")
+    check_granularity(granularity)
     if layers is not None:
         layer_ranges(layers)
         return "nothing"
     check_block_request(n, fraction)
+    check_criterion_granularity(criterion, granularity)
     return CRITERIA.get(criterion).needs
 
 
-def block_size(num_layers: int, n: int | None = None, fraction: float | None = None) -> int:
-    """The number of layers to remove, from a count ``n`` or a ``fraction`` of the L layers (rounded)."""
+def block_size(num_layers: int, n: int | None = None, fraction: float | None = None, granularity: str = "layer") -> int:
+    """The number of layers (or sub-layers of one kind) to remove, from a count ``n`` or a ``fraction`` of the L
+    layers (rounded)."""
     check_block_request(n, fraction)
+    unit = unit_name(granularity)
     if fraction is not None:
         n = round(fraction * num_layers)
         if n == 0:
-            raise DepthpruneError(f"fraction {fraction} of {num_layers} layers rounds to 0 layers: use a larger fraction")
+            raise DepthpruneError(f"fraction {fraction} of {num_layers} {unit} rounds to 0: use a larger fraction")
     if not 1 <= n < num_layers:
-        raise DepthpruneError(f"n={n} out of range: remove between 1 and {num_layers - 1} of the {num_layers} layers")
+        raise DepthpruneError(f"n={n} out of range: remove between 1 and {num_layers - 1} of the {num_layers} {unit}")
     return n
 
 
@@ -213,7 +240,8 @@ def choose(criterion: str, n: int, context: SelectionContext) -> Selection:
     """The ``n`` layers ``criterion`` removes, checked: n in range, what it needs present, its answer sound."""
     entry = CRITERIA.get(criterion)
     total = context.num_layers
-    n = block_size(total, n=n)
+    check_criterion_granularity(criterion, context.granularity)
+    n = block_size(total, n=n, granularity=context.granularity)
     _check_layer_count(context.distances, total)
     if entry.needs == "distances" and context.distances is None:
         raise DepthpruneError(f"criterion '{criterion}' needs angular distances: pass --distances DIR or --data SRC")
@@ -226,8 +254,10 @@ def choose(criterion: str, n: int, context: SelectionContext) -> Selection:
     if len(layers) != n or len(set(layers)) != n or list(layers) != sorted(layers) or not all(
             0 <= layer < total for layer in layers):
         raise ValueError(f"criterion '{criterion}' chose {layers!r}, not {n} distinct sorted layers of 0..{total - 1}")
-    if entry.contiguous and layers[-1] - layers[0] + 1 != n:
+    if entry.contiguous and context.granularity == "layer" and layers[-1] - layers[0] + 1 != n:
         raise ValueError(f"criterion '{criterion}' is declared contiguous but chose {format_layers(layers)}")
+    if selection.granularity != context.granularity:
+        raise ValueError(f"criterion '{criterion}' was asked for {context.granularity}, chose {selection.granularity}")
     return selection
 
 
@@ -242,11 +272,14 @@ def block_distance(distances: AngularDistances | None, layers: Sequence[int]) ->
     return float(distances.block(len(layers))[layers[0]]) if distances is not None and contiguous else None
 
 
-def explicit_selection(spec: str, num_layers: int, distances: AngularDistances | None = None) -> Selection:
-    """A user-listed set of layers; its distance is known when it is one contiguous block."""
-    layers = parse_layers(spec, num_layers)
+def explicit_selection(spec: str, num_layers: int, distances: AngularDistances | None = None,
+                       granularity: str = "layer") -> Selection:
+    """A user-listed set of layers (at a sub-layer ``granularity``: whose attention or MLP goes); its distance is
+    known when it is one contiguous block of whole layers."""
+    layers = parse_layers(spec, num_layers, check_granularity(granularity))
     _check_layer_count(distances, num_layers)
-    return Selection(layers, "explicit", block_distance(distances, layers))
+    distance = block_distance(distances, layers) if granularity == "layer" else None
+    return Selection(layers, "explicit", distance, granularity=granularity)
 
 
 import_plugins(f"{__name__}.criteria")  # each registers itself; its ``order`` places it (the CLI's, the report's)
