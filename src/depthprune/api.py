@@ -25,6 +25,7 @@ from .select import (
     SelectionContext,
     block_size,
     check_cut_request,
+    check_distances_serve,
     choose,
     criterion_options,
     explicit_selection,
@@ -182,13 +183,6 @@ def _repaired(model, tokenizer, selection: Selection, repair: _RepairRequest, in
     return model, record
 
 
-def _check_distances_serve(criterion: str | None, distances: AngularDistances | None) -> None:
-    """Whether given distances can serve ``criterion`` (e.g. block influence from distances that predate it)."""
-    entry = CRITERIA.get(criterion) if criterion is not None else None
-    if entry is not None and entry.check_distances is not None and distances is not None:
-        entry.check_distances(distances)
-
-
 def prune(
     model,
     out: str | Path,
@@ -240,7 +234,7 @@ def prune(
     check_output_dir(out, force, _input_paths(model, distances, data.source if data else None))
     if isinstance(distances, (str, Path)):
         distances = load_distances(distances)
-    _check_distances_serve(criterion if layers is None else None, distances)
+    check_distances_serve(criterion if layers is None else None, distances, granularity)
     measuring = distances is None and needs == "distances"
     if measuring and data is None:
         raise DepthpruneError(f"criterion '{criterion}' needs --distances DIR (from `depthprune analyze`) or --data SRC")

@@ -10,11 +10,13 @@ distances at once; D[n][ℓ] is its entry (ℓ, ℓ+n). The LM head is never run
 only the selected token vectors are kept, so memory does not grow with the number of samples.
 
 The same pass also accumulates ShortGPT's block influence (Men et al. 2024), BI(ℓ) = 1 − the mean over all
-real tokens of cos(x⁽ˡ⁾, x⁽ˡ⁺¹⁾), whatever token mode the distances use; it is saved beside them.
+real tokens of cos(x⁽ˡ⁾, x⁽ˡ⁺¹⁾), whatever token mode the distances use, and each layer's attention and MLP
+distances (:mod:`.sublayer_distances`, on the architectures whose sub-layers are known); both are saved beside them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Sequence
@@ -31,6 +33,8 @@ from ..errors import DepthpruneError
 from ..model.capture import accepts, watch_layers
 from ..model.load import FINGERPRINT_KEYS, decoder_layout, model_fingerprint, num_layers
 from ..outputs import atomic_write_text
+from .sublayer_distances import DEFINITION as SUBLAYER_DEFINITION
+from .sublayer_distances import SublayerWatch, attention_site
 
 FORMAT = "depthprune.distances/1"
 DEFINITION = (
@@ -51,6 +55,8 @@ class AngularDistances:
     """Mean pairwise angular distances between layer inputs, with how they were measured.
 
     ``block_influence``: BI(ℓ) for each layer (None in files written before it was measured).
+    ``sublayer_distances``: {'attention': (L,), 'mlp': (L,)}, each layer's sub-layer distances (None when not
+    measured: files written before them, architectures whose sub-layers are unknown).
     """
 
     pairwise: np.ndarray  # (L+1, L+1): mean of arccos(cos)/pi between x_i and x_j
@@ -58,6 +64,7 @@ class AngularDistances:
     token_mode: str  # 'last' or 'all': which tokens of each sample are compared (TOKEN_MODES)
     meta: dict = field(default_factory=dict)  # model, data, seq_len, seed, ...
     block_influence: np.ndarray | None = None  # (L,): 1 - mean cos(x_l, x_{l+1}) over all real tokens
+    sublayer_distances: dict[str, np.ndarray] | None = None
 
     @property
     def num_layers(self) -> int:
@@ -109,6 +116,9 @@ class AngularDistances:
             **({} if self.block_influence is None else {
                 "block_influence_definition": BLOCK_INFLUENCE_DEFINITION,
                 "block_influence": self.block_influence.tolist()}),
+            **({} if self.sublayer_distances is None else {
+                "sublayer_distances_definition": SUBLAYER_DEFINITION,
+                "sublayer_distances": {kind: v.tolist() for kind, v in self.sublayer_distances.items()}}),
         }
 
     def to_csv_rows(self) -> list[list]:
@@ -126,7 +136,8 @@ class AngularDistances:
 
 
 _STRUCTURE_KEYS = ("format", "definition", "num_layers", "token_mode", "tokens", "num_samples", "best", "by_block_size",
-                   "pairwise", "block_influence_definition", "block_influence")
+                   "pairwise", "block_influence_definition", "block_influence", "sublayer_distances_definition",
+                   "sublayer_distances")
 
 
 def load_distances(path: str | Path) -> AngularDistances:
@@ -146,7 +157,8 @@ def load_distances(path: str | Path) -> AngularDistances:
         raise DepthpruneError(f"'{path}' is not a depthprune distances file (format {found!r}, expected {FORMAT!r})")
     pairwise = _pairwise(raw, path)
     return AngularDistances(pairwise, _num_samples(raw, path), _token_mode(raw, path), _meta(raw, path),
-                            _block_influence(raw, path, len(pairwise) - 1))
+                            _block_influence(raw, path, len(pairwise) - 1),
+                            _sublayer_distances(raw, path, len(pairwise) - 1))
 
 
 def _damaged(path: Path, problem: str) -> DepthpruneError:
@@ -179,6 +191,22 @@ def _block_influence(raw: dict, path: Path, layers: int) -> np.ndarray | None:
         raise _damaged(path, "'block_influence' is not a list of numbers") from None
     if values.shape != (layers,) or not np.isfinite(values).all() or (values < -1e-9).any() or (values > 2).any():
         raise _damaged(path, f"'block_influence' must hold {layers} finite values in [0, 2]")
+    return values
+
+
+def _sublayer_distances(raw: dict, path: Path, layers: int) -> dict[str, np.ndarray] | None:
+    found = raw.get("sublayer_distances")
+    if found is None:
+        return None  # written before they were measured, or an architecture whose sub-layers are unknown
+    problem = f"'sublayer_distances' must map attention and mlp to {layers} angular distances in [0, 1] each"
+    if not isinstance(found, dict) or set(found) != {"attention", "mlp"}:
+        raise _damaged(path, problem)
+    try:
+        values = {kind: np.array(found[kind], dtype=np.float64) for kind in ("attention", "mlp")}
+    except (TypeError, ValueError):
+        raise _damaged(path, problem) from None
+    if any(v.shape != (layers,) or not np.isfinite(v).all() or (v < 0).any() or (v > 1).any() for v in values.values()):
+        raise _damaged(path, problem)
     return values
 
 
@@ -232,8 +260,9 @@ class _BatchStates:
     is summed from the full states before any token is selected; only the previous layer's input is held.
     """
 
-    def __init__(self, num_layers: int, token_mode: str, device: torch.device):
-        self.token_mode, self.device = token_mode, device
+    def __init__(self, num_layers: int, token_mode: str, device: torch.device, sublayers: SublayerWatch | None):
+        self.token_mode, self.device, self.sublayers = token_mode, device, sublayers
+        self.current: torch.Tensor | None = None  # the last layer input seen, whole: the sub-layers' "before"
         self.states: list[torch.Tensor | None] = [None] * (num_layers + 1)
         self.cos_sums = torch.zeros(num_layers, dtype=torch.float64, device=device)
         self.previous: torch.Tensor | None = None
@@ -245,10 +274,13 @@ class _BatchStates:
         self.last = torch.where(mask, positions, -1).max(dim=1).values
         self.mask = mask
         self.states[:] = [None] * len(self.states)
-        self.previous = None
+        self.previous = self.current = None
 
     def keep(self, index: int, hidden: torch.Tensor) -> None:
         hidden = hidden.to(self.device)
+        if self.sublayers is not None and index > 0:
+            self.sublayers.add(index - 1, self.current, hidden, self.mask, self.last)
+        self.current = hidden
         real = hidden[self.mask].to(torch.float64)  # (real tokens of the batch, H)
         if index > 0:
             self.cos_sums[index - 1] += torch.nn.functional.cosine_similarity(self.previous, real, dim=-1).sum()
@@ -290,7 +322,9 @@ def measure_distances(
     layout = decoder_layout(model)
     L = len(layout.layers)
     device = layout.layers[0].parameters().__next__().device
-    kept = _BatchStates(L, token_mode, device)
+    attribute = attention_site(model.config)
+    sublayers = SublayerWatch(L, token_mode, attribute) if attribute is not None else None
+    kept = _BatchStates(L, token_mode, device, sublayers)
     # Longest first: less padding per batch, and an out-of-memory error shows up at once.
     ordered = sorted(sequences, key=len, reverse=True)
     total = torch.zeros((L + 1, L + 1), dtype=torch.float64, device=device)
@@ -299,7 +333,10 @@ def measure_distances(
     real_tokens = 0
     watching = watch_layers(layout.layers, lambda index, hidden, call: kept.keep(index, hidden),
                             lambda output: kept.keep(L, output))
-    with bar, watching:
+    catching = contextlib.ExitStack()
+    for layer in layout.layers if sublayers is not None else ():
+        catching.enter_context(sublayers.layer(layer))
+    with bar, watching, catching:
         for batch in batches(ordered, batch_size, pad_token_id, padding_side):
             batch = batch.to(device)
             kept.start(batch.attention_mask.bool())
@@ -310,4 +347,5 @@ def measure_distances(
             bar.update(len(kept.mask))
     influence = (1.0 - kept.cos_sums / real_tokens).cpu().numpy()
     return AngularDistances((total / len(ordered)).cpu().numpy(), len(ordered), token_mode,
-                            block_influence=np.clip(influence, 0.0, 2.0))
+                            block_influence=np.clip(influence, 0.0, 2.0),
+                            sublayer_distances=sublayers.means(len(ordered)) if sublayers is not None else None)

@@ -20,6 +20,7 @@ tokens, captured arguments, the token vectors the distances keep), not the model
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -39,6 +40,7 @@ from ..model.capture import LayerCall, accepts, watch_layers
 from ..model.load import DTYPES, check_length, decoder_layout, model_fingerprint
 from .checkpoint import Checkpoint, local_checkpoint
 from .distances import AngularDistances, check_measurable, pairwise_angles, token_mean_angles
+from .sublayer_distances import SublayerWatch, attention_site
 
 
 class _PassThrough(nn.Module):
@@ -183,9 +185,11 @@ def stream_layers(
     offload: bool = False,
     trust_remote_code: bool = False,
     progress: bool = True,
+    around_layer: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None,
 ) -> None:
     """Run ``batch_list`` through the model one decoder layer at a time, calling
     ``callback(layer, batch_index, layer_input, layer_output)`` for every layer and batch, in layer order.
+    ``around_layer(layer)``, optional: a context each layer's calls run in (e.g. hooks on its sub-layers).
 
     Only one layer's weights are in memory at a time. The residual stream of every batch stays on
     ``device``, or in CPU memory with ``offload``. The callback must not change the tensors it gets:
@@ -210,11 +214,12 @@ def stream_layers(
     skeleton.free_embedding()
     for index in tqdm(range(len(skeleton.layers)), unit="layer", desc="streamed layers", disable=not progress):
         layer = skeleton.load_layer(index)
-        for b, call in enumerate(c[index] for c in calls):
-            inputs = states[b].to(compute)
-            output = call.replay(layer, inputs)
-            callback(index, b, inputs, output)
-            states[b] = output.to(storage)
+        with around_layer(layer) if around_layer is not None else contextlib.nullcontext():
+            for b, call in enumerate(c[index] for c in calls):
+                inputs = states[b].to(compute)
+                output = call.replay(layer, inputs)
+                callback(index, b, inputs, output)
+                states[b] = output.to(storage)
         del layer
         skeleton.free_layer(index)
         _return_free_memory()
@@ -240,7 +245,9 @@ class _DistanceCollector:
     :func:`~depthprune.measure.distances.measure_distances` does, on the same values in the same float64 arithmetic.
     Block influence is summed as each layer runs: cos(input, output) over every real token."""
 
-    def __init__(self, batch_list: Sequence[Batch], num_layers: int, token_mode: str, token_chunk: int = 1024):
+    def __init__(self, batch_list: Sequence[Batch], num_layers: int, token_mode: str, token_chunk: int = 1024,
+                 sublayers: SublayerWatch | None = None):
+        self.sublayers = sublayers
         self.masks = [b.attention_mask.bool() for b in batch_list]
         self.last = [torch.where(m, torch.arange(m.shape[1]), -1).max(dim=1).values for m in self.masks]
         self.token_mode, self.token_chunk = token_mode, token_chunk
@@ -261,6 +268,8 @@ class _DistanceCollector:
             self._keep(0, b, inputs)
         self._keep(layer + 1, b, output)
         mask = self.masks[b].to(inputs.device)
+        if self.sublayers is not None:
+            self.sublayers.add(layer, inputs, output, mask, self.last[b].to(inputs.device))
         before, after = inputs[mask], output[mask]
         for s in range(0, len(before), self.token_chunk):  # float64 copies of a chunk of tokens at a time
             self.cos_sums[layer] += float(torch.nn.functional.cosine_similarity(
@@ -308,18 +317,22 @@ def stream_distances(
     # Longest first, as measure_distances batches them: the same padding, so the same numbers.
     ordered = sorted(sequences, key=len, reverse=True)
     batch_list = list(batches(ordered, batch_size, pad_token_id, padding_side))
-    collector = _DistanceCollector(batch_list, _num_layers(checkpoint, trust_remote_code), token_mode)
+    config = _config(checkpoint, trust_remote_code)
+    attribute = attention_site(config)
+    sublayers = SublayerWatch(config.num_hidden_layers, token_mode, attribute) if attribute is not None else None
+    collector = _DistanceCollector(batch_list, int(config.num_hidden_layers), token_mode, sublayers=sublayers)
     stream_layers(checkpoint, batch_list, collector, dtype=dtype, device=device, offload=offload,
-                  trust_remote_code=trust_remote_code, progress=progress)
+                  trust_remote_code=trust_remote_code, progress=progress,
+                  around_layer=sublayers.layer if sublayers is not None else None)
     return AngularDistances((collector.total() / len(ordered)).numpy(), len(ordered), token_mode,
-                            block_influence=collector.block_influence())
+                            block_influence=collector.block_influence(),
+                            sublayer_distances=sublayers.means(len(ordered)) if sublayers is not None else None)
 
 
-def _num_layers(checkpoint: Checkpoint, trust_remote_code: bool) -> int:
+def _config(checkpoint: Checkpoint, trust_remote_code: bool):
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(checkpoint.directory, trust_remote_code=trust_remote_code)
-    return int(config.num_hidden_layers)
+    return AutoConfig.from_pretrained(checkpoint.directory, trust_remote_code=trust_remote_code)
 
 
 def compute_distances_streamed(

@@ -236,6 +236,20 @@ def needs_of(names) -> set[str]:
     return {CRITERIA.get(name).needs for name in names}
 
 
+def check_distances_serve(criterion: str | None, distances: AngularDistances | None, granularity: str = "layer") -> None:
+    """Whether given distances can serve ``criterion`` (None: no criterion chooses) at ``granularity``: its own
+    check (e.g. block influence from distances that predate it), and sub-layer distances where it reads them."""
+    entry = CRITERIA.get(criterion) if criterion is not None else None
+    if entry is None or distances is None:
+        return
+    if entry.check_distances is not None:
+        entry.check_distances(distances)
+    if entry.needs == "distances" and granularity != "layer" and distances.sublayer_distances is None:
+        raise DepthpruneError(f"criterion '{criterion}' at --granularity {granularity} needs sub-layer distances, "
+                              "which these distances lack (measured before they were, or on an architecture whose "
+                              "sub-layers are unknown): analyze the model again")
+
+
 def choose(criterion: str, n: int, context: SelectionContext) -> Selection:
     """The ``n`` layers ``criterion`` removes, checked: n in range, what it needs present, its answer sound."""
     entry = CRITERIA.get(criterion)
@@ -247,8 +261,7 @@ def choose(criterion: str, n: int, context: SelectionContext) -> Selection:
         raise DepthpruneError(f"criterion '{criterion}' needs angular distances: pass --distances DIR or --data SRC")
     if entry.needs == "calibration" and (context.model is None or not context.sequences):
         raise DepthpruneError(f"criterion '{criterion}' needs the model and calibration text: pass --data SRC")
-    if entry.check_distances is not None and context.distances is not None:
-        entry.check_distances(context.distances)
+    check_distances_serve(criterion, context.distances, context.granularity)
     selection = entry.select(context, n)
     layers = selection.layers
     if len(layers) != n or len(set(layers)) != n or list(layers) != sorted(layers) or not all(
