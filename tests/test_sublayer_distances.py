@@ -113,3 +113,42 @@ def test_prune_by_sublayer_similarity_from_the_cli(tiny_checkpoint, tiny_corpus,
     record = json.loads((tmp_path / "cut" / "depthprune.json").read_text())
     scores = record["criterion_scores"]["attention_distance_by_layer"]
     assert record["removed_sublayers"]["attention"] == sorted(np.argsort(scores, kind="stable")[:2].tolist())
+
+
+def _loss(model, sequences) -> float:
+    """The calibration loss spelled out: every sequence on its own, the mean NLL of its predicted tokens."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for sequence in sequences:
+            logits = model(torch.tensor([sequence])).logits[0, :-1].double()
+            total += float(torch.nn.functional.cross_entropy(logits, torch.tensor(sequence[1:]), reduction="sum"))
+            count += len(sequence) - 1
+    return total / count
+
+
+@pytest.mark.parametrize("arch, kind", [("llama", "attention"), ("gemma3", "attention"), ("qwen2", "mlp")])
+def test_sublayer_greedy_is_the_greedy_of_full_losses(arch, kind):
+    """perplexity-greedy at sub-layer granularity: each step removes the sub-layer whose removal (with the ones
+    before it) gives the lowest loss of the whole model, as brute force finds it."""
+    from depthprune.model.sublayers import check_sublayer_cut, sublayers_removed
+
+    model = tiny_model(arch)
+    context = SelectionContext(6, None, model, None, SEQUENCES, batch_size=2, granularity=kind)
+    selection = choose("perplexity-greedy", 3, context)
+    order, removed = selection.scores["removal_order"], []
+    for step in range(3):
+        losses = {}
+        for c in range(6):
+            if c in removed:
+                continue
+            try:
+                check_sublayer_cut(model.config, {kind: [*removed, c]})
+            except DepthpruneError:
+                continue
+            with sublayers_removed(model, {kind: [*removed, c]}):
+                losses[c] = _loss(model, SEQUENCES)
+        best = min(losses, key=lambda c: (losses[c], c))
+        assert order[step] == best
+        assert selection.scores["loss_after_step"][step] == pytest.approx(losses[best], rel=1e-5)
+        removed.append(best)
+    assert selection.layers == tuple(sorted(removed)) and selection.granularity == kind

@@ -6,7 +6,8 @@ The greedy order is computed once, up to the largest n asked for (a sweep extend
 takes its prefix. The fast path (``select/calibration.py``) runs each candidate only from the removed layer
 on and stops a candidate once its partial loss exceeds the best complete one; the result is the same as
 evaluating every candidate cut in full. Its scores: the order, the loss after each removal, the full
-model's loss.
+model's loss. At attention or MLP granularity the same greedy removes one sub-layer of that kind per step
+(``select/sublayer_calibration.py``).
 """
 
 from __future__ import annotations
@@ -15,12 +16,17 @@ from .. import CRITERIA, Criterion, Selection, SelectionContext
 
 
 def select(context: SelectionContext, n: int) -> Selection:
-    from ..calibration import greedy_order
+    if context.granularity == "layer":
+        from ..calibration import greedy_order
 
-    state = greedy_order(context, n)
+        state = greedy_order(context, n)
+    else:
+        from ..sublayer_calibration import sublayer_greedy_order
+
+        state = sublayer_greedy_order(context, n)
     return Selection(tuple(sorted(state["order"][:n])), "perplexity-greedy", None,
                      {"removal_order": state["order"][:n], "loss_after_step": [round(v, 8) for v in state["losses"][:n]],
-                      "full_loss": round(state["full_loss"], 8)})
+                      "full_loss": round(state["full_loss"], 8)}, granularity=context.granularity)
 
 
 CRITERION = CRITERIA.register(Criterion(
@@ -31,4 +37,5 @@ CRITERION = CRITERIA.register(Criterion(
     contiguous=False,
     select=select,
     order=50,
+    granularities=("layer", "attention", "mlp"),
 ))
