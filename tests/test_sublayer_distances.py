@@ -152,3 +152,16 @@ def test_sublayer_greedy_is_the_greedy_of_full_losses(arch, kind):
         assert selection.scores["loss_after_step"][step] == pytest.approx(losses[best], rel=1e-5)
         removed.append(best)
     assert selection.layers == tuple(sorted(removed)) and selection.granularity == kind
+
+
+def test_analyze_prints_and_saves_the_sublayer_distances(tiny_checkpoint, tiny_corpus, tmp_path, capsys):
+    code, out, err = run(capsys, "analyze", tiny_checkpoint, "--data", tiny_corpus, "--samples", "8", "--seq-len",
+                         "32", "--out", tmp_path / "d")
+    assert code == 0, err
+    saved = load_distances(tmp_path / "d").sublayer_distances
+    rows = out.split("(sub-layer distances)\n")[1].splitlines()[:6]
+    for layer, row in enumerate(rows):
+        fields = row.split()
+        assert int(fields[0]) == layer and float(fields[1]) == pytest.approx(saved["attention"][layer], abs=1e-4)
+        assert float(fields[3]) == pytest.approx(saved["mlp"][layer], abs=1e-4)
+    assert sorted(int(row.split()[2]) for row in rows) == list(range(1, 7))

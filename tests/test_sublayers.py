@@ -238,3 +238,24 @@ def test_smollm2_sublayer_cut_loads_in_plain_transformers(granularity, n, tmp_pa
         assert torch.equal(fast(ids).logits, plain(ids).logits)
     assert torch.equal(_greedy(fast, ids, use_cache=True), generated)
     assert torch.equal(_greedy(fast, ids, use_cache=False), generated)
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
+def test_a_healed_sublayer_cut_stays_a_standard_exact_cut(method, tmp_path):
+    """Healing loads the cut through load_model (stand-ins: nothing of a removed sub-layer trains) and saves the
+    merged model through its state dict (the zeros): the result still loads in plain transformers and as a cut."""
+    from transformers import AutoModelForCausalLM
+
+    depthprune.prune(tiny_model("llama"), tmp_path / "cut", layers="1,3", granularity="attention",
+                     tokenizer=tiny_tokenizer(), progress=False)
+    documents = torch.randint(3, 90, (8, 40), generator=torch.Generator().manual_seed(2)).tolist()
+    depthprune.heal_model(str(tmp_path / "cut"), documents, tmp_path / "healed", method=method, steps=2, lr=1e-2,
+                          batch_size=4, seq_len=32, rank=4, warmup=1, eval_every=100, save_every=100, progress=False)
+    assert read_record(tmp_path / "healed")["removed_sublayers"]["attention"] == [1, 3]
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "healed").eval()
+    for layer in (1, 3):
+        assert not any(p.any() for p in plain.model.layers[layer].self_attn.parameters())
+    healed, _ = load_model(str(tmp_path / "healed"))
+    ids = torch.randint(3, 90, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(healed(ids).logits, plain(ids).logits)

@@ -34,5 +34,17 @@ def run(args) -> None:
     for n in range(1, result.num_layers + 1):
         start, distance = result.best(n)
         print(f"{n:>4}  {f'{start}-{start + n - 1}':>12}  {distance:8.4f}")
+    if result.sublayer_distances is not None:
+        _print_sublayers(result.sublayer_distances)
     print(f"\nwrote {args.out}/distances.json, distances.csv, heatmap.png "
           "(blocks are 0-based, inclusive layer ranges)")
+
+
+def _print_sublayers(distances: dict) -> None:
+    """Each layer's attention and MLP distance, and its rank (1: what --granularity ... similarity removes first)."""
+    ranks = {kind: {int(layer): r + 1 for r, layer in enumerate(sorted(range(len(v)), key=lambda i: (v[i], i)))}
+             for kind, v in distances.items()}
+    print(f"\n{'layer':>5}  {'attention':>9} {'rank':>4}  {'mlp':>9} {'rank':>4}   (sub-layer distances)")
+    for layer in range(len(distances["attention"])):
+        print(f"{layer:>5}  {distances['attention'][layer]:9.4f} {ranks['attention'][layer]:>4}  "
+              f"{distances['mlp'][layer]:9.4f} {ranks['mlp'][layer]:>4}")
