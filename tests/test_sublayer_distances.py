@@ -126,12 +126,17 @@ def _loss(model, sequences) -> float:
     return total / count
 
 
-@pytest.mark.parametrize("arch, kind", [("llama", "attention"), ("gemma3", "attention"), ("qwen2", "mlp")])
-def test_sublayer_greedy_is_the_greedy_of_full_losses(arch, kind):
+@pytest.mark.parametrize("arch, kind, budget", [("llama", "attention", None), ("gemma3", "attention", None),
+                                                ("qwen2", "mlp", None), ("qwen2", "mlp", 0)])
+def test_sublayer_greedy_is_the_greedy_of_full_losses(arch, kind, budget, monkeypatch):
     """perplexity-greedy at sub-layer granularity: each step removes the sub-layer whose removal (with the ones
-    before it) gives the lowest loss of the whole model, as brute force finds it."""
+    before it) gives the lowest loss of the whole model, as brute force finds it (``budget`` 0: the states do not
+    fit, every candidate runs batch by batch)."""
     from depthprune.model.sublayers import check_sublayer_cut, sublayers_removed
+    from depthprune.select import sublayer_calibration
 
+    if budget is not None:
+        monkeypatch.setattr(sublayer_calibration, "STATE_BUDGET_BYTES", budget)
     model = tiny_model(arch)
     context = SelectionContext(6, None, model, None, SEQUENCES, batch_size=2, granularity=kind)
     selection = choose("perplexity-greedy", 3, context)
