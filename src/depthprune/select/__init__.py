@@ -9,6 +9,11 @@ Built in, one module each: ``similarity``, ``deepest``, ``block-influence``, ``i
 records it as ``explicit``. Every module of ``criteria/`` is imported here (``registry.import_plugins``): a
 new criterion is one new file there.
 
+A cut may remove whole layers or one kind of sub-layer (``SelectionContext.granularity``: 'layer', 'attention',
+'mlp'); a criterion lists what it can choose in ``granularities`` (deepest, similarity and perplexity-greedy: all
+three) and :func:`choose` refuses the others in one line. At a sub-layer granularity the selection's ``layers``
+are the layers whose attention or MLP goes.
+
 A criterion may declare ``options``, a dataclass of ``option(...)`` fields (its flags, YAML keys and API
 keywords). :func:`criterion_options_class` composes those of every registered criterion into one flat
 dataclass, and ``SelectionContext.options`` holds an instance of it: a criterion reads its own settings
