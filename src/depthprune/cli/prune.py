@@ -52,7 +52,8 @@ def run(args) -> None:
     if (args.format or ("gguf" if args.out.lower().endswith(".gguf") else "checkpoint")) == "gguf":
         from ..gguf.prune import prune_gguf
 
-        record = prune_gguf(args.model, args.out, swa_pattern=args.swa_pattern, repair=args.repair, **common)
+        record = prune_gguf(args.model, args.out, swa_pattern=args.swa_pattern, repair=args.repair, **common,
+                            **given_options(args, repair_options_class()))
     else:
         record = prune(args.model, args.out, repair=args.repair, **common, **given_options(args, repair_options_class()),
                        **memory_kwargs(args), **model_kwargs(args))
@@ -70,4 +71,7 @@ def run(args) -> None:
         fit = record["repair"]["fit"]
         print(f"repair:     {record['repair']['method']} folded into {record['repair']['folded_into']}; residual error "
               f"{fit['before']['residual_error']:.4g} -> {fit['after']['residual_error']:.4g} (plain cut -> repaired)")
+        for name, tensor in record["repair"].get("gguf_tensors", {}).items():
+            print(f"            {name} re-quantized {tensor['source_type']} -> {tensor['written_type']} (relative "
+                  f"error {tensor['requantization_error']:.2g})")
     print(f"saved the pruned model to {args.out}")
