@@ -3,7 +3,8 @@
 A GGUF file is metadata (key/value pairs) followed by named tensors. A cut keeps every tensor of the kept
 blocks byte for byte (same quantization type), renames ``blk.N.*`` to the new block numbers, sets
 ``{arch}.block_count``, cuts every per-layer metadata array, and records what was done under
-``depthprune.*``. Tokenizer and chat-template keys are copied unchanged.
+``depthprune.*``. Tokenizer and chat-template keys are copied unchanged. A repaired cut (``gguf/repair.py``)
+hands in new contents for the one tensor its fold changed; everything else is still copied byte for byte.
 
 Two things can make a renumbered file load and compute something else, and both are refused:
 
