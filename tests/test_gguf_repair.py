@@ -205,6 +205,46 @@ def test_llama_cpp_runs_the_repaired_gguf_and_agrees_with_transformers(tiny, sha
     assert np.mean(agree["plain"]) < np.mean(agree["repaired"]) - 0.1, agree  # it runs the repaired model
 
 
+@pytest.mark.parametrize("type_name, tolerance", [("F32", 1e-6), ("F16", 1e-3), ("BF16", 1e-2), ("Q8_0", 1e-2),
+                                                   ("Q5_1", 5e-2)])
+def test_each_type_gguf_py_writes_is_kept_for_the_folded_tensor(tiny, tmp_path, monkeypatch, type_name, tolerance):
+    from gguf import dequantize
+    from safetensors.torch import load_file
+
+    from depthprune.gguf.prune import prune_gguf
+
+    monkeypatch.setenv("DEPTHPRUNE_CACHE", str(tiny["root"] / "cache"))
+    source = _retyped(tiny["source"], tmp_path / "source.gguf", "ffn_down.weight", type_name)
+    out = tmp_path / "repaired.gguf"
+    record = prune_gguf(str(source), out, layers=CUT, data=tiny["data"], repair="linear", progress=False)
+    assert record["repair"]["gguf_tensors"][FOLDED]["written_type"] == type_name
+    tensor = next(t for t in open_gguf(out).tensors if t.name == FOLDED)
+    assert tensor.tensor_type.name == type_name
+    # The checkpoint's map was fitted on the Q4_1 source: another source type is another model, another map;
+    # against a refit of this source's model, only the re-quantization differs.
+    reference = tmp_path / "reference"
+    depthprune.prune(str(source), reference, layers=CUT, data=tiny["data"], repair="linear", progress=False)
+    folded = load_file(str(reference / "model.safetensors"))["model.layers.1.mlp.down_proj.weight"].numpy()
+    stored = dequantize(tensor.data, tensor.tensor_type)
+    assert np.abs(stored - folded).max() <= tolerance * np.abs(folded).max()
+
+
+def test_a_replacement_the_cut_cannot_hold_is_refused_before_writing(tiny, tmp_path):
+    from gguf import GGMLQuantizationType
+
+    from depthprune.errors import DepthpruneError
+    from depthprune.gguf.surgery import ReplacedTensor, cut_gguf
+
+    right = ReplacedTensor(np.zeros((64, 256), dtype=np.float32), GGMLQuantizationType.F32)
+    cases = [({"blk.2.ffn_down.weight": right}, "the cut does not keep"),  # a removed layer's
+             ({FOLDED: ReplacedTensor(np.zeros((64, 128), dtype=np.float32), GGMLQuantizationType.F32)},
+              "has shape \\(64, 128\\), the source.s \\(64, 256\\)")]
+    for replaced, message in cases:
+        with pytest.raises(DepthpruneError, match=message):
+            cut_gguf(tiny["source"], [2, 3], tmp_path / "out.gguf", replaced=replaced)
+        assert list(tmp_path.iterdir()) == []
+
+
 def test_types_gguf_py_cannot_write_become_q8_0_or_f16():
     assert written_type("Q4_1", 256) == "Q4_1" and written_type("Q8_0", 64) == "Q8_0"
     assert written_type("F32", 7) == "F32" and written_type("BF16", 64) == "BF16"

@@ -39,7 +39,7 @@ FALLBACK_UNBLOCKED = "F16"
 LAYOUT_TOLERANCE = 1e-6
 
 
-def split_options(options: dict, repair: str | None):
+def split_options(options: dict, repair: str | None) -> tuple[Any, Any]:
     """(the criteria's options, the repairs' options) among ``options``, each checked: one-line errors."""
     from ..repair import repair_options, repair_options_class
     from ..select import criterion_options

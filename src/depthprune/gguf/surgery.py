@@ -283,15 +283,18 @@ def _stored(tensor, replaced: dict[str, ReplacedTensor]) -> tuple[Any, Any]:
 
 def check_replaced(reader, plan: CutPlan, replaced: dict[str, ReplacedTensor]) -> None:
     """Refuse replacements of tensors the cut drops or lacks, or of another element shape than the source's."""
+    import numpy as np
     from gguf.quants import quant_shape_from_byte_shape
 
     kept = {tensor.name: tensor for _, tensor in _kept_tensors(reader, plan)}
     for name, new in replaced.items():
         if name not in kept:
             raise DepthpruneError(f"cannot write a new '{name}': the cut does not keep such a tensor")
-        shape = tuple(quant_shape_from_byte_shape(new.data.shape, new.tensor_type))
-        if shape != tuple(reversed(kept[name].shape.tolist())):
-            raise DepthpruneError(f"the new '{name}' has shape {shape}, the source's {tuple(kept[name].shape)[::-1]}")
+        byte_rows = new.data.dtype == np.uint8  # block types and BF16: bytes per row, as gguf-py's writer reads them
+        shape = tuple(quant_shape_from_byte_shape(new.data.shape, new.tensor_type) if byte_rows else new.data.shape)
+        expected = tuple(reversed(kept[name].shape.tolist()))  # ne order in the file, row-major in numpy
+        if shape != expected:
+            raise DepthpruneError(f"the new '{name}' has shape {shape}, the source's {expected}")
 
 
 def write_cut(reader, plan: CutPlan, path: Path, source: str, criterion: str, distance: float | None,
