@@ -84,6 +84,33 @@ def test_a_repaired_sweep_cuts_as_prune_does_and_measures_agreement(tiny_checkpo
     assert "boolq_agreement" not in points["n=0/unpruned/none"]["metrics"]
     assert points["n=0/unpruned/none"]["details"]["predictions"] == predictions(full)
     assert "examples" not in points["n=0/unpruned/none"]["details"]["evaluation"]["tasks"]["boolq"]
+    _check_report(tmp_path / "s")
+
+
+def _check_report(folder: Path) -> None:
+    """The repair is a series of its own in the figures and a column of the tables; agreement has its figure."""
+    from depthprune.report import stats
+    from depthprune.report.html import write_report
+    from depthprune.report.tables import main_table
+    from depthprune.report.terminal import results_lines
+
+    points = load_points(folder)
+    assert set(stats.curves(points, "c4_loss_norm")) == {("deepest", "none"), ("deepest+linear", "none")}
+    assert stats.curve_label("deepest+linear", "lora") == "deepest + linear, lora-healed"
+    assert set(stats.curves(points, "boolq_agreement")) == {("deepest", "none"), ("deepest+linear", "none")}
+    verdicts = {(v["criterion"], v["repair"]) for v in stats.collapse_points(points)}
+    assert verdicts == {("deepest", "none"), ("deepest", "linear")}
+    header, rows = main_table(points)
+    assert header[2:4] == ["criterion", "repair"] and "BoolQ (0-shot) agreement (%)" in header
+    assert [row[3] for row in rows] == ["none", "linear", "none"]
+    agreement = [row[header.index("BoolQ (0-shot) agreement (%)")] for row in rows]
+    assert agreement[0] == "" and all(" ± " in cell for cell in agreement[1:])
+    lines = results_lines(folder, points, {})
+    assert lines[0].split()[:4] == ["n", "fraction", "criterion", "repair"] and "boolq_agreement" in lines[0]
+    assert max(map(len, lines)) <= 160
+    page = write_report(folder).read_text()
+    assert "deepest + linear, not healed" in page and "Agreement with the full model" in page
+    assert (folder / "report" / "agreement.png").stat().st_size > 5_000
 
 
 def test_a_repaired_sweep_resumes_and_refuses_other_repair_options(tiny_checkpoint, tiny_corpus, shared_data,
@@ -122,3 +149,19 @@ def test_a_healed_repaired_point_heals_the_repaired_cut(tiny_checkpoint, tiny_co
     assert set(points) == {"n=0/unpruned/none", "n=2/deepest+linear/lora"}
     healed = points["n=2/deepest+linear/lora"]
     assert healed["details"]["repair"]["method"] == "linear" and healed["details"]["healing"]["steps"] == 2
+
+
+def test_a_cut_it_cannot_repair_stops_the_sweep_before_any_point(tiny_checkpoint, tiny_corpus, shared_data,
+                                                                  tmp_path):
+    """deepest 5 of 6 layers removes layers 0-4: no kept layer before the block to fold the map into."""
+    settings = _settings(tiny_checkpoint, tiny_corpus, shared_data, tmp_path / "s", n="0,5", repair="none,linear")
+    with pytest.raises(DepthpruneError, match="cannot repair a cut starting at layer 0"):
+        run_sweep(resolve_config(**settings), log=lambda _: None)
+    assert not (tmp_path / "s" / "results.sqlite").exists() or load_points(tmp_path / "s") == []
+
+
+def test_the_repair_axis_and_its_options_are_flags_of_sweep():
+    from depthprune.cli.app import build_parser
+
+    text = build_parser()._subparsers._group_actions[0].choices["sweep"].format_help()
+    assert "--repair LIST" in text and "linear-cosine" in text and "--repair-ridge" in text
