@@ -165,3 +165,29 @@ def test_the_repair_axis_and_its_options_are_flags_of_sweep():
 
     text = build_parser()._subparsers._group_actions[0].choices["sweep"].format_help()
     assert "--repair LIST" in text and "linear-cosine" in text and "--repair-ridge" in text
+
+
+def test_without_the_full_model_there_is_no_agreement(tiny_checkpoint, tiny_corpus, shared_data, tmp_path):
+    lines: list[str] = []
+    run_sweep(resolve_config(**_settings(tiny_checkpoint, tiny_corpus, shared_data, tmp_path / "s", n="2",
+                                         repair="none")), log=lines.append)
+    (point,) = load_points(tmp_path / "s")
+    assert "boolq_acc" in point["metrics"] and "boolq_agreement" not in point["metrics"]
+    assert any(line.startswith("note: no agreement with the full model") for line in lines)
+
+
+def test_a_repaired_cut_gives_the_model_back_as_it_was(tiny_checkpoint, tiny_corpus, shared_data, tmp_path):
+    import torch
+
+    from depthprune.sweep.cut import calibration_sequences, point_cut
+
+    c = resolve_config(**_settings(tiny_checkpoint, tiny_corpus, shared_data, tmp_path / "s"))
+    model, tokenizer = depthprune.load_model(str(tiny_checkpoint))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    point = Point(2, "deepest", "none", "linear")
+    with point_cut(model, tokenizer, c, point, (3, 4), calibration_sequences(c, tokenizer), fit_on="cpu") as (cut, rec):
+        assert depthprune.num_layers(cut) == 4 and rec["folded_into"] == "model.layers.2.mlp.down_proj"
+        assert not torch.equal(cut.model.layers[2].mlp.down_proj.weight, before["model.layers.2.mlp.down_proj.weight"])
+    assert depthprune.num_layers(model) == 6
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)

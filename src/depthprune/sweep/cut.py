@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 
 from ..errors import DepthpruneError
-from ..model.load import num_layers
+from ..model.load import decoder_layout, num_layers
 from ..model.surgery import layers_removed
 from .config import SweepConfig
 from .plan import Point
@@ -32,10 +32,13 @@ def calibration_sequences(c: SweepConfig, tokenizer, texts: list[str] | None = N
 
 @contextlib.contextmanager
 def point_cut(model, tokenizer, c: SweepConfig, point: Point, layers: Sequence[int],
-              sequences: list[list[int]] | None, progress: bool = False) -> Iterator[tuple[object, dict | None]]:
+              sequences: list[list[int]] | None, progress: bool = False,
+              fit_on: str | None = None) -> Iterator[tuple[object, dict | None]]:
     """(the cut model, its ``repair`` record or None) while inside; ``model`` comes back as it was.
 
-    ``sequences``: the calibration token ids a repaired point fits on (:func:`calibration_sequences`)."""
+    ``sequences``: the calibration token ids a repaired point fits on (:func:`calibration_sequences`);
+    ``fit_on``: the device the map is fitted on when it is not where the model is (a healed point's base waits
+    on the CPU: its repair runs on the GPU all the same, and the model goes back, cut, before it heals)."""
     if not point.repaired:
         with layers_removed(model, layers) as cut:
             yield cut, None
@@ -51,9 +54,16 @@ def point_cut(model, tokenizer, c: SweepConfig, point: Point, layers: Sequence[i
     saved = {name: tensor.detach().clone() for name, tensor in projection.named_parameters(recurse=False)}
     # layers_removed of no layers remembers the layers and config and restores them on leaving, whatever the
     # repair removes in between.
+    every_layer = decoder_layout(model).layers
+    home = next(model.parameters()).device
     with layers_removed(model, ()):
         try:
+            if fit_on is not None:
+                model.to(fit_on)
             record = _repair(model, tokenizer, c, point, layers, sequences, pad_id(tokenizer), progress)
+            if fit_on is not None:  # the removed layers too: they are no longer the model's modules
+                model.to(home)
+                every_layer.to(home)
             yield model, record
         finally:
             _restore(projection, saved)

@@ -94,8 +94,8 @@ def heal_point(model, tokenizer, c: SweepConfig, work: Path, point: Point, selec
     """Heal the cut in memory (resuming a killed healing from its checkpoint); returns the merged model, the
     healing record and the repair record (None for a cut without repair).
 
-    A repaired point heals the repaired cut (repair, then healing), its map fitted on ``sequences`` where the
-    base model is (on the CPU while a GPU sweep heals: see :func:`offloaded`).
+    A repaired point heals the repaired cut (repair, then healing), its map fitted on ``sequences`` on the
+    sweep's device (a GPU sweep's base waits on the CPU, :func:`offloaded`: it comes to the GPU for the fit).
 
     lora, dora and full train and merge into the model they are given: they get a copy of the cut
     (``copy.deepcopy``: memory for the kept layers once more, as much as the saved-and-reloaded cut of
@@ -122,7 +122,8 @@ def heal_point(model, tokenizer, c: SweepConfig, work: Path, point: Point, selec
         return healed_model, record["healing"], record.get("repair")
     options = {**c.heal_options, "method": point.heal}
     params_before = count_parameters(model)
-    with point_cut(model, tokenizer, c, point, selection.layers, sequences) as (cut, repair):
+    fit_on = "cuda" if c.device == "cuda" else None
+    with point_cut(model, tokenizer, c, point, selection.layers, sequences, fit_on=fit_on) as (cut, repair):
         record = pruning_record(c.model, total, params_before, cut, selection)
         record.update({"repair": repair} if repair is not None else {})
         trainee = cut if HEALING.get(point.heal).quantized_base else copy.deepcopy(cut).to(_train_device(c, cut))

@@ -93,7 +93,7 @@ def run_sweep(c: SweepConfig, log=print, force: bool = False, quiet: bool = Fals
                                          run.state.done, quiet=quiet, cost_phase=c.cost,
                                          cost_seconds=last_cost_seconds(db))
                 progress.begin()
-                _say_agreement(points, db, progress.log)
+                _say_agreement(c, points, db, progress.log)
                 failures = _run_points(model, tokenizer, run, db, todo, total, context, progress, cluster, sequences)
                 if c.cost and not failures:
                     cost_phase(model, c, db, points, total, context, progress)
@@ -167,9 +167,12 @@ def _repair_sequences(model, tokenizer, run: _Checked, todo: list[Point], contex
     return sequences
 
 
-def _say_agreement(points: list[Point], db, log) -> None:
-    """Say when agreement cannot be measured: no full model among the points, or its row predates agreement."""
-    if not any(p.n > 0 for p in points):
+def _say_agreement(c: SweepConfig, points: list[Point], db, log) -> None:
+    """Say when agreement cannot be measured although a multiple-choice task is evaluated: no full model among
+    the points, or its row predates agreement."""
+    from ..evaluate.registry import EVAL_TASKS
+
+    if not any(p.n > 0 for p in points) or all(EVAL_TASKS.get(t).predictions is None for t in c.tasks):
         return
     if not any(p.n == 0 for p in points):
         log("note: no agreement with the full model: the sweep has no n = 0 point (add 0 to its fractions or n)")
