@@ -180,6 +180,30 @@ def test_llama_cpp_keeps_no_kv_cache_for_layers_without_attention(tiny, tmp_path
     assert full - cut == 3 * per_layer
 
 
+def test_what_llama_cpp_cannot_express_is_what_the_cut_refuses(tiny, tmp_path):
+    """The two refusals' reasons, in the bundled llama.cpp: files the planner would refuse, written anyway.
+
+    If a llama.cpp release changes either behaviour, this test fails and the refusal can be revisited.
+    """
+    _llama_cpp()
+    from depthprune.gguf.runtime import load_llama, next_token_logits
+    from depthprune.gguf.sublayers import SublayerPlan, write_sublayer_cut
+
+    reader, ids = open_gguf(tiny["source"]), tiny["ids"]
+    full = {"attention.head_count": (4,) * 6, "attention.head_count_kv": (2,) * 6, "feed_forward_length": (64,) * 6}
+    mlp_alone = SublayerPlan(6, (), (2,), tuple(range(6)), {**full, "feed_forward_length": (64, 64, 0, 64, 64, 64)})
+    write_sublayer_cut(reader, mlp_alone, tmp_path / "mlp.gguf", "tiny", "explicit")
+    # A layer with feed_forward_length 0 loses its attention output too: the file computes layer 2 removed whole.
+    whole = _zeroed_copy(tiny["source"], tmp_path / "whole.gguf", [2], [2])
+    assert np.array_equal(next_token_logits(load_llama(tmp_path / "mlp.gguf", n_ctx=64), ids),
+                          next_token_logits(load_llama(whole, n_ctx=64), ids))
+    first = SublayerPlan(6, (0,), (), tuple(range(6)), {**full, "attention.head_count": (0, 4, 4, 4, 4, 4),
+                                                        "attention.head_count_kv": (0, 2, 2, 2, 2, 2)})
+    write_sublayer_cut(reader, first, tmp_path / "first.gguf", "tiny", "explicit")
+    with pytest.raises(ValueError, match="Failed to load model"):  # the head size is read from layer 0
+        load_llama(tmp_path / "first.gguf", n_ctx=64)
+
+
 def _write_gemma3_gguf(path: Path) -> Path:
     from gguf import GGUFWriter
 

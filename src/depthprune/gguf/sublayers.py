@@ -144,7 +144,8 @@ def _kept_tensors(reader, plan: SublayerPlan):
             yield tensor.name, tensor
             continue
         layer, part = int(match[1]), match[2]
-        if layer in new_index and not (part in ATTENTION_TENSORS and layer in plan.attention):
+        gone = (layer in plan.attention and part in ATTENTION_TENSORS) or (layer in plan.mlp and part in MLP_TENSORS)
+        if layer in new_index and not gone:
             yield f"blk.{new_index[layer]}.{part}.weight", tensor
 
 
