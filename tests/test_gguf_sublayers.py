@@ -20,7 +20,7 @@ from conftest import VOCAB, tiny_model
 
 from depthprune.errors import DepthpruneError
 from depthprune.gguf.export import export_gguf
-from depthprune.gguf.sublayers import cut_sublayers_gguf
+from depthprune.gguf.sublayers import check_sublayer_source, cut_sublayers_gguf
 from depthprune.gguf.surgery import field_value, open_gguf
 
 TINY_LAYERS, TINY_KV_HEADS, TINY_HEAD_DIM = 6, 2, 8
@@ -235,6 +235,15 @@ def test_bad_cuts_fail_with_one_line_and_write_nothing(tiny, tmp_path, source, a
         cut_sublayers_gguf(path, tmp_path / "out.gguf", attention, mlp)
     assert "\n" not in str(error.value)
     assert {p.name for p in tmp_path.iterdir()} == before
+
+
+def test_the_source_and_granularity_are_checked_before_anything_is_measured(tiny, tmp_path):
+    reader = open_gguf(tiny["source"])
+    assert check_sublayer_source(reader, "attention") == TINY_LAYERS
+    with pytest.raises(DepthpruneError, match="cannot remove the MLP of any layer alone in a GGUF file"):
+        check_sublayer_source(reader, "mlp")
+    with pytest.raises(DepthpruneError, match="cannot cut sub-layers out of a 'gemma3' GGUF file"):
+        check_sublayer_source(open_gguf(_write_gemma3_gguf(tmp_path / "gemma3.gguf")), "attention")
 
 
 def test_a_mixture_of_experts_llama_is_refused(tmp_path):

@@ -109,6 +109,22 @@ def _check_dense_llama(reader) -> int:
     return count
 
 
+def _mlp_alone_error(layers: str) -> DepthpruneError:
+    return DepthpruneError(f"cannot remove the MLP of {layers} alone in a GGUF file: llama.cpp's deci architecture "
+                           f"skips a layer without MLP entirely, attention included; GGUF cuts support {WHAT_WORKS}")
+
+
+def check_sublayer_source(reader, granularity: str) -> int:
+    """Refuse, before anything is measured, a file or granularity no sub-layer GGUF cut can serve; returns the
+    layer count. ``granularity`` is ``attention`` or ``mlp`` (removing MLPs alone is never expressible)."""
+    count = _check_dense_llama(reader)
+    if granularity == "mlp":
+        raise _mlp_alone_error("any layer")
+    if granularity != "attention":
+        raise DepthpruneError(f"unknown sub-layer granularity '{granularity}': choose attention or mlp")
+    return count
+
+
 def plan_sublayer_cut(reader, attention: Sequence[int], mlp: Sequence[int]) -> SublayerPlan:
     """Check that the sub-layers can be cut from the file read by ``reader`` and what to write; writes nothing."""
     count = _check_dense_llama(reader)
@@ -117,9 +133,7 @@ def plan_sublayer_cut(reader, attention: Sequence[int], mlp: Sequence[int]) -> S
         raise DepthpruneError("no sub-layers to remove: give at least one attention or MLP sub-layer")
     mlp_alone = sorted(set(mlp) - set(attention))
     if mlp_alone:
-        raise DepthpruneError(f"cannot remove the MLP of layers {mlp_alone} alone in a GGUF file: llama.cpp's deci "
-                              f"architecture skips a layer without MLP entirely, attention included; GGUF cuts "
-                              f"support {WHAT_WORKS}")
+        raise _mlp_alone_error(f"layers {mlp_alone}")
     kept = tuple(i for i in range(count) if not (i in attention and i in mlp))
     if not kept:
         raise DepthpruneError(f"cannot remove all {count} layers: keep at least one")
