@@ -32,6 +32,7 @@ from .surgery import (
     field_value,
     gguf_architecture,
     open_gguf,
+    write_gguf,
     write_gguf_atomically,
 )
 
@@ -201,23 +202,13 @@ def _provenance(writer, plan: SublayerPlan, source: str, criterion: str) -> None
 
 def write_sublayer_cut(reader, plan: SublayerPlan, path: Path, source: str, criterion: str) -> None:
     """Write the deci file to ``path``: metadata, then the kept tensors' bytes exactly as in the source."""
-    from gguf import GGUFWriter
 
-    writer = GGUFWriter(path, arch=TARGET_ARCH, endianess=reader.endianess)
-    alignment = field_value(reader, "general.alignment")
-    if alignment is not None:
-        writer.data_alignment = alignment
-    _copy_metadata(reader, writer, plan)
-    _provenance(writer, plan, source, criterion)
-    kept = list(_kept_tensors(reader, plan))
-    for name, tensor in kept:
-        writer.add_tensor_info(name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for _, tensor in kept:
-        writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
-    writer.close()
+    def metadata(writer) -> None:
+        _copy_metadata(reader, writer, plan)
+        _provenance(writer, plan, source, criterion)
+
+    write_gguf(reader, path, TARGET_ARCH, metadata,
+               [(name, tensor.data, tensor.tensor_type) for name, tensor in _kept_tensors(reader, plan)])
 
 
 def cut_sublayers_gguf(

@@ -25,7 +25,7 @@ import contextlib
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -301,23 +301,33 @@ def write_cut(reader, plan: CutPlan, path: Path, source: str, criterion: str, di
               replaced: dict[str, ReplacedTensor] | None = None, repair: str | None = None) -> None:
     """Write the cut file to ``path``: metadata, then the kept tensors' bytes exactly as in the source, but for
     the tensors ``replaced`` names (by their source names); ``repair`` is the ``depthprune.repair`` metadata."""
-    from gguf import GGUFWriter
-
     replaced = replaced or {}
 
-    writer = GGUFWriter(path, arch=plan.arch, endianess=reader.endianess)
+    def metadata(writer) -> None:
+        _copy_metadata(reader, writer, plan)
+        _provenance(writer, plan, source, criterion, distance, repair)
+
+    write_gguf(reader, path, plan.arch, metadata,
+               [(name, *_stored(tensor, replaced)) for name, tensor in _kept_tensors(reader, plan)])
+
+
+def write_gguf(reader, path: Path, arch: str, metadata: Callable[[Any], None],
+               tensors: list[tuple[str, Any, Any]]) -> None:
+    """Write a GGUF to ``path`` in ``reader``'s byte order and alignment: ``metadata(writer)`` adds the key-value
+    pairs, then ``tensors`` ((name, data, type), in file order) are written as they are."""
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(path, arch=arch, endianess=reader.endianess)
     alignment = field_value(reader, "general.alignment")
     if alignment is not None:
         writer.data_alignment = alignment
-    _copy_metadata(reader, writer, plan)
-    _provenance(writer, plan, source, criterion, distance, repair)
-    kept = [(name, *_stored(tensor, replaced)) for name, tensor in _kept_tensors(reader, plan)]
-    for name, data, tensor_type in kept:
+    metadata(writer)
+    for name, data, tensor_type in tensors:
         writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, tensor_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for _, data, _ in kept:
+    for _, data, _ in tensors:
         writer.write_tensor_data(data, tensor_endianess=reader.endianess)
     writer.close()
 
