@@ -41,6 +41,7 @@ def _make_old(directory: Path, *, strategy_column: bool) -> None:
     """Turn a results table of today into one of before issue 18 (and, with ``strategy_column``, of issue 9)."""
     db = sqlite3.connect(directory / DB_NAME)
     with db:
+        db.execute("ALTER TABLE points DROP COLUMN repair")  # added in issue 19
         for table in ("points", "failed"):
             db.execute(f"UPDATE {table} SET criterion = 'full', key = 'n=0/full/' || heal WHERE n = 0")
         if strategy_column:
@@ -95,7 +96,8 @@ def test_a_row_written_again_under_the_old_name_gives_way_to_todays(tmp_path):
     _store(tmp_path)
     db = sqlite3.connect(tmp_path / DB_NAME)
     with db:
-        db.execute("INSERT INTO points SELECT 'n=0/full/none', n, fraction, 'full', heal, removed_layers, distance, "
+        db.execute("INSERT INTO points (key, n, fraction, criterion, heal, removed_layers, distance, metrics, details, "
+                   "finished) SELECT 'n=0/full/none', n, fraction, 'full', heal, removed_layers, distance, "
                    "'{\"c4_loss\": 9.0}', details, finished FROM points WHERE n = 0")
     db.close()
     connect(tmp_path).close()

@@ -185,7 +185,7 @@ BAD = [
     (["--granularity", "attention", "--n", "2", "--criterion", "deepest", "--repair", "linear"],
      "does not apply to --granularity attention"),
     (["--granularity", "mlp", "--n", "2", "--criterion", "deepest", "--format", "gguf"],
-     "the GGUF writer of sub-layer cuts is not in this version yet"),
+     "prune does not hand sub-layer cuts to the GGUF writer yet"),
 ]
 
 

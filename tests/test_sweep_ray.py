@@ -131,3 +131,16 @@ def test_ray_bad_input(local_ray, tiny_checkpoint, tiny_corpus, tmp_path, capsys
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     assert_clean_failure(capsys, [*base, "--ray"], "--ray needs Ray, which is not installed: pip install "
                                                    "'depthprune[ray]'", watch)
+
+
+def test_ray_sweep_repairs_and_measures_agreement_as_the_serial_one(local_ray, tiny_checkpoint, tiny_corpus,
+                                                                     shared_data, tmp_path):
+    """The full model's point runs first, alone, so the other tasks get its choices; workers read the
+    calibration text of the repaired points themselves. (Similarity: the deepest points' keys inject faults.)"""
+    changes = dict(n=[0, 2], criteria=["similarity"], repair=["none", "linear"], repair_ridge=0.01, heal=["none"], heal_fractions=None,
+                   tasks=["boolq", "c4"], boolq=str(shared_data / "boolq" / "dev.jsonl"), limit=4, cost=False)
+    serial = _table(run_sweep(_config(tiny_checkpoint, tiny_corpus, tmp_path / "serial", **changes),
+                              log=lambda _: None))
+    assert serial["n=2/similarity+linear/none"]["metrics"]["boolq_agreement"] is not None
+    assert _table(run_sweep(_config(tiny_checkpoint, tiny_corpus, tmp_path / "ray", **changes), log=lambda _: None,
+                            ray="local")) == serial

@@ -57,11 +57,12 @@ def run(args) -> None:
                   **given_options(args, criterion_options_class()))
     if (args.format or ("gguf" if args.out.lower().endswith(".gguf") else "checkpoint")) == "gguf":
         if args.granularity != "layer":
-            raise DepthpruneError(f"--format gguf --granularity {args.granularity}: the GGUF writer of sub-layer cuts "
-                                  "is not in this version yet; write a checkpoint (--format checkpoint)")
+            raise DepthpruneError(f"--format gguf --granularity {args.granularity}: prune does not hand sub-layer cuts "
+                                  "to the GGUF writer yet; write a checkpoint (--format checkpoint)")
         from ..gguf.prune import prune_gguf
 
-        record = prune_gguf(args.model, args.out, swa_pattern=args.swa_pattern, repair=args.repair, **common)
+        record = prune_gguf(args.model, args.out, swa_pattern=args.swa_pattern, repair=args.repair, **common,
+                            **given_options(args, repair_options_class()))
     else:
         record = prune(args.model, args.out, repair=args.repair, granularity=args.granularity, **common,
                        **given_options(args, repair_options_class()), **memory_kwargs(args), **model_kwargs(args))
@@ -86,4 +87,7 @@ def _print_record(record: dict, out: str) -> None:
         fit = record["repair"]["fit"]
         print(f"repair:     {record['repair']['method']} folded into {record['repair']['folded_into']}; residual error "
               f"{fit['before']['residual_error']:.4g} -> {fit['after']['residual_error']:.4g} (plain cut -> repaired)")
+        for name, tensor in record["repair"].get("gguf_tensors", {}).items():
+            print(f"            {name} re-quantized {tensor['source_type']} -> {tensor['written_type']} (relative "
+                  f"error {tensor['requantization_error']:.2g})")
     print(f"saved the pruned model to {out}")

@@ -201,8 +201,9 @@ def _provenance(writer, checkpoint: Checkpoint) -> None:
         writer.add_array("depthprune.removed_layers", [int(i) for i in record["removed_layers"]])
         writer.add_uint32("depthprune.layers_before", int(record["layers_before"]))
         writer.add_string("depthprune.criterion", str(record.get("criterion")))
-    if record.get("healing"):
-        writer.add_string("depthprune.healing", json.dumps(record["healing"], sort_keys=True))
+    for step in ("repair", "healing"):  # what changed the kept weights, as in depthprune.json
+        if record.get(step):
+            writer.add_string(f"depthprune.{step}", json.dumps(record[step], sort_keys=True))
 
 
 def _quantized(data: np.ndarray, qtype):

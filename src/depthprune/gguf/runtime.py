@@ -6,7 +6,10 @@ in the runtime their users run, and by ``benchmarks/gguf_speed.py``.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,14 +17,43 @@ import numpy as np
 from ..errors import DepthpruneError
 
 
-def load_llama(path: str | Path, *, n_ctx: int = 512, threads: int = 1, logits_all: bool = True):
+def load_llama(path: str | Path, *, n_ctx: int = 512, threads: int = 1, logits_all: bool = True,
+               flash_attn: bool = False, verbose: bool = False):
     """A ``llama_cpp.Llama`` over ``path`` on the CPU, quiet, with a fixed number of threads."""
     try:
         from llama_cpp import Llama
     except ImportError:
         raise DepthpruneError("llama-cpp-python is not installed: pip install 'depthprune[gguf-runtime]'") from None
     return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
-                 n_threads_batch=threads, logits_all=logits_all, verbose=False)
+                 n_threads_batch=threads, logits_all=logits_all, flash_attn=flash_attn, verbose=verbose)
+
+
+_KV_CACHE_LINE = re.compile(r"llama_kv_cache: size =\s*([\d.]+) MiB \(\s*(\d+) cells,\s*(\d+) layers")
+
+
+def kv_cache_allocated(path: str | Path, *, n_ctx: int = 512, flash_attn: bool = False) -> dict:
+    """The KV cache llama.cpp allocates for ``path`` at ``n_ctx`` cells, as its load log states it:
+    ``{"mib": ..., "cells": ..., "layers": ...}`` (MiB to two decimals; layers counts zero-width ones too)."""
+    log = io.StringIO()
+    with contextlib.redirect_stderr(log):  # llama-cpp-python prints llama.cpp's log to sys.stderr when verbose
+        load_llama(path, n_ctx=n_ctx, logits_all=False, flash_attn=flash_attn, verbose=True)
+    match = _KV_CACHE_LINE.search(log.getvalue())
+    if match is None:
+        raise DepthpruneError(f"llama.cpp did not report a KV cache size for '{path}': is it a decoder model?")
+    return {"mib": float(match[1]), "cells": int(match[2]), "layers": int(match[3])}
+
+
+def kv_bytes_per_token(llm) -> float:
+    """The bytes llama.cpp stores per token of a sequence: how much its sequence state grows per evaluated token
+    (the K and V rows of every layer that has them, and the cell's position)."""
+    import llama_cpp
+
+    sizes = []
+    for count in (8, 16):
+        llm.reset()
+        llm.eval([0] * count)
+        sizes.append(llama_cpp.llama_state_seq_get_size(llm.ctx, 0))
+    return (sizes[1] - sizes[0]) / 8
 
 
 def next_token_logits(llm, tokens: list[int]) -> np.ndarray:

@@ -3,7 +3,8 @@
 A GGUF file is metadata (key/value pairs) followed by named tensors. A cut keeps every tensor of the kept
 blocks byte for byte (same quantization type), renames ``blk.N.*`` to the new block numbers, sets
 ``{arch}.block_count``, cuts every per-layer metadata array, and records what was done under
-``depthprune.*``. Tokenizer and chat-template keys are copied unchanged.
+``depthprune.*``. Tokenizer and chat-template keys are copied unchanged. A repaired cut (``gguf/repair.py``)
+hands in new contents for the one tensor its fold changed; everything else is still copied byte for byte.
 
 Two things can make a renumbered file load and compute something else, and both are refused:
 
@@ -24,9 +25,10 @@ import contextlib
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import DepthpruneError
 from ..outputs import check_output_file, remove_stale_temporaries, temporary_dir_beside
@@ -166,6 +168,15 @@ class CutPlan:
     swa_array: tuple[bool, ...] | None  # a per-layer sliding-window pattern to add, when the period breaks
 
 
+@dataclass(frozen=True)
+class ReplacedTensor:
+    """New contents for one kept tensor of a cut (a repair's folded weight): the stored array as gguf-py's
+    ``quants.quantize`` returns it (bytes per row for block types) and its ``GGMLQuantizationType``."""
+
+    data: Any
+    tensor_type: Any
+
+
 def check_renumberable(reader) -> int:
     """Check that the file's layers can be renumbered at all (architecture, tensor names); returns the layer count."""
     arch = gguf_architecture(reader)
@@ -238,7 +249,8 @@ def _size_label(reader, plan: CutPlan) -> str:
     return size_label(sum(int(tensor.n_elements) for _, tensor in _kept_tensors(reader, plan)), 0, 0, 0)
 
 
-def _provenance(writer, plan: CutPlan, source: str, criterion: str, distance: float | None) -> None:
+def _provenance(writer, plan: CutPlan, source: str, criterion: str, distance: float | None,
+                repair: str | None) -> None:
     from gguf import GGUFValueType
 
     writer.add_key_value("depthprune.source", source, GGUFValueType.STRING)
@@ -248,6 +260,8 @@ def _provenance(writer, plan: CutPlan, source: str, criterion: str, distance: fl
                          sub_type=GGUFValueType.UINT32)
     if distance is not None:
         writer.add_key_value("depthprune.angular_distance", float(distance), GGUFValueType.FLOAT32)
+    if repair is not None:
+        writer.add_key_value("depthprune.repair", repair, GGUFValueType.STRING)
 
 
 def _kept_tensors(reader, plan: CutPlan):
@@ -261,24 +275,60 @@ def _kept_tensors(reader, plan: CutPlan):
             yield f"blk.{new_index[int(match[1])]}.{match[2]}", tensor
 
 
-def write_cut(reader, plan: CutPlan, path: Path, source: str, criterion: str, distance: float | None) -> None:
-    """Write the cut file to ``path``: metadata, then the kept tensors' bytes exactly as in the source."""
+def _stored(tensor, replaced: dict[str, ReplacedTensor]) -> tuple[Any, Any]:
+    """(array, type) written for a kept source tensor: its own bytes unless ``replaced`` names it."""
+    new = replaced.get(tensor.name)
+    return (tensor.data, tensor.tensor_type) if new is None else (new.data, new.tensor_type)
+
+
+def check_replaced(reader, plan: CutPlan, replaced: dict[str, ReplacedTensor]) -> None:
+    """Refuse replacements of tensors the cut drops or lacks, or of another element shape than the source's."""
+    import numpy as np
+    from gguf.quants import quant_shape_from_byte_shape
+
+    kept = {tensor.name: tensor for _, tensor in _kept_tensors(reader, plan)}
+    for name, new in replaced.items():
+        if name not in kept:
+            raise DepthpruneError(f"cannot write a new '{name}': the cut does not keep such a tensor")
+        byte_rows = new.data.dtype == np.uint8  # block types and BF16: bytes per row, as gguf-py's writer reads them
+        shape = tuple(quant_shape_from_byte_shape(new.data.shape, new.tensor_type) if byte_rows else new.data.shape)
+        expected = tuple(reversed(kept[name].shape.tolist()))  # ne order in the file, row-major in numpy
+        if shape != expected:
+            raise DepthpruneError(f"the new '{name}' has shape {shape}, the source's {expected}")
+
+
+def write_cut(reader, plan: CutPlan, path: Path, source: str, criterion: str, distance: float | None,
+              replaced: dict[str, ReplacedTensor] | None = None, repair: str | None = None) -> None:
+    """Write the cut file to ``path``: metadata, then the kept tensors' bytes exactly as in the source, but for
+    the tensors ``replaced`` names (by their source names); ``repair`` is the ``depthprune.repair`` metadata."""
+    replaced = replaced or {}
+
+    def metadata(writer) -> None:
+        _copy_metadata(reader, writer, plan)
+        _provenance(writer, plan, source, criterion, distance, repair)
+
+    write_gguf(reader, path, plan.arch, metadata,
+               [(name, *_stored(tensor, replaced)) for name, tensor in _kept_tensors(reader, plan)])
+
+
+def write_gguf(reader, path: Path, arch: str, metadata: Callable[[Any], None],
+               tensors: list[tuple[str, Any, Any]]) -> None:
+    """Write a GGUF to ``path`` in ``reader``'s byte order and alignment: ``metadata(writer)`` adds the key-value
+    pairs, then ``tensors`` ((name, data, type), in file order) are written as they are."""
     from gguf import GGUFWriter
 
-    writer = GGUFWriter(path, arch=plan.arch, endianess=reader.endianess)
+    writer = GGUFWriter(path, arch=arch, endianess=reader.endianess)
     alignment = field_value(reader, "general.alignment")
     if alignment is not None:
         writer.data_alignment = alignment
-    _copy_metadata(reader, writer, plan)
-    _provenance(writer, plan, source, criterion, distance)
-    kept = list(_kept_tensors(reader, plan))
-    for name, tensor in kept:
-        writer.add_tensor_info(name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type)
+    metadata(writer)
+    for name, data, tensor_type in tensors:
+        writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, tensor_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for _, tensor in kept:
-        writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
+    for _, data, _ in tensors:
+        writer.write_tensor_data(data, tensor_endianess=reader.endianess)
     writer.close()
 
 
@@ -311,20 +361,31 @@ def cut_gguf(
     swa_pattern: str = "period",
     source_name: str | None = None,
     reader=None,
+    replaced: dict[str, ReplacedTensor] | None = None,
+    repair: dict | None = None,
 ) -> dict:
     """Remove ``layers`` (0-based) from the GGUF file ``source`` and write the result to ``out``; returns a record.
 
-    Every kept tensor keeps its bytes and quantization type. Checks everything before writing; the output
-    appears under a temporary name and is renamed into place when complete. Pass the ``reader`` of
-    :func:`open_gguf` if you have one: gguf-py parses a large vocabulary slowly (seconds to minutes).
+    Every kept tensor keeps its bytes and quantization type, but those ``replaced`` names (by their names in
+    the source): a repair's folded weight, with its ``repair`` record (stored as ``depthprune.repair``, JSON).
+    Checks everything before writing; the output appears under a temporary name and is renamed into place
+    when complete. Pass the ``reader`` of :func:`open_gguf` if you have one: gguf-py parses a large
+    vocabulary slowly (seconds to minutes).
     """
+    import json
+
     source = Path(source)
     check_output_file(out, [source], "output GGUF file")
     reader = reader if reader is not None else open_gguf(source)
     plan = plan_cut(reader, layers, swa_pattern)
+    check_replaced(reader, plan, replaced or {})
     name = source_name or source.name
-    write_gguf_atomically(out, lambda tmp: write_cut(reader, plan, tmp, name, criterion, distance))
-    return cut_record(reader, plan, name, criterion, distance, Path(out))
+    metadata = json.dumps(repair, sort_keys=True) if repair is not None else None
+    write_gguf_atomically(out, lambda tmp: write_cut(reader, plan, tmp, name, criterion, distance, replaced, metadata))
+    record = cut_record(reader, plan, name, criterion, distance, Path(out))
+    if repair is not None:
+        record["repair"] = repair
+    return record
 
 
 def _parameters(tensors) -> int:

@@ -1,7 +1,9 @@
-"""The report's figures, one PNG each: accuracy with Wilson intervals, C4 loss, the heatmap with every
-criterion's removed layers, the layers each criterion removes, the optimal block, and measured cost.
+"""The report's figures, one PNG each: accuracy with Wilson intervals, C4 loss, agreement with the full model,
+the heatmap with every criterion's removed layers, the layers each criterion removes, the optimal block, and
+measured cost.
 
-Criteria get colours and markers in registry order, so any number of them can be told apart.
+Criteria get colours and markers in registry order, so any number of them can be told apart; a repaired
+cut keeps its criterion's colour, with its repair's own marker and a dash-dotted line when not healed.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from ..sweep.store import UNPRUNED
 from .cost import COST_PANELS, MIN_R2, cost_fits, cost_points, cost_timing, timing_spread
 from .stats import (
     accuracy_tasks,
+    agreement_size,
+    agreement_tasks,
     baseline,
     collapse_points,
     curve_label,
@@ -26,6 +30,7 @@ from .stats import (
     reference,
     sample_size,
     selections,
+    split_cut,
     standard_error,
     task_record,
     task_title,
@@ -35,6 +40,7 @@ from .stats import (
 COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive",
           "tab:cyan")
 MARKERS = ("o", "s", "D", "v", "^", "P", "X", "<", ">")
+REPAIR_MARKERS = ("X", "P", "h", "d")  # by the repair's place in its registry
 
 
 def criterion_style(criterion: str) -> tuple[str, str]:
@@ -48,6 +54,27 @@ def criterion_style(criterion: str) -> tuple[str, str]:
         return "tab:gray", "^"
     i = names.index(criterion)
     return COLORS[i % len(COLORS)], MARKERS[i % len(MARKERS)]
+
+
+def curve_style(cut: str, heal: str) -> dict:
+    """How a curve is drawn: its criterion's colour (a shade of it when repaired); its criterion's marker, or
+    its repair's; dashed when not healed (dash-dotted when repaired), solid when healed; hollow markers when not
+    healed."""
+    from matplotlib.colors import to_rgb
+
+    from ..repair import REPAIRS
+
+    criterion, repair = split_cut(cut)
+    color, marker = criterion_style(criterion)
+    if repair != "none":
+        names = REPAIRS.names()
+        i = names.index(repair) if repair in names else len(names)
+        marker = REPAIR_MARKERS[i % len(REPAIR_MARKERS)]
+        # the criterion's colour, darker for the first repair, lighter for the second, and so on
+        rgb = np.array(to_rgb(color))
+        color = tuple(rgb * 0.6) if i % 2 == 0 else tuple(rgb + (1 - rgb) * 0.45)
+    line = "-" if heal != "none" else "--" if repair == "none" else "-."
+    return {"color": color, "marker": marker, "linestyle": line, "markerfacecolor": "white" if heal == "none" else color}
 
 
 # --- which layers are removed ---------------------------------------------------------------------------
@@ -127,23 +154,23 @@ def plot_best_block(distances: AngularDistances, path: str | Path) -> Path:
 # --- accuracy and loss against the fraction removed ----------------------------------------------
 
 
-def _draw_curves(ax, points: list[dict], metric: str, scale: float = 1.0, task: str | None = None) -> None:
-    """One line per (criterion, healing), Wilson 95 % bars when ``task`` gives the sample sizes, and the full
-    model as a black star. Curves with bars are nudged sideways a little so the bars do not hide each other."""
+def _draw_curves(ax, points: list[dict], metric: str, scale: float = 1.0, task: str | None = None,
+                 size=sample_size) -> None:
+    """One line per (cut, healing), Wilson 95 % bars when ``task`` gives the sample sizes (``size(point,
+    task)``), and the full model as a black star. Curves with bars are nudged sideways a little so the bars do
+    not hide each other."""
     drawn = curves(points, metric)
-    for i, ((criterion, heal), curve) in enumerate(drawn.items()):
-        color, marker = criterion_style(criterion)
+    for i, ((cut, heal), curve) in enumerate(drawn.items()):
         nudge = (i - (len(drawn) - 1) / 2) * 0.008 if task is not None else 0.0
         xs = [p["fraction"] + (nudge if p["n"] else 0) for p in curve]
         ys = np.array([p["metrics"][metric] for p in curve])
         bars = None
         if task is not None:  # no bar on the full model's point: its star carries it
-            sizes = [sample_size(p, task) if p["n"] else None for p in curve]
+            sizes = [size(p, task) if p["n"] else None for p in curve]
             intervals = [wilson_interval(y, n) if n else (y, y) for y, n in zip(ys, sizes, strict=True)]
             bars = np.abs(np.array(intervals).T - ys) * scale
-        ax.errorbar(xs, ys * scale, yerr=bars, color=color, marker=marker, markersize=4, capsize=2, elinewidth=0.8,
-                    linestyle="--" if heal == "none" else "-", linewidth=1.3, label=curve_label(criterion, heal),
-                    markerfacecolor="white" if heal == "none" else color)
+        ax.errorbar(xs, ys * scale, yerr=bars, markersize=4, capsize=2, elinewidth=0.8, linewidth=1.3,
+                    label=curve_label(cut, heal), **curve_style(cut, heal))
     full = reference(points)
     if full is not None and full["metrics"].get(metric) is not None:
         y = full["metrics"][metric]
@@ -155,6 +182,20 @@ def _draw_curves(ax, points: list[dict], metric: str, scale: float = 1.0, task: 
     ax.set_xlabel("fraction of layers removed")
 
 
+def _panels(count: int, legend_entries: int):
+    """(figure, its ``count`` panels, the legend's columns, the share of the height below the panels for it):
+    two panels a row, and room for a legend of ``legend_entries`` under them (two columns under one panel)."""
+    cols = min(2, count)
+    rows = (count + cols - 1) // cols
+    ncol = 3 if cols > 1 else 2
+    legend = max(0.5, 0.2 + 0.17 * math.ceil(legend_entries / ncol))  # inches
+    fig = new_figure(max(5.4 * cols, 6.4), 3.6 * rows + legend)
+    axes = list(fig.subplots(rows, cols, squeeze=False).flat)
+    for ax in axes[count:]:
+        ax.set_visible(False)
+    return fig, axes[:count], ncol, legend / (3.6 * rows + legend)
+
+
 def plot_accuracy(points: list[dict], path: str | Path, sigmas: float = 2.0) -> Path | None:
     """Accuracy (%) against the fraction removed, one panel per task, with Wilson 95 % bars, the chance or
     majority level and its noise band; uninformative tasks are labelled as such."""
@@ -163,10 +204,8 @@ def plot_accuracy(points: list[dict], path: str | Path, sigmas: float = 2.0) -> 
     tasks = accuracy_tasks(points)
     if not tasks:
         return None
-    cols = min(2, len(tasks))
-    rows = (len(tasks) + cols - 1) // cols
-    fig = new_figure(5.4 * cols, 3.6 * rows + 0.5)
-    axes = list(fig.subplots(rows, cols, squeeze=False).flat)
+    # the legend: every curve, the full model and the noise band
+    fig, axes, ncol, legend = _panels(len(tasks), max(len(curves(points, m)) for m in tasks.values()) + 2)
     full = reference(points)
     verdicts = collapse_points(points, sigmas)
     for ax, (task, metric) in zip(axes, tasks.items(), strict=False):
@@ -186,14 +225,12 @@ def plot_accuracy(points: list[dict], path: str | Path, sigmas: float = 2.0) -> 
                          fontsize=9, color="firebrick")
         else:
             ax.set_title(title, fontsize=9)
-    for ax in axes[len(tasks):]:
-        ax.set_visible(False)
-    handles, labels = fig.axes[0].get_legend_handles_labels()
+    handles, labels = axes[0].get_legend_handles_labels()
     handles.append(Patch(color="0.88"))
     labels.append(f"within {sigmas:g} SE of chance / majority (noise)")
-    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     fig.suptitle("Accuracy vs layers removed; bars: Wilson 95 % intervals", fontsize=10)
-    fig.tight_layout(rect=(0, 0.5 / (3.6 * rows + 0.5), 1, 1))
+    fig.tight_layout(rect=(0, legend, 1, 1))
     return save_png(fig, path)
 
 
@@ -226,6 +263,30 @@ def plot_c4_loss(points: list[dict], path: str | Path) -> Path | None:
     ax.set_title("C4 validation loss (lower is better" + (", log scale)" if wide else ")"), fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    return save_png(fig, path)
+
+
+def plot_agreement(points: list[dict], path: str | Path) -> Path | None:
+    """Agreement with the full model (%: the share of its questions where a cut picks the full model's answer)
+    against the fraction removed, one panel per multiple-choice task, with Wilson 95 % bars; the full model
+    agrees with itself (100 %, dotted)."""
+    tasks = agreement_tasks(points)
+    if not tasks:
+        return None
+    fig, axes, ncol, legend = _panels(len(tasks), max(len(curves(points, f"{task}_agreement")) for task in tasks))
+    for ax, task in zip(axes, tasks, strict=True):
+        ax.axhline(100, color="black", linestyle=":", linewidth=1)
+        _draw_curves(ax, points, f"{task}_agreement", scale=100, task=task, size=agreement_size)
+        ax.set_xlim(left=0)
+        ax.set_ylabel("agreement with the full model (%)")
+        sizes = {agreement_size(p, task) for p in points if p["metrics"].get(f"{task}_agreement") is not None}
+        ax.set_title(f"{task_title(task)}: {'/'.join(str(n) for n in sorted(sizes - {None})) or '?'} questions",
+                     fontsize=9)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    fig.suptitle("Agreement with the full model vs layers removed\ndotted: the full model itself; bars: Wilson 95 % "
+                 "intervals", fontsize=10)
+    fig.tight_layout(rect=(0, legend, 1, 1))
     return save_png(fig, path)
 
 

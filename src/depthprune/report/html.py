@@ -15,12 +15,21 @@ from ..measure.distances import AngularDistances, load_distances
 from ..outputs import atomic_write_text
 from ..sweep.store import UNPRUNED, load_points, to_csv
 from .cost import COST_PANELS, MIN_R2, cost_fits, cost_points, cost_timing, timed_together
-from .figures import plot_accuracy, plot_best_block, plot_c4_loss, plot_cost, plot_heatmap, plot_selections
+from .figures import (
+    plot_accuracy,
+    plot_agreement,
+    plot_best_block,
+    plot_c4_loss,
+    plot_cost,
+    plot_heatmap,
+    plot_selections,
+)
 from .stats import (
     accuracy_tasks,
     collapse_definition,
     collapse_points,
     curve_label,
+    cut_name,
     overlap,
     reference,
     sample_size,
@@ -40,13 +49,13 @@ def _collapse_html(verdicts: list[dict], sigmas: float) -> str:
     """One row per task: the full model and its baseline, then one cell per curve (or one uninformative cell)."""
     if not verdicts:
         return "<p>No accuracy was measured on the full model.</p>"
-    curves = list(dict.fromkeys((v["criterion"], v["heal"]) for v in verdicts))
-    measured = {(v["criterion"], v["heal"]): v["fractions"] for v in verdicts}
+    curves = list(dict.fromkeys((cut_name(v), v["heal"]) for v in verdicts))
+    measured = {(cut_name(v), v["heal"]): v["fractions"] for v in verdicts}
     header = ["task", "full model (%)", "baseline (%)"]
     header += [f"{curve_label(*c)} (at {', '.join(f'{f:.2f}' for f in measured[c])})" for c in curves]
     rows = []
     for task in dict.fromkeys(v["task"] for v in verdicts):
-        mine = {(v["criterion"], v["heal"]): v for v in verdicts if v["task"] == task}
+        mine = {(cut_name(v), v["heal"]): v for v in verdicts if v["task"] == task}
         first = next(iter(mine.values()))
         n, level = first["num_questions"], first["baseline"]
         cells = [f"{task_title(task)} ({n or '?'} questions)", accuracy_cell(first["full_accuracy"], n),
@@ -82,15 +91,22 @@ def _cost_html(fits: dict) -> str:
 
 
 def _criteria_html(points: list[dict]) -> str:
-    """What each criterion of the sweep does, from the registry (layers are 0-based, ranges inclusive)."""
+    """What each criterion and repair of the sweep does, from the registries (layers are 0-based, ranges
+    inclusive)."""
+    from ..repair import REPAIRS
     from ..select import CRITERIA
 
     used = [name for name in dict.fromkeys(p["criterion"] for p in points) if name != UNPRUNED]
     described = [f"<em>{html.escape(name)}</em>: {html.escape(CRITERIA.get(name).description)}"
                  + ("" if CRITERIA.get(name).contiguous else " (not one block)")
                  for name in used if name in CRITERIA]
-    return ("<p>Layers are 0-based and ranges inclusive. Criteria: " + "; ".join(described) + ".</p>") if described \
-        else "<p>Layers are 0-based and ranges inclusive.</p>"
+    repairs = [name for name in dict.fromkeys(p.get("repair") or "none" for p in points) if name in REPAIRS]
+    repaired = [f"<em>{html.escape(name)}</em>: {html.escape(REPAIRS.get(name).description)}" for name in repairs]
+    text = "Layers are 0-based and ranges inclusive." + (" Criteria: " + "; ".join(described) + "." if described else "")
+    if repaired:
+        text += (" Repairs, fitted without training on the sweep's calibration text and folded into the last kept "
+                 "layer before the cut (curves 'criterion + repair'): " + "; ".join(repaired) + ".")
+    return f"<p>{text}</p>"
 
 
 def _comparison_html(points: list[dict]) -> list[str]:
@@ -165,6 +181,10 @@ def _draw_figures(points: list[dict], distances: AngularDistances | None, folder
          "chance (the majority class for BoolQ); grey band: within noise of it. Healed curves join only the healed "
          "fractions; the star is the full model."),
         (plot_c4_loss(points, folder / "c4_loss.png"), "C4 validation loss, normalised by ln(vocabulary size)"),
+        (plot_agreement(points, folder / "agreement.png"),
+         "Agreement with the full model vs fraction of layers removed: the share of each multiple-choice task's "
+         "questions where the cut model picks the answer the full model (n = 0) picks, right or wrong. Bars: Wilson "
+         "95 % intervals."),
         (plot_heatmap(distances, folder / "heatmap.png", selections=selections(points)) if distances else None,
          "Angular distance d(x^(l), x^(l+n)) for every block; white dots: the optimal first layer l*(n); coloured "
          "markers on row n: every layer each criterion removes at that n (non-contiguous cuts included)"),

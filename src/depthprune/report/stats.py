@@ -1,5 +1,6 @@
-"""The statistics of a sweep's points: accuracy with its uncertainty, the collapse rule, the curves per criterion
-and healing, and which layers each criterion removes.
+"""The statistics of a sweep's points: accuracy with its uncertainty, the collapse rule, the curves per cut
+(criterion, and its repair if any) and healing, agreement with the full model, and which layers each
+criterion removes.
 
 The question sets of a sweep are small, so every accuracy comes with its uncertainty and a collapse is called
 only when the drop is larger than the noise. Nothing here imports torch or matplotlib: the terminal table uses it.
@@ -120,19 +121,45 @@ def baseline(points: list[dict], task: str) -> tuple[float | None, str]:
     return None, "chance"
 
 
+def agreement_tasks(points: list[dict]) -> list[str]:
+    """The tasks whose agreement with the full model the points measured (``{task}_agreement``), in store order."""
+    names = dict.fromkeys(k for p in points for k, v in p["metrics"].items() if v is not None)
+    return [name.removesuffix("_agreement") for name in names if name.endswith("_agreement")]
+
+
+def agreement_size(point: dict, task: str) -> int | None:
+    """Questions the agreement of ``task`` was counted on at this point (None if the record does not say)."""
+    n = task_record(point, task).get("agreement_n")
+    return int(n) if n else None
+
+
+def cut_name(point: dict) -> str:
+    """What cut a point is: its criterion, or 'similarity+linear' when the cut was repaired ('repair' of a point
+    or a verdict; points of older stores have none)."""
+    repair = point.get("repair") or "none"
+    return point["criterion"] if repair == "none" else f"{point['criterion']}+{repair}"
+
+
+def split_cut(cut: str) -> tuple[str, str]:
+    """(criterion, repair) of a :func:`cut_name` (repair 'none' when the cut was not repaired)."""
+    criterion, _, repair = cut.partition("+")
+    return criterion, repair or "none"
+
+
 def reference(points: list[dict]) -> dict | None:
     """The full model, unhealed: the reference of every curve."""
     return next((p for p in points if p["n"] == 0 and p["heal"] == "none"), None)
 
 
 def curves(points: list[dict], metric: str) -> dict[tuple[str, str], list[dict]]:
-    """(criterion, healing) -> its points that have ``metric``, by fraction. An unhealed curve starts at the
-    full model (nothing removed, nothing to heal); a healed one has only the fractions that were healed."""
+    """(cut, healing) -> its points that have ``metric``, by fraction; the cut is the criterion, or
+    'criterion+repair' (:func:`cut_name`). An unhealed curve starts at the full model (nothing removed, nothing
+    to heal or repair); a healed one has only the fractions that were healed."""
     full = reference(points)
     found: dict[tuple[str, str], list[dict]] = {}
     for p in sorted(points, key=lambda p: p["fraction"]):
         if p is not full and p["metrics"].get(metric) is not None:
-            found.setdefault((p["criterion"], p["heal"]), []).append(p)
+            found.setdefault((cut_name(p), p["heal"]), []).append(p)
     if full is not None and full["metrics"].get(metric) is not None:
         for (_, heal), curve in found.items():
             if heal == "none":
@@ -148,14 +175,16 @@ def metric_name(points: list[dict], task: str, metric: str) -> str:
     return "acc"
 
 
-def curve_label(criterion: str, heal: str) -> str:
-    """'similarity, not healed' or 'similarity, lora-healed': a curve's name in legends and tables."""
-    return f"{criterion}, {'not healed' if heal == 'none' else heal + '-healed'}"
+def curve_label(cut: str, heal: str) -> str:
+    """'similarity, not healed', 'similarity, lora-healed' or, repaired, 'similarity + linear, lora-healed': a
+    curve's name in legends and tables (``cut``: a :func:`cut_name`)."""
+    return f"{cut.replace('+', ' + ')}, {'not healed' if heal == 'none' else heal + '-healed'}"
 
 
 def collapse_points(points: list[dict], sigmas: float = 2.0) -> list[dict]:
-    """The verdict on every (task, criterion, healing) curve: 'collapse' at a fraction, 'no collapse' within
-    the measured fractions, 'uninformative' task, or 'unknown sample size'."""
+    """The verdict on every (task, cut, healing) curve: 'collapse' at a fraction, 'no collapse' within the
+    measured fractions, 'uninformative' task, or 'unknown sample size'. A verdict names the criterion and the
+    repair ('none' when not repaired) of its cut."""
     full = reference(points)
     found = []
     for task, metric in accuracy_tasks(points).items():
@@ -163,10 +192,12 @@ def collapse_points(points: list[dict], sigmas: float = 2.0) -> list[dict]:
             continue
         level, kind = baseline(points, task)
         accuracy, n_full = full["metrics"][metric], sample_size(full, task)
-        for (criterion, heal), curve in curves(points, metric).items():
+        for (cut, heal), curve in curves(points, metric).items():
             judged = [p for p in curve if p is not full]
             sizes = [sample_size(p, task) for p in judged]
-            verdict = {"task": task, "metric": metric, "criterion": criterion, "heal": heal, "full_accuracy": accuracy,
+            criterion, repair = split_cut(cut)
+            verdict = {"task": task, "metric": metric, "criterion": criterion, "repair": repair, "heal": heal,
+                       "full_accuracy": accuracy,
                        "num_questions": n_full, "baseline": level, "baseline_kind": kind,
                        "fractions": [p["fraction"] for p in judged], "collapse_fraction": None}
             if n_full is None or None in sizes or level is None:

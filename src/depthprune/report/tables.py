@@ -1,15 +1,18 @@
-"""The report's tables as header and rows of text: the columns people compare, every column of the store,
-the layers each criterion removes and how much the criteria agree, and the cost of each layer count.
+"""The report's tables as header and rows of text: the columns people compare (the repair and the agreement
+with the full model among them, where the sweep has them), every column of the store, the layers each
+criterion removes and how much the criteria agree, and the cost of each layer count.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..sweep.store import table
+from ..sweep.store import NO_REPAIR, is_repaired, table
 from .cost import cost_points, timed_together
 from .stats import (
     accuracy_tasks,
+    agreement_size,
+    agreement_tasks,
     metric_name,
     overlap,
     reference,
@@ -33,18 +36,25 @@ def _layers(removed: list[int]) -> str:
 
 
 def main_table(points: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """The columns people compare, formatted: fraction, layers, criterion, healing, each task's headline
-    accuracy ± SE (%), C4 loss (nats), speed-ups against the full model, weight memory (MiB)."""
+    """The columns people compare, formatted: fraction, layers, criterion, repair (in a sweep with one), healing,
+    each task's headline accuracy ± SE (%), each multiple-choice task's agreement with the full model ± SE (%,
+    where measured), C4 loss (nats), speed-ups against the full model, weight memory (MiB)."""
     tasks = accuracy_tasks(points)
+    agreed = agreement_tasks(points)
+    repaired = is_repaired(points)
     full = reference(points)
-    header = ["removed", "layers (0-based)", "criterion", "healing"]
+    header = ["removed", "layers (0-based)", "criterion", *["repair"] * repaired, "healing"]
     header += [f"{task_title(t)} {metric_name(points, t, m)} (%)" for t, m in tasks.items()]
+    header += [f"{task_title(t)} agreement (%)" for t in agreed]
     header += ["C4 loss (nats)", "prefill speed-up", "decode speed-up", "weights (MiB)"]
     rows = []
     for p in points:
         m = p["metrics"]
-        row = [f"{p['fraction']:.2f}", _layers(p["removed_layers"]), p["criterion"], p["heal"]]
+        row = [f"{p['fraction']:.2f}", _layers(p["removed_layers"]), p["criterion"],
+               *[p.get("repair", NO_REPAIR)] * repaired, p["heal"]]
         row += ["" if m.get(k) is None else accuracy_cell(m[k], sample_size(p, t)) for t, k in tasks.items()]
+        row += ["" if m.get(f"{t}_agreement") is None else accuracy_cell(m[f"{t}_agreement"], agreement_size(p, t))
+                for t in agreed]
         row.append("" if m.get("c4_loss") is None else f"{m['c4_loss']:.2f}")
         for key in ("prefill_ms_per_token", "decode_ms_per_token"):
             base = full["metrics"].get(key) if full else None
@@ -74,14 +84,16 @@ def full_table(points: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Every column of the store, each in one format; accuracies in % with their standard error."""
     header, rows = table(points)
     task = {h: h.removesuffix("_norm").removesuffix("_acc") for h in header if h.endswith(("_acc", "_acc_norm"))}
+    agreed = {h: h.removesuffix("_agreement") for h in header if h.endswith("_agreement")}
     columns = list(zip(*rows, strict=True)) if rows else [[] for _ in header]
     formats = [_formatter(h, list(c)) for h, c in zip(header, columns, strict=True)]
     cells = []
     for p, row in zip(points, rows, strict=True):
-        cells.append([accuracy_cell(v, sample_size(p, task[h])) if h in task and v is not None else f(v)
+        cells.append([accuracy_cell(v, sample_size(p, task[h])) if h in task and v is not None else
+                      accuracy_cell(v, agreement_size(p, agreed[h])) if h in agreed and v is not None else f(v)
                       for h, v, f in zip(header, row, formats, strict=True)])
-    units = {h: " (MiB)" if h.endswith("_bytes") else " (% ± SE)" if h in task else " (%)" if h.endswith("_chance") else ""
-             for h in header}
+    units = {h: " (MiB)" if h.endswith("_bytes") else " (% ± SE)" if h in task or h in agreed else
+             " (%)" if h.endswith("_chance") else "" for h in header}
     return [h + units[h] for h in header], cells
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from ..errors import DepthpruneError
 from ..select import format_layers
-from ..sweep.store import table
-from .stats import accuracy_tasks
+from ..sweep.store import NO_REPAIR, is_repaired, table
+from .stats import accuracy_tasks, agreement_tasks
 
 WIDTH = 160  # characters of the default table, footer and failure lines
 GAP = "  "
@@ -29,7 +29,7 @@ class Column:
     header: str
     cell: Callable[[dict], str]
     text: bool = False  # text is aligned left, numbers right
-    rank: int | None = None
+    rank: float | None = None
 
 
 def results_lines(directory: str | Path, points: list[dict], failed: dict[str, dict], every_column: bool = False,
@@ -76,19 +76,26 @@ def _metric(key: str, digits: int, scale: float = 1.0) -> Callable[[dict], str]:
 
 
 def _columns(points: list[dict]) -> list[Column]:
-    """The compared columns the store has, in the order shown: what the point is, its distance, each task's
-    headline accuracy, the C4 loss, the cost, and the healing's validation loss."""
+    """The compared columns the store has, in the order shown: what the point is (its repair in a sweep with
+    one), its distance, each task's headline accuracy, each multiple-choice task's agreement with the full
+    model, the C4 loss, the cost, and the healing's validation loss."""
     measured = {key for p in points for key, value in p["metrics"].items() if value is not None}
     tasks = [m for m in accuracy_tasks(points).values() if m in measured]
+    agreed = [f"{t}_agreement" for t in agreement_tasks(points)]
+    repair = [Column("repair", lambda p: p.get("repair", NO_REPAIR), text=True)] if is_repaired(points) else []
     columns = [Column("n", lambda p: str(p["n"])),
                Column("fraction", lambda p: f"{p['fraction']:.2f}"),
                Column("criterion", lambda p: p["criterion"], text=True),
+               *repair,
                Column("heal", lambda p: p["heal"], text=True),
                Column("removed_layers", lambda p: format_layers(p["removed_layers"]), text=True)]
     if any(p["distance"] is not None for p in points):
         columns.append(Column("distance", lambda p: "" if p["distance"] is None else f"{p['distance']:.3f}",
                               rank=len(tasks) + 1))
     columns += [Column(m, _metric(m, 3), rank=1 + i) for i, m in enumerate(tasks)]
+    # Left out before the accuracies, after the cost and the distance: agreement repeats what accuracy says
+    # with less noise, the cost is the same for every repair and healing of a layer count.
+    columns += [Column(m, _metric(m, 3), rank=len(tasks) + 0.5 + i / 100) for i, m in enumerate(agreed)]
     optional = [("c4_loss", "c4_loss", 3, 1.0, 0),
                 ("prefill_ms_per_token", "prefill_ms_per_token", 2, 1.0, len(tasks) + 2),
                 ("decode_ms_per_token", "decode_ms_per_token", 2, 1.0, len(tasks) + 3),

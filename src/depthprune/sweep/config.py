@@ -2,8 +2,8 @@
 
 :func:`sweep_config_class` composes them into one flat dataclass, ``SweepConfig``, when asked, so that
 criteria and tasks registered after import count: the model and calibration data, the analysis, the
-sweep's points (fractions, criteria, healings, tasks), the options of every criterion (``SelectionContext``
-gets them), the evaluation's (shared and each task's), the healing inputs and the cost. A YAML file with
+sweep's points (fractions, criteria, repairs, healings, tasks), the options of every criterion
+(``SelectionContext`` gets them) and every repair (``repair_cut`` gets them), the evaluation's (shared and each task's), the healing inputs and the cost. A YAML file with
 these keys, and the flags (one per key), fill it. Healing options are one dict, ``heal_options``, checked
 against :class:`depthprune.heal.HealOptions`.
 
@@ -26,6 +26,7 @@ from ..errors import DepthpruneError
 from ..evaluate.registry import EVAL_TASKS, eval_options_class
 from ..heal.methods import HEAL_METHODS
 from ..options import copied_field, option
+from ..repair import repair_choices, repair_options_class
 from ..select import CRITERIA, criterion_options_class
 
 
@@ -62,6 +63,9 @@ class _SweepOwn:
                                  point=True)
     criteria: list[str] = option(help="selection criteria, comma-separated: {choices}", choices=CRITERIA.names,
                                  point=True, default_factory=lambda: ["similarity", "deepest"])
+    repair: list[str] = option(help="training-free repair of each cut, comma-separated: {choices} (a repair needs "
+                                    "criteria that remove one block; fitted on --data)", choices=repair_choices,
+                               point=True, default_factory=lambda: ["none"])
     heal: list[str] = option(help="healing of each cut, comma-separated: {choices}", choices=heal_choices,
                              point=True, default_factory=lambda: ["none"])
     heal_fractions: list[float] | None = option(None, help="heal only the cuts of these fractions (default: every "
@@ -107,12 +111,13 @@ def _fields(cls, rename: dict[str, str] | None = None, prefix: str = "", exclude
 
 
 def sweep_config_class() -> type:
-    """``SweepConfig`` with the options of the criteria and tasks registered now (the same class while they are)."""
-    return _compose(criterion_options_class(), eval_options_class())
+    """``SweepConfig`` with the options of the criteria, repairs and tasks registered now (the same class while
+    they are)."""
+    return _compose(criterion_options_class(), eval_options_class(), repair_options_class())
 
 
 @functools.cache
-def _compose(criterion_options: type, eval_options: type) -> type:
+def _compose(criterion_options: type, eval_options: type, repair_options: type) -> type:
     own = {name: (name, *spec) for name, *spec in _fields(_SweepOwn)}
     first = [
         own["model"], own["out"],
@@ -120,7 +125,7 @@ def _compose(criterion_options: type, eval_options: type) -> type:
         *_fields(DataOptions, rename={"source": "data", "config": "data_config", "split": "data_split"},
                  defaults={"data": None}),
         *_fields(AnalysisOptions),
-        *[own[name] for name in ("fractions", "n", "criteria", "heal", "heal_fractions", "tasks")],
+        *[own[name] for name in ("fractions", "n", "criteria", "repair", "heal", "heal_fractions", "tasks")],
     ]
     shared_eval = _fields(SharedEvalOptions)
     last = [
@@ -129,7 +134,7 @@ def _compose(criterion_options: type, eval_options: type) -> type:
         *[own[name] for name in ("keep_models", "task_data", "ray_cpus", "ray_eval_gpus", "ray_heal_gpus")],
     ]
     taken = {name for name, *_ in [*first, *shared_eval, *last]}
-    plugins = [spec for spec in [*_fields(criterion_options), *_fields(eval_options)]
+    plugins = [spec for spec in [*_fields(criterion_options), *_fields(repair_options), *_fields(eval_options)]
                if spec[0] not in {name for name, *_ in shared_eval}]
     names = [name for name, *_ in plugins]
     clash = [name for i, name in enumerate(names) if name in taken or name in names[:i]]
@@ -140,7 +145,7 @@ def _compose(criterion_options: type, eval_options: type) -> type:
         fields.setdefault(spec[0], spec)  # batch_size and seed: one setting for every stage
     cls = dataclasses.make_dataclass("SweepConfig", list(fields.values()), namespace={"__module__": __name__})
     cls.__doc__ = ("Every setting of a sweep: the stage options (model, calibration data, analysis, evaluation, "
-                   "cost), the options of the registered criteria and tasks, and the sweep's own keys; a YAML "
+                   "cost), the options of the registered criteria, repairs and tasks, and the sweep's own keys; a YAML "
                    "file with these keys, and the flags, fill it.")
     return cls
 

@@ -13,8 +13,8 @@ from pathlib import Path
 from ..heal import HEAL_METHODS as HEALING
 from ..model.load import DTYPES, count_parameters, load_model
 from ..model.record import pruning_record, read_record
-from ..model.surgery import layers_removed
 from .config import SweepConfig
+from .cut import point_cut
 from .plan import Point, point_dir
 
 
@@ -89,8 +89,13 @@ def healed_line(healing: dict | None) -> str:
     return f"healed{loss}"
 
 
-def heal_point(model, tokenizer, c: SweepConfig, work: Path, point: Point, selection, total: int):
-    """Heal the cut in memory (resuming a killed healing from its checkpoint); returns the merged model.
+def heal_point(model, tokenizer, c: SweepConfig, work: Path, point: Point, selection, total: int,
+               sequences: list[list[int]] | None = None):
+    """Heal the cut in memory (resuming a killed healing from its checkpoint); returns the merged model, the
+    healing record and the repair record (None for a cut without repair).
+
+    A repaired point heals the repaired cut (repair, then healing), its map fitted on ``sequences`` on the
+    sweep's device (a GPU sweep's base waits on the CPU, :func:`offloaded`: it comes to the GPU for the fit).
 
     lora, dora and full train and merge into the model they are given: they get a copy of the cut
     (``copy.deepcopy``: memory for the kept layers once more, as much as the saved-and-reloaded cut of
@@ -105,7 +110,8 @@ def heal_point(model, tokenizer, c: SweepConfig, work: Path, point: Point, selec
     from ..heal import heal_loaded
 
     healed = point_dir(work, point) / "healed"
-    model_id = f"{c.model} without layers {list(selection.layers)}"
+    model_id = f"{c.model} without layers {list(selection.layers)}" + \
+        (f", repaired by {point.repair}" if point.repaired else "")
     if _started_elsewhere(healed, model_id):
         shutil.rmtree(healed)
     record = read_record(healed) if healed.is_dir() else None
@@ -113,17 +119,19 @@ def heal_point(model, tokenizer, c: SweepConfig, work: Path, point: Point, selec
         healed_model, _ = load_model(str(healed), device=c.device, dtype=c.dtype)
         # Named like the in-memory result of an uninterrupted run, so the recorded evaluation is the same.
         healed_model.config.name_or_path = model.config.name_or_path
-        return healed_model, record["healing"]
+        return healed_model, record["healing"], record.get("repair")
     options = {**c.heal_options, "method": point.heal}
     params_before = count_parameters(model)
-    with layers_removed(model, selection.layers) as cut:
+    fit_on = "cuda" if c.device == "cuda" else None
+    with point_cut(model, tokenizer, c, point, selection.layers, sequences, fit_on=fit_on) as (cut, repair):
         record = pruning_record(c.model, total, params_before, cut, selection)
+        record.update({"repair": repair} if repair is not None else {})
         trainee = cut if HEALING.get(point.heal).quantized_base else copy.deepcopy(cut).to(_train_device(c, cut))
         result = heal_loaded(trainee, c.heal_data, str(healed), tokenizer=tokenizer, model_id=model_id, record=record,
                              val_data=c.heal_val_data, preset=c.heal_preset, device=c.device, dtype=c.dtype,
                              merge_dtype=c.dtype, progress=True, **options)
     del trainee
-    return result.model.to(DTYPES[c.dtype]), result.record
+    return result.model.to(DTYPES[c.dtype]), result.record, repair
 
 
 def _train_device(c: SweepConfig, cut):

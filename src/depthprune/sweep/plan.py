@@ -1,7 +1,9 @@
-"""Which points a sweep runs: every layer count of its settings, by each criterion and each healing.
+"""Which points a sweep runs: every layer count of its settings, by each criterion, repair and healing.
 
-A point is one (n layers removed, selection criterion, healing) and one row of ``results.sqlite``; n = 0 is
-the full model, one point whatever the criteria and healings: its criterion is 'unpruned'.
+A point is one (n layers removed, selection criterion, repair, healing) and one row of ``results.sqlite``;
+n = 0 is the full model, one point whatever the criteria, repairs and healings: its criterion is 'unpruned'.
+A repaired point is cut, its map fitted and folded (``depthprune.repair``), then evaluated or healed:
+'repair followed by LoRA' is the point (n, criterion, 'linear', 'lora').
 """
 
 from __future__ import annotations
@@ -11,27 +13,33 @@ from pathlib import Path
 
 from ..errors import DepthpruneError
 from .config import SweepConfig
-from .store import UNPRUNED, point_key
+from .store import NO_REPAIR, UNPRUNED, point_key
 
 POINTS_DIR = "points"  # under the sweep's folder: each healed point's own folder (its healing, resumable)
 
 
 @dataclass(frozen=True)
 class Point:
-    """One point of the sweep: ``n`` layers removed, chosen by ``criterion``, healed by ``heal`` ('none': not)."""
+    """One point of the sweep: ``n`` layers removed, chosen by ``criterion``, repaired by ``repair`` and healed by
+    ``heal`` ('none': not)."""
 
     n: int
     criterion: str
     heal: str
+    repair: str = NO_REPAIR
 
     @property
     def key(self) -> str:
-        """Its key in ``results.sqlite`` (``n=2/deepest/lora``)."""
-        return point_key(self.n, self.criterion, self.heal)
+        """Its key in ``results.sqlite`` (``n=2/deepest/lora``; repaired: ``n=2/deepest+linear/lora``)."""
+        return point_key(self.n, self.criterion, self.heal, self.repair)
 
     @property
     def healed(self) -> bool:
         return self.heal != "none"
+
+    @property
+    def repaired(self) -> bool:
+        return self.repair != NO_REPAIR
 
 
 UNPRUNED_POINT = Point(0, UNPRUNED, "none")
@@ -39,7 +47,8 @@ UNPRUNED_POINT = Point(0, UNPRUNED, "none")
 
 def point_dir(work: Path, point: Point) -> Path:
     """Where a healed point keeps its healing (checkpoints, then the merged model) under the sweep's folder."""
-    return work / POINTS_DIR / f"n{point.n:03d}-{point.criterion}-{point.heal}"
+    cut = point.criterion if not point.repaired else f"{point.criterion}+{point.repair}"
+    return work / POINTS_DIR / f"n{point.n:03d}-{cut}-{point.heal}"
 
 
 def block_sizes(c: SweepConfig, total_layers: int) -> list[int]:
@@ -52,10 +61,10 @@ def block_sizes(c: SweepConfig, total_layers: int) -> list[int]:
 
 
 def sweep_points(c: SweepConfig, total_layers: int) -> list[Point]:
-    """Every point of the sweep, in the order they run: the full model first, then by n, criterion and healing
-    (healed only at the sizes of ``heal_fractions`` when given)."""
+    """Every point of the sweep, in the order they run: the full model first, then by n, criterion, repair and
+    healing (healed only at the sizes of ``heal_fractions`` when given)."""
     sizes = block_sizes(c, total_layers)
     healed_sizes = set(sizes) if c.heal_fractions is None else {round(f * total_layers) for f in c.heal_fractions}
     points = [UNPRUNED_POINT] if 0 in sizes else []
-    return points + [Point(n, s, h) for n in sizes if n > 0 for s in c.criteria for h in c.heal
+    return points + [Point(n, s, h, r) for n in sizes if n > 0 for s in c.criteria for r in c.repair for h in c.heal
                      if h == "none" or n in healed_sizes]

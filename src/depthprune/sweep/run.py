@@ -33,10 +33,12 @@ from ..outputs import atomic_output_dir, atomic_write_text, check_output_dir, ou
 from ..select import SelectionContext, needs_of
 from .config import SweepConfig
 from .cost_phase import cost_phase, last_cost_seconds
+from .cut import calibration_sequences, check_repairable
 from .executors import ray as ray_executor
 from .executors import serial
 from .heal_point import offloaded
 from .plan import POINTS_DIR, Point, sweep_points
+from .point import select_point, stored_predictions
 from .progress import SweepProgress, kind, library_bars_off
 from .settings import (
     _analysis_options,
@@ -85,12 +87,14 @@ def run_sweep(c: SweepConfig, log=print, force: bool = False, quiet: bool = Fals
             db = _setup(c, run.work, run.state)
             try:
                 context = _selection_context(model, tokenizer, run, total, log, quiet)
+                todo = [p for p in points if p.key not in run.state.done]
+                sequences = _repair_sequences(model, tokenizer, run, todo, context)
                 progress = SweepProgress(log, [(p.key, kind(p.heal)) for p in points], point_seconds(db),
                                          run.state.done, quiet=quiet, cost_phase=c.cost,
                                          cost_seconds=last_cost_seconds(db))
                 progress.begin()
-                todo = [p for p in points if p.key not in run.state.done]
-                failures = _run_points(model, tokenizer, run, db, todo, total, context, progress, cluster)
+                _say_agreement(c, points, db, progress.log)
+                failures = _run_points(model, tokenizer, run, db, todo, total, context, progress, cluster, sequences)
                 if c.cost and not failures:
                     cost_phase(model, c, db, points, total, context, progress)
             finally:
@@ -114,7 +118,7 @@ class _Checked:
     work: Path  # where the sweep is written: ``out``, or beside it for --force
     state: State
     calibrating: bool  # a criterion reads the calibration text itself
-    texts: list[str] | None  # the calibration text, unless the analysis is read back and no criterion needs it
+    texts: list[str] | None  # the calibration text, unless the analysis is read back and nothing else reads it
 
 
 def _check_before_work(c: SweepConfig, log, force: bool) -> _Checked:
@@ -127,7 +131,8 @@ def _check_before_work(c: SweepConfig, log, force: bool) -> _Checked:
     _check_inputs(c)
     state = read_state(c, work, force)
     calibrating = "calibration" in needs_of(c.criteria)
-    texts = None if state.distances and not calibrating else \
+    repairing = any(r != "none" for r in c.repair)
+    texts = None if state.distances and not calibrating and not repairing else \
         _readable("calibration data", c.data, load_calibration, _data_options(c))
     return _Checked(c, out, work, state, calibrating, texts)
 
@@ -151,6 +156,30 @@ def _selection_context(model, tokenizer, run: _Checked, total: int, log, quiet: 
                             options=criterion_options(run.c))
 
 
+def _repair_sequences(model, tokenizer, run: _Checked, todo: list[Point], context: SelectionContext):
+    """The calibration token ids the repaired points of ``todo`` fit on (None without any), every such cut
+    checked repairable first, before any point runs."""
+    repaired = [p for p in todo if p.repaired]
+    if not repaired:
+        return None
+    sequences = calibration_sequences(run.c, tokenizer, run.texts)
+    check_repairable(run.c, repaired, {p.key: select_point(p, context) for p in repaired}, model, sequences)
+    return sequences
+
+
+def _say_agreement(c: SweepConfig, points: list[Point], db, log) -> None:
+    """Say when agreement cannot be measured although a multiple-choice task is evaluated: no full model among
+    the points, or its row predates agreement."""
+    from ..evaluate.registry import EVAL_TASKS
+
+    if not any(p.n > 0 for p in points) or all(EVAL_TASKS.get(t).predictions is None for t in c.tasks):
+        return
+    if not any(p.n == 0 for p in points):
+        log("note: no agreement with the full model: the sweep has no n = 0 point (add 0 to its fractions or n)")
+    elif stored_predictions(db) is None and db.execute("SELECT 1 FROM points WHERE n = 0").fetchone():
+        log("note: no agreement for the points run now: the stored full-model point predates it (kept no choices)")
+
+
 def _analyse(model, tokenizer, c: SweepConfig, work: Path, texts: list[str], log, progress: bool = True
              ) -> AngularDistances:
     """Measure the distances and write ``analysis/`` whole (a kill leaves none, never half of one)."""
@@ -165,14 +194,14 @@ def _analyse(model, tokenizer, c: SweepConfig, work: Path, texts: list[str], log
 
 
 def _run_points(model, tokenizer, run: _Checked, db, todo: list[Point], total: int, context: SelectionContext,
-                progress: SweepProgress, cluster) -> list[tuple[str, str]]:
+                progress: SweepProgress, cluster, sequences) -> list[tuple[str, str]]:
     """Run the points not yet finished, one after the other or on the Ray ``cluster``; returns the (key, error)
     of the points that failed (on Ray only: a serial point that raises stops the sweep)."""
     retried = [key for key in read_failed(db) if key in {p.key for p in todo}]
     if retried:
         progress.log(f"retrying {len(retried)} point(s) that failed before: {', '.join(retried)}")
     if cluster is None:
-        serial.run_points(model, tokenizer, run.c, run.work, db, todo, total, context, progress)
+        serial.run_points(model, tokenizer, run.c, run.work, db, todo, total, context, progress, sequences)
         return []
     with offloaded(model, run.c.device):  # the GPUs are the workers' while the points run
         return ray_executor.run_points(cluster, run.c, run.work, db, todo, total, context, progress)

@@ -21,6 +21,7 @@ from ..errors import DepthpruneError
 from ..evaluate.registry import EVAL_TASKS, EvalOptions, eval_options_class
 from ..model.load import EMBEDDED_MODELS, resolve_model_source
 from ..options import check_ranges, coerce, convert, fields_with
+from ..repair import repair_choices, repair_options_class
 from ..select import CRITERIA, criterion_options_class
 from .config import SweepConfig, heal_choices, sweep_config_class
 
@@ -125,6 +126,24 @@ def _check_points(c: SweepConfig) -> None:
         raise DepthpruneError(f"sweep setting 'n' must hold 0 or more layers, got {min(c.n)}")
     if not (c.n if c.n is not None else c.fractions):
         raise DepthpruneError("the sweep has no points: give fractions (e.g. 0:0.5:0.1) or n (e.g. 0,2,4)")
+    _check_repairs(c)
+
+
+def _check_repairs(c: SweepConfig) -> None:
+    """Known repairs, and criteria that can have them: a repair folds one map after one removed block."""
+    repairs = repair_choices()
+    wrong = [r for r in c.repair if r not in repairs]
+    if wrong:
+        raise DepthpruneError(f"unknown repair '{wrong[0]}': choose from {', '.join(repairs)}")
+    if not c.repair:
+        raise DepthpruneError(f"the sweep needs at least one repair (none: cut without): choose from {', '.join(repairs)}")
+    repaired = [r for r in c.repair if r != "none"]
+    apart = [name for name in c.criteria if not CRITERIA.get(name).contiguous]
+    if repaired and apart:
+        blocks = ", ".join(name for name in CRITERIA.names() if CRITERIA.get(name).contiguous)
+        raise DepthpruneError(f"repair '{repaired[0]}' needs one contiguous block of layers, and criterion '{apart[0]}' "
+                              f"may remove layers apart: sweep repairs with criteria that remove a block ({blocks}), "
+                              "or the others in a sweep without repair")
 
 
 def _check_tasks(c: SweepConfig) -> None:
@@ -227,6 +246,11 @@ def eval_options(c: SweepConfig) -> EvalOptions:
 def criterion_options(c: SweepConfig):
     """The criteria's options (every registered criterion's, one flat object) as this sweep sets them."""
     return _stage(criterion_options_class(), c)
+
+
+def repair_settings(c: SweepConfig):
+    """The repairs' options (every registered repair's, one flat object) as this sweep sets them."""
+    return _stage(repair_options_class(), c)
 
 
 def _cost_options(c: SweepConfig) -> CostOptions:

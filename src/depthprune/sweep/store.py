@@ -1,6 +1,6 @@
 """The sweep's results store: one SQLite row per finished point, written in a transaction.
 
-A point is (block size n, selection criterion, healing). Its row holds the settings it ran with and every figure
+A point is (block size n, selection criterion, repair, healing). Its row holds the settings it ran with and every figure
 it produced, as JSON, so a rerun of the same sweep can skip it and a report can be drawn from the table.
 
 The ``failed`` table holds the points whose run raised or whose worker died (a Ray sweep records them and
@@ -14,7 +14,11 @@ record into the points of that layer count, every time a sweep finishes.
 
 Older tables are read as they are and brought up to date, in one transaction, when a sweep opens them to
 write: before issue 9 the criterion column was called 'strategy'; before issue 18 the n = 0 point's criterion
-was 'full' (key 'n=0/full/none'), the name of a healing method too, and is now 'unpruned'.
+was 'full' (key 'n=0/full/none'), the name of a healing method too, and is now 'unpruned'; before issue 19
+the points had no 'repair' column (every point was cut without one): it is added, 'none' for the rows there.
+A point cut without a repair keeps the key it always had ('n=2/similarity/lora'); a repaired one names its
+repair after the criterion ('n=2/similarity+linear/lora'). The ``failed`` table has no repair column: its
+keys name the repair.
 """
 
 from __future__ import annotations
@@ -41,13 +45,17 @@ CREATE TABLE IF NOT EXISTS points (
     distance REAL,             -- angular distance of the removed block
     metrics TEXT NOT NULL,     -- JSON: flat name -> number
     details TEXT NOT NULL,     -- JSON: full evaluation, cost and healing records
-    finished TEXT NOT NULL
+    finished TEXT NOT NULL,
+    repair TEXT NOT NULL DEFAULT 'none'  -- 'none', or the repair of the cut: 'linear', 'linear-cosine', ...
 )
 """
 
-
-COLUMNS = ("key", "n", "fraction", "criterion", "heal", "removed_layers", "distance", "metrics", "details", "finished")
-LEGACY_COLUMNS = tuple("strategy" if c == "criterion" else c for c in COLUMNS)  # before issue 9
+# Last, so that a table from before issue 19 gains it by ALTER TABLE ... ADD COLUMN and has today's columns.
+COLUMNS = ("key", "n", "fraction", "criterion", "heal", "removed_layers", "distance", "metrics", "details", "finished",
+           "repair")
+UNREPAIRED_COLUMNS = COLUMNS[:-1]  # before issue 19
+LEGACY_COLUMNS = tuple("strategy" if c == "criterion" else c for c in UNREPAIRED_COLUMNS)  # before issue 9
+NO_REPAIR = "none"
 UNPRUNED = "unpruned"  # the criterion of the n = 0 point: nothing removed
 LEGACY_UNPRUNED = "full"  # its name before issue 18
 _COST_SCHEMA = """
@@ -72,8 +80,10 @@ CREATE TABLE IF NOT EXISTS failed (
 """
 
 
-def point_key(n: int, criterion: str, heal: str) -> str:
-    return f"n={n}/{criterion}/{heal}"
+def point_key(n: int, criterion: str, heal: str, repair: str = NO_REPAIR) -> str:
+    """'n=2/similarity/lora', or with a repair 'n=2/similarity+linear/lora' (unrepaired keys as before issue 19)."""
+    cut = criterion if repair == NO_REPAIR else f"{criterion}+{repair}"
+    return f"n={n}/{cut}/{heal}"
 
 
 def current_key(key: str) -> str:
@@ -106,14 +116,18 @@ def _open_existing(path: Path) -> sqlite3.Connection:
     if check != "ok":
         db.close()
         raise _damaged(path, check)
-    if columns and columns not in (COLUMNS, LEGACY_COLUMNS):
+    if columns and columns not in (COLUMNS, UNREPAIRED_COLUMNS, LEGACY_COLUMNS):
         db.close()
         raise _damaged(path, f"its points table has the columns {', '.join(columns)}")
     return db
 
 
+def _columns(db: sqlite3.Connection) -> tuple[str, ...]:
+    return tuple(row[1] for row in db.execute("PRAGMA table_info(points)"))
+
+
 def _is_legacy(db: sqlite3.Connection) -> bool:
-    return tuple(row[1] for row in db.execute("PRAGMA table_info(points)")) == LEGACY_COLUMNS
+    return _columns(db) == LEGACY_COLUMNS
 
 
 def _holds_legacy_unpruned(db: sqlite3.Connection) -> bool:
@@ -124,13 +138,16 @@ def _holds_legacy_unpruned(db: sqlite3.Connection) -> bool:
 
 def _migrate(db: sqlite3.Connection) -> None:
     """Bring an older table up to date in one transaction (it is either old or new): rename the 'strategy'
-    column 'criterion', and the n = 0 point's criterion 'full' 'unpruned' (in its key too, and in ``failed``)."""
-    if not _has_table(db) or not (_is_legacy(db) or _holds_legacy_unpruned(db)):
+    column 'criterion', the n = 0 point's criterion 'full' 'unpruned' (in its key too, and in ``failed``), and
+    add the 'repair' column ('none': rows from before issue 19 were cut without a repair)."""
+    if not _has_table(db) or not (_is_legacy(db) or _holds_legacy_unpruned(db) or "repair" not in _columns(db)):
         return
     db.execute("BEGIN IMMEDIATE")
     try:
         if _is_legacy(db):
             db.execute("ALTER TABLE points RENAME COLUMN strategy TO criterion")
+        if "repair" not in _columns(db):
+            db.execute(f"ALTER TABLE points ADD COLUMN repair TEXT NOT NULL DEFAULT '{NO_REPAIR}'")
         legacy, prefix = point_key(0, LEGACY_UNPRUNED, ""), point_key(0, UNPRUNED, "")
         for t in [t for t in ("points", "failed") if _has_table(db, t)]:
             # OR IGNORE, then DELETE: where an older version wrote 'full' again beside 'unpruned', today's row stays
@@ -176,21 +193,23 @@ def finished_keys(db: sqlite3.Connection) -> set[str]:
 
 
 def save_point(db: sqlite3.Connection, *, n: int, fraction: float, criterion: str, heal: str, removed_layers,
-               distance: float | None, metrics: dict, details: dict) -> None:
+               distance: float | None, metrics: dict, details: dict, repair: str = NO_REPAIR) -> None:
     """Insert one finished point atomically (a crash leaves either the whole row or none); a failure recorded
     for it before is dropped in the same transaction."""
+    key = point_key(n, criterion, heal, repair)
     with db:
-        db.execute("DELETE FROM failed WHERE key = ?", (point_key(n, criterion, heal),))
+        db.execute("DELETE FROM failed WHERE key = ?", (key,))
         db.execute(
-            "INSERT OR REPLACE INTO points VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (point_key(n, criterion, heal), n, fraction, criterion, heal, json.dumps(list(removed_layers)), distance,
-             json.dumps(metrics), json.dumps(details), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
+            f"INSERT OR REPLACE INTO points ({', '.join(COLUMNS)}) VALUES ({','.join('?' * len(COLUMNS))})",
+            (key, n, fraction, criterion, heal, json.dumps(list(removed_layers)), distance, json.dumps(metrics),
+             json.dumps(details), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), repair),
         )
 
 
-def save_failure(db: sqlite3.Connection, *, n: int, criterion: str, heal: str, error: str) -> None:
+def save_failure(db: sqlite3.Connection, *, n: int, criterion: str, heal: str, error: str,
+                 repair: str = NO_REPAIR) -> None:
     """Record that a point failed (one transaction), counting the attempts; its finished row, if any, stays."""
-    key = point_key(n, criterion, heal)
+    key = point_key(n, criterion, heal, repair)
     line = " ".join(str(error).split()) or "failed"
     with db:
         row = db.execute("SELECT attempts FROM failed WHERE key = ?", (key,)).fetchone()
@@ -237,9 +256,12 @@ def point_seconds(db: sqlite3.Connection) -> dict[str, float]:
 def _points_of(db: sqlite3.Connection, path: Path) -> list[dict]:
     db.row_factory = sqlite3.Row
     try:
-        column = "strategy AS criterion" if _has_table(db) and _is_legacy(db) else "criterion"
-        query = f"SELECT {', '.join(column if c == 'criterion' else c for c in COLUMNS)} FROM points"
-        rows = db.execute(query + " ORDER BY n, criterion, heal").fetchall() if _has_table(db) else []
+        present = _columns(db) if _has_table(db) else ()
+        # An older table, only read: its columns under today's names
+        spelled = {"criterion": "strategy AS criterion" if "strategy" in present else "criterion",
+                   "repair": "repair" if "repair" in present else f"'{NO_REPAIR}' AS repair"}
+        query = f"SELECT {', '.join(spelled.get(c, c) for c in COLUMNS)} FROM points"
+        rows = db.execute(query + " ORDER BY n, criterion, repair, heal").fetchall() if present else []
     finally:
         db.row_factory = None
     try:
@@ -258,7 +280,8 @@ def read_points(db: sqlite3.Connection) -> list[dict]:
 
 
 def load_points(directory: str | Path) -> list[dict]:
-    """All finished points of a sweep directory, sorted by n, criterion, healing (an old table is only read)."""
+    """All finished points of a sweep directory, sorted by n, criterion, repair, healing (an old table is only
+    read)."""
     path = Path(directory) / DB_NAME
     if not path.is_file():
         raise DepthpruneError(f"no {DB_NAME} in '{directory}': is it the --out of a `depthprune sweep`?")
@@ -309,14 +332,29 @@ def load_cost(directory: str | Path) -> dict[int, dict]:
 FIXED_COLUMNS = ["n", "fraction", "criterion", "heal", "removed_layers", "distance"]
 
 
+def is_repaired(points: list[dict]) -> bool:
+    """Whether any point was repaired (points of older stores or made by hand may have no 'repair')."""
+    return any(p.get("repair", NO_REPAIR) != NO_REPAIR for p in points)
+
+
+def fixed_columns(points: list[dict]) -> list[str]:
+    """The fixed columns of a table of ``points``: 'repair' after the criterion only where a point was repaired,
+    so the tables of sweeps without a repair stay as they were."""
+    if not is_repaired(points):
+        return list(FIXED_COLUMNS)
+    at = FIXED_COLUMNS.index("criterion") + 1
+    return [*FIXED_COLUMNS[:at], "repair", *FIXED_COLUMNS[at:]]
+
+
 def table(points: list[dict]) -> tuple[list[str], list[list]]:
     """Header and rows: the fixed columns, then every metric any point has, in first-seen order."""
     metric_names: list[str] = []
     for p in points:
         metric_names += [k for k in p["metrics"] if k not in metric_names]
-    rows = [[p[c] if c != "removed_layers" else ",".join(map(str, p[c])) for c in FIXED_COLUMNS]
-            + [p["metrics"].get(k) for k in metric_names] for p in points]
-    return FIXED_COLUMNS + metric_names, rows
+    fixed = fixed_columns(points)
+    rows = [[",".join(map(str, p[c])) if c == "removed_layers" else p.get(c, NO_REPAIR) if c == "repair" else p[c]
+             for c in fixed] + [p["metrics"].get(k) for k in metric_names] for p in points]
+    return fixed + metric_names, rows
 
 
 def to_csv(points: list[dict]) -> str:

@@ -38,9 +38,9 @@ from pathlib import Path
 
 from ...errors import DepthpruneError
 from ..plan import Point
-from ..point import record_point, run_point, select_point
+from ..point import record_point, run_point, select_point, stored_predictions
 from ..progress import SweepProgress, duration, library_bars_off
-from ..store import save_failure
+from ..store import UNPRUNED, save_failure
 
 CONNECT_TIMEOUT_S = 10.0
 CANCEL_WAIT_S = 15.0  # how long a stopping driver waits for its cancelled tasks to end
@@ -161,14 +161,25 @@ def task_resources(c, point: Point) -> dict:
 def run_points(cluster: Cluster, c, work: Path, db, todo: list[Point], total: int, context,
                progress: SweepProgress) -> list[tuple[str, str]]:
     """Run ``todo`` as Ray tasks and save each row as it arrives; returns the (key, error) of the failed ones,
-    each also recorded in the ``failed`` table."""
+    each also recorded in the ``failed`` table. The full model's point runs first, alone: the others are
+    compared with its choices (agreement)."""
+    first = [p for p in todo if p.criterion == UNPRUNED]
+    failures = _run_wave(cluster, c, work, db, first, total, context, progress, None) if first else []
+    rest = [p for p in todo if p.criterion != UNPRUNED]
+    return failures + _run_wave(cluster, c, work, db, rest, total, context, progress, stored_predictions(db))
+
+
+def _run_wave(cluster: Cluster, c, work: Path, db, todo: list[Point], total: int, context,
+              progress: SweepProgress, reference) -> list[tuple[str, str]]:
+    """Send ``todo`` at once and save each row as it arrives (see :func:`run_points`)."""
     ray = cluster.ray
     task = ray.remote(_point_task)
     pending = {}
     for point in todo:
         options = {**task_resources(c, point), "max_retries": 0, "retry_exceptions": False,
                    "name": f"depthprune {point.key}"}
-        pending[task.options(**options).remote(c, str(work), point, select_point(point, context), total)] = point
+        pending[task.options(**options).remote(c, str(work), point, select_point(point, context), total,
+                                               reference)] = point
     progress.parallel = cluster.slots(c)
     progress.say(f"{len(todo)} points sent to {cluster.describe()}, each task {c.ray_cpus:g} CPU(s)"
                  + (f", {c.ray_heal_gpus:g} GPU(s) healed / {c.ray_eval_gpus:g} unhealed" if c.device != "cpu" else ""))
@@ -182,7 +193,8 @@ def run_points(cluster: Cluster, c, work: Path, db, todo: list[Point], total: in
                 row = ray.get(ready[0])
             except Exception as exc:  # noqa: BLE001 - what a task raised, or its worker's death: the point failed
                 error = failure_line(exc)
-                save_failure(db, n=point.n, criterion=point.criterion, heal=point.heal, error=error)
+                save_failure(db, n=point.n, criterion=point.criterion, heal=point.heal, error=error,
+                             repair=point.repair)
                 failures.append((key, error))
                 progress.say(f"{key}: FAILED ({error}); recorded, the other points go on")
                 continue
@@ -231,6 +243,7 @@ def summary(failures: list[tuple[str, str]], points: int, out: Path) -> str:
 # ---------------------------------------------------------------------------------------- in the worker
 
 _LOADED: dict = {}  # (model, device, dtype) -> (model, tokenizer): a CPU worker loads its model once
+_CALIBRATION: dict = {}  # (model, data settings) -> the calibration token ids repaired points fit on
 
 
 def _worker_model(c):
@@ -241,6 +254,18 @@ def _worker_model(c):
         _LOADED.clear()
         _LOADED[key] = load_model(c.model, device=c.device, dtype=c.dtype)
     return _LOADED[key]
+
+
+def _worker_sequences(c, tokenizer) -> list[list[int]]:
+    """The sweep's calibration text as token ids, read in the worker (the same text the driver reads)."""
+    from ..cut import calibration_sequences
+    from ..settings import _data_options
+
+    key = (c.model, repr(_data_options(c)))
+    if key not in _CALIBRATION:
+        _CALIBRATION.clear()
+        _CALIBRATION[key] = calibration_sequences(c, tokenizer)
+    return _CALIBRATION[key]
 
 
 def _fault(key: str) -> None:
@@ -254,7 +279,7 @@ def _fault(key: str) -> None:
         os._exit(17)  # the worker process dies mid-task, as a killed or out-of-memory worker does
 
 
-def _point_task(c, work: str, point: Point, selection, total: int) -> dict:
+def _point_task(c, work: str, point: Point, selection, total: int, reference=None) -> dict:
     """One point in a Ray worker: load (or reuse) the model, run the point, return its row."""
     key = point.key
     _fault(key)
@@ -269,4 +294,5 @@ def _point_task(c, work: str, point: Point, selection, total: int) -> dict:
         progress.prefix = f"{key}: "
         progress.say(f"started on {socket.gethostname()} (pid {os.getpid()}, model ready after "
                      f"{duration(time.perf_counter() - start)})")
-        return run_point(model, tokenizer, c, Path(work), point, selection, total, progress)
+        sequences = _worker_sequences(c, tokenizer) if point.repaired else None
+        return run_point(model, tokenizer, c, Path(work), point, selection, total, progress, sequences, reference)

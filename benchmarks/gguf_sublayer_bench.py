@@ -1,0 +1,167 @@
+"""llama.cpp cost of attention sub-layer cuts vs whole-layer cuts of SmolLM2-135M, side by side, in one run.
+
+Cuts of the embedded 4-bit GGUF (same bytes, same quantization): attention sub-layers through
+``depthprune.gguf.sublayers.cut_sublayers_gguf`` (a llama.cpp ``deci`` file), whole layers through
+``depthprune.gguf.surgery.cut_gguf``. An attention sub-layer of SmolLM2 holds a quarter of a layer's
+parameters (Q, K, V, O: 2·576² + 2·576·192 = 0.88 M of 3.54 M), so 8 attention sub-layers weigh what 2 whole
+layers weigh, and 16 what 4 weigh: the table pairs them at equal parameters removed.
+
+Every speed measurement runs in its own process pinned to one CPU (``sched_setaffinity``) with one llama.cpp
+thread and OMP_NUM_THREADS=1; the repeats are interleaved over the cuts so the shared machine's load drifts
+over all of them alike; medians. KV-cache sizes are what llama.cpp allocates (its load log) for
+``--ctx`` cells, without and with flash attention (without it llama.cpp pads the V cache of layers without
+attention to the widest layer), and what it stores per token of a sequence (state size growth).
+
+    OMP_NUM_THREADS=1 python benchmarks/gguf_sublayer_bench.py --out runs/gguf-sublayer
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("DEPTHPRUNE_DATA", REPO.parent / "shared" / "data"))
+C4 = DATA / "c4" / "validation.jsonl"
+
+# name -> (what goes, layers): the attention cuts and whole-layer cuts of equal parameter counts.
+CUTS = {
+    "original": (None, []),
+    "attention 10-17 (8)": ("attention", list(range(10, 18))),
+    "layers 20-21 (2)": ("layers", [20, 21]),
+    "attention 8-23 (16)": ("attention", list(range(8, 24))),
+    "layers 20-23 (4)": ("layers", list(range(20, 24))),
+}
+
+
+def worker(args) -> None:
+    """One timing in this process: prefill ``--prefill`` C4 tokens, then decode ``--decode`` one at a time."""
+    from depthprune.gguf.runtime import c4_token_stream, load_llama
+
+    os.sched_setaffinity(0, {args.cpu})
+    llm = load_llama(args.worker, n_ctx=args.prefill + args.decode + 16, threads=1, logits_all=False,
+                     flash_attn=bool(args.flash_attn))
+    tokens = c4_token_stream(llm, C4, args.prefill + args.decode)
+    llm.eval(tokens[:8])  # touch the weights once: page faults are not the model's speed
+    llm.reset()
+    wall, cpu = time.perf_counter(), time.process_time()
+    llm.eval(tokens[: args.prefill])
+    prefill = (time.perf_counter() - wall, time.process_time() - cpu)
+    wall, cpu = time.perf_counter(), time.process_time()
+    for token in tokens[args.prefill :]:
+        llm.eval([token])
+    decode = (time.perf_counter() - wall, time.process_time() - cpu)
+    print(json.dumps({"prefill_wall": args.prefill / prefill[0], "prefill_cpu": args.prefill / prefill[1],
+                      "decode_wall": args.decode / decode[0], "decode_cpu": args.decode / decode[1]}))
+
+
+def timed(path: Path, flash_attn: bool, args) -> dict:
+    command = [sys.executable, __file__, "--worker", str(path), "--flash-attn", str(int(flash_attn)),
+               "--prefill", str(args.prefill), "--decode", str(args.decode), "--cpu", str(args.cpu)]
+    result = subprocess.run(command, stdout=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"timing worker failed on {path}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def make_cuts(out: Path) -> dict[str, dict]:
+    """Write every cut (the original is used in place); name -> {"path", "parameters", "bytes"}."""
+    from depthprune.gguf.sublayers import cut_sublayers_gguf
+    from depthprune.gguf.surgery import cut_gguf, open_gguf
+    from depthprune.model.load import resolve_model_source
+
+    source = Path(resolve_model_source("smollm2-135m").location)
+    reader = open_gguf(source)
+    cuts = {}
+    for name, (kind, layers) in CUTS.items():
+        path = out / (name.split(" (")[0].replace(" ", "-") + ".gguf")
+        if kind == "attention":
+            record = cut_sublayers_gguf(source, path, layers, reader=reader)
+        elif kind == "layers":
+            record = cut_gguf(source, layers, path, reader=reader)
+        else:
+            path, record = source, {"parameters_after": sum(int(t.n_elements) for t in reader.tensors)}
+        cuts[name] = {"path": path, "parameters": record["parameters_after"], "bytes": path.stat().st_size}
+    return cuts
+
+
+def memory_and_loss(cut: dict, args) -> None:
+    """KV-cache sizes and the C4 loss (``--loss-tokens`` tokens in 512-token pieces), added to ``cut``."""
+    from depthprune.gguf.runtime import (
+        c4_token_stream,
+        kv_bytes_per_token,
+        kv_cache_allocated,
+        load_llama,
+        mean_nll,
+        next_token_logits,
+    )
+
+    cut["kv_mib"] = kv_cache_allocated(cut["path"], n_ctx=args.ctx)["mib"]
+    cut["kv_mib_fa"] = kv_cache_allocated(cut["path"], n_ctx=args.ctx, flash_attn=True)["mib"]
+    llm = load_llama(cut["path"], n_ctx=512)
+    cut["kv_bytes_per_token"] = kv_bytes_per_token(llm)
+    stream = c4_token_stream(llm, C4, args.loss_tokens)
+    pieces = [stream[i : i + 512] for i in range(0, len(stream), 512)]
+    cut["c4_loss"] = statistics.fmean(mean_nll(next_token_logits(llm, piece), piece) for piece in pieces)
+
+
+def _ratio(cut: dict, base: dict, key: str, digits: int = 0) -> str:
+    return f"{cut[key]:.{digits}f} ({cut[key] / base[key]:.2f}×)"
+
+
+def table(cuts: dict[str, dict]) -> str:
+    """Side by side, with each figure's ratio to the original; speeds are CPU-time tokens/s (wall in results.json)."""
+    base = cuts["original"]
+    rows = ["| cut | params removed | file MiB | KV MiB (FA off / on) | KV B/token | prefill tok/s CPU (FA off / on) "
+            "| decode tok/s CPU (FA off / on) | C4 loss |", "|" + " --- |" * 8]
+    for name, cut in cuts.items():
+        ratio = functools.partial(_ratio, cut, base)
+        removed = (base["parameters"] - cut["parameters"]) / 1e6
+        rows.append(f"| {name} | {removed:.2f} M | {cut['bytes'] / 2**20:.1f} ({cut['bytes'] / base['bytes']:.2f}×) "
+                    f"| {ratio('kv_mib', 2)} / {ratio('kv_mib_fa', 2)} | {ratio('kv_bytes_per_token')} "
+                    f"| {ratio('prefill_cpu_0')} / {ratio('prefill_cpu_1')} "
+                    f"| {ratio('decode_cpu_0', 1)} / {ratio('decode_cpu_1', 1)} "
+                    f"| {cut['c4_loss']:.3f} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/gguf-sublayer"))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prefill", type=int, default=256)
+    parser.add_argument("--decode", type=int, default=64)
+    parser.add_argument("--ctx", type=int, default=2048, help="KV-cache cells whose allocation is reported")
+    parser.add_argument("--loss-tokens", type=int, default=1024)
+    parser.add_argument("--cpu", type=int, default=0, help="the CPU every timing process is pinned to")
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--flash-attn", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker is not None:
+        return worker(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    cuts = make_cuts(args.out)
+    for cut in cuts.values():
+        memory_and_loss(cut, args)
+    timings = {(name, fa): [] for name in cuts for fa in (0, 1)}
+    for _ in range(args.repeats):
+        for name, cut in cuts.items():
+            for fa in (0, 1):
+                timings[name, fa].append(timed(cut["path"], bool(fa), args))
+    for (name, fa), runs in timings.items():
+        for key in runs[0]:
+            cuts[name][f"{key}_{fa}"] = statistics.median(run[key] for run in runs)
+    print(table(cuts))
+    summary = {name: {k: (str(v) if isinstance(v, Path) else v) for k, v in cut.items()} for name, cut in cuts.items()}
+    (args.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
