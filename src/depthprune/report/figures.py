@@ -1,5 +1,5 @@
 """The report's figures, one PNG each: accuracy with Wilson intervals, C4 loss, agreement with the full model,
-the heatmap with every criterion's removed layers, the layers each criterion removes, the optimal block, and
+the % of the full model's accuracy retained, the heatmap with every criterion's removed layers, the layers each criterion removes, the optimal block, and
 measured cost.
 
 Criteria get colours and markers in registry order, so any number of them can be told apart; a repaired
@@ -35,6 +35,7 @@ from .stats import (
     task_record,
     task_title,
     wilson_interval,
+    with_retained,
 )
 
 COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive",
@@ -287,6 +288,24 @@ def plot_agreement(points: list[dict], path: str | Path) -> Path | None:
     fig.suptitle("Agreement with the full model vs layers removed\ndotted: the full model itself; bars: Wilson 95 % "
                  "intervals", fontsize=10)
     fig.tight_layout(rect=(0, legend, 1, 1))
+    return save_png(fig, path)
+
+
+def plot_retained(points: list[dict], path: str | Path) -> Path | None:
+    """% of the full model retained (the mean over the accuracy tasks of point / full-model accuracy) against
+    the fraction removed, one line per (cut, healing); the full model retains 100 % (dotted)."""
+    shared = with_retained(points)
+    if not any(p["n"] > 0 and "retained" in p["metrics"] for p in shared):
+        return None
+    fig = new_figure(6.4, 4.4)
+    ax = fig.subplots()
+    ax.axhline(100, color="black", linestyle=":", linewidth=1)
+    _draw_curves(ax, shared, "retained", scale=100)
+    ax.set_ylabel("% of the full model retained")
+    titles = ", ".join(task_title(t) for t in accuracy_tasks(points))
+    ax.set_title(f"Mean of accuracy / full model's accuracy over {titles}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
     return save_png(fig, path)
 
 

@@ -22,9 +22,11 @@ from .figures import (
     plot_c4_loss,
     plot_cost,
     plot_heatmap,
+    plot_retained,
     plot_selections,
 )
 from .stats import (
+    RETAINED_DEFINITION,
     accuracy_tasks,
     collapse_definition,
     collapse_points,
@@ -32,6 +34,7 @@ from .stats import (
     cut_name,
     overlap,
     reference,
+    retained,
     sample_size,
     selections,
     task_title,
@@ -185,6 +188,7 @@ def _draw_figures(points: list[dict], distances: AngularDistances | None, folder
          "Agreement with the full model vs fraction of layers removed: the share of each multiple-choice task's "
          "questions where the cut model picks the answer the full model (n = 0) picks, right or wrong. Bars: Wilson "
          "95 % intervals."),
+        (plot_retained(points, folder / "retained.png"), RETAINED_DEFINITION),
         (plot_heatmap(distances, folder / "heatmap.png", selections=selections(points)) if distances else None,
          "Angular distance d(x^(l), x^(l+n)) for every block; white dots: the optimal first layer l*(n); coloured "
          "markers on row n: every layer each criterion removes at that n (non-contiguous cuts included)"),
@@ -201,9 +205,12 @@ def _draw_figures(points: list[dict], distances: AngularDistances | None, folder
 
 def _summary(points: list[dict], sigmas: float, verdicts: list[dict], fits: dict, sizes: dict) -> dict:
     """summary.json: the collapse verdicts and their rule, the cost fits, the layers each criterion removes
-    and the criteria's overlap (n as text: JSON keys)."""
+    and the criteria's overlap (n as text: JSON keys), the % of the full model each point retains (by key)."""
+    full, tasks = reference(points), accuracy_tasks(points)
+    shares = {p["key"]: retained(p, full, tasks) for p in points}
     return {"sigmas": sigmas, "collapse_definition": collapse_definition(sigmas), "sample_sizes": sizes,
-            "collapse": verdicts, "cost_fits": fits,
+            "collapse": verdicts, "cost_fits": fits, "retained_definition": RETAINED_DEFINITION,
+            "retained_percent": {key: round(100 * share, 2) for key, share in shares.items() if share is not None},
             "selections": {c: {str(n): ls for n, ls in by_n.items()} for c, by_n in selections(points).items()},
             "overlap_jaccard": [{"criteria": p["criteria"], "by_n": {str(n): v for n, v in p["by_n"].items()}}
                                 for p in overlap(points)]}
@@ -240,6 +247,8 @@ def _results_html(points: list[dict], csv_text: str) -> list[str]:
     return [
         "<h2>Results</h2>",
         f"<p>Speed-ups are the full model's time per token over the cut model's ({speed_note}). "
+        f"{html.escape(RETAINED_DEFINITION)} Wall and CPU seconds (process CPU time, every thread) cover a point's "
+        "cut, repair, healing and evaluation. "
         f"Every column: <a href='results.csv'>results.csv</a> beside this file, or "
         f"<a download='results.csv' href='{csv_uri}'>the copy embedded in this page</a>.</p>",
         f"<div class='scroll'>{_html_table(*main_table(points), table_id='main-table')}</div>",

@@ -167,6 +167,33 @@ def curves(points: list[dict], metric: str) -> dict[tuple[str, str], list[dict]]
     return dict(sorted(found.items()))
 
 
+RETAINED_DEFINITION = ("% of the full model retained: the mean, over the accuracy tasks, of the point's headline "
+                       "accuracy divided by the full model's (n = 0) on the same task, × 100, as ReplaceMe and "
+                       "LLM-Streamline average it; every accuracy task counts, an uninformative one too.")
+
+
+def retained(point: dict, full: dict | None, tasks: dict[str, str]) -> float | None:
+    """The share of the full model's accuracy ``point`` keeps (1.0 = all of it): the mean over ``tasks`` (task
+    -> headline metric, :func:`accuracy_tasks`) of point accuracy / full-model accuracy, over the tasks both
+    measured (None: no such task, or no full model)."""
+    if full is None:
+        return None
+    ratios = [point["metrics"][m] / full["metrics"][m] for m in tasks.values()
+              if point["metrics"].get(m) is not None and full["metrics"].get(m)]
+    return sum(ratios) / len(ratios) if ratios else None
+
+
+def with_retained(points: list[dict]) -> list[dict]:
+    """Copies of ``points`` whose metrics add ``retained`` (:func:`retained`; the full model's is 1.0), so that
+    the curves and figures read it as any other metric."""
+    full, tasks = reference(points), accuracy_tasks(points)
+    copies = []
+    for p in points:
+        share = retained(p, full, tasks)
+        copies.append({**p, "metrics": {**p["metrics"], **({"retained": share} if share is not None else {})}})
+    return copies
+
+
 def metric_name(points: list[dict], task: str, metric: str) -> str:
     """'acc' or 'acc_norm'. Older stores keep HellaSwag's acc_norm under ``hellaswag_acc``; its record then
     holds the plain acc as ``accuracy_unnormalized``."""

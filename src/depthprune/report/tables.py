@@ -16,6 +16,7 @@ from .stats import (
     metric_name,
     overlap,
     reference,
+    retained,
     sample_size,
     selections,
     standard_error,
@@ -38,15 +39,20 @@ def _layers(removed: list[int]) -> str:
 def main_table(points: list[dict]) -> tuple[list[str], list[list[str]]]:
     """The columns people compare, formatted: fraction, layers, criterion, repair (in a sweep with one), healing,
     each task's headline accuracy ± SE (%), each multiple-choice task's agreement with the full model ± SE (%,
-    where measured), C4 loss (nats), speed-ups against the full model, weight memory (MiB)."""
+    where measured), the % of the full model retained (:data:`~depthprune.report.stats.RETAINED_DEFINITION`),
+    C4 loss (nats), speed-ups against the full model, weight memory (MiB), and the point's wall and CPU seconds
+    (where the store has them)."""
     tasks = accuracy_tasks(points)
     agreed = agreement_tasks(points)
     repaired = is_repaired(points)
     full = reference(points)
+    timed = [key for key in ("wall_s", "cpu_s") if any(p["metrics"].get(key) is not None for p in points)]
     header = ["removed", "layers (0-based)", "criterion", *["repair"] * repaired, "healing"]
     header += [f"{task_title(t)} {metric_name(points, t, m)} (%)" for t, m in tasks.items()]
     header += [f"{task_title(t)} agreement (%)" for t in agreed]
+    header += ["retained (%)"] * bool(full and tasks)
     header += ["C4 loss (nats)", "prefill speed-up", "decode speed-up", "weights (MiB)"]
+    header += [{"wall_s": "wall (s)", "cpu_s": "CPU (s)"}[key] for key in timed]
     rows = []
     for p in points:
         m = p["metrics"]
@@ -55,11 +61,15 @@ def main_table(points: list[dict]) -> tuple[list[str], list[list[str]]]:
         row += ["" if m.get(k) is None else accuracy_cell(m[k], sample_size(p, t)) for t, k in tasks.items()]
         row += ["" if m.get(f"{t}_agreement") is None else accuracy_cell(m[f"{t}_agreement"], agreement_size(p, t))
                 for t in agreed]
+        if full and tasks:
+            share = retained(p, full, tasks)
+            row.append("" if share is None else f"{100 * share:.1f}")
         row.append("" if m.get("c4_loss") is None else f"{m['c4_loss']:.2f}")
         for key in ("prefill_ms_per_token", "decode_ms_per_token"):
             base = full["metrics"].get(key) if full else None
             row.append(f"{base / m[key]:.2f}×" if base and m.get(key) else "")
         row.append("" if m.get("weight_bytes") is None else f"{m['weight_bytes'] / 2**20:,.1f}")
+        row += ["" if m.get(key) is None else f"{m[key]:,.0f}" for key in timed]
         rows.append(row)
     return header, rows
 

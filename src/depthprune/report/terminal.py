@@ -78,7 +78,7 @@ def _metric(key: str, digits: int, scale: float = 1.0) -> Callable[[dict], str]:
 def _columns(points: list[dict]) -> list[Column]:
     """The compared columns the store has, in the order shown: what the point is (its repair in a sweep with
     one), its distance, each task's headline accuracy, each multiple-choice task's agreement with the full
-    model, the C4 loss, the cost, and the healing's validation loss."""
+    model, the C4 loss, the cost, the healing's validation loss, and the point's wall and CPU seconds."""
     measured = {key for p in points for key, value in p["metrics"].items() if value is not None}
     tasks = [m for m in accuracy_tasks(points).values() if m in measured]
     agreed = [f"{t}_agreement" for t in agreement_tasks(points)]
@@ -100,7 +100,10 @@ def _columns(points: list[dict]) -> list[Column]:
                 ("prefill_ms_per_token", "prefill_ms_per_token", 2, 1.0, len(tasks) + 2),
                 ("decode_ms_per_token", "decode_ms_per_token", 2, 1.0, len(tasks) + 3),
                 ("weight_MiB", "weight_bytes", 1, 1 / 2**20, len(tasks) + 4),
-                ("heal_val_loss", "heal_val_loss", 3, 1.0, len(tasks) + 5)]
+                ("heal_val_loss", "heal_val_loss", 3, 1.0, len(tasks) + 5),
+                # after the distance, before the cost: what each repair and healing costs differs, the cost not
+                ("wall_s", "wall_s", 0, 1.0, len(tasks) + 1.2),
+                ("cpu_s", "cpu_s", 0, 1.0, len(tasks) + 1.3)]
     columns += [Column(header, _metric(key, digits, scale), rank=rank)
                 for header, key, digits, scale, rank in optional if key in measured]
     return columns

@@ -42,13 +42,16 @@ def run_point(model, tokenizer, c: SweepConfig, work: Path, point: Point, select
               reference: Predictions | None = None) -> dict:
     """Evaluate one point (cut, repair, heal, evaluate) and return its row, the keyword arguments of
     :func:`~depthprune.sweep.store.save_point` (with the seconds it took in ``details``); writes no row.
+    Its metrics hold ``wall_s`` and ``cpu_s``: the wall-clock and process CPU seconds (every thread; a Ray
+    worker's own process) of its cut, repair, healing and evaluation, the selection and the cost phase apart;
+    a healing resumed after a kill counts only the steps of this run.
 
     ``model`` comes back unchanged, so the next point can use it. Its cost metrics come later, from the cost
     phase. Runs in the sweep's process (serial) or in a Ray worker (:mod:`.executors.ray`), which returns
     the row to the driver. ``sequences``: the calibration token ids a repaired point fits its map on;
     ``reference``: the full model's choices (:func:`stored_predictions`), which add agreement to the metrics.
     """
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     layers = selection.layers if selection else ()
     progress.say(f"cut: removing layers {list(layers) if layers else 'none'}"
                  + (f", repaired by {point.repair}" if point.repaired else ""))
@@ -67,8 +70,9 @@ def run_point(model, tokenizer, c: SweepConfig, work: Path, point: Point, select
             del healed
             free_accelerator_cache()
     choices = _predictions_kept(evaluation) if unpruned else None
-    metrics = flatten_metrics(evaluation, None, healing)
     seconds = round(time.perf_counter() - start, 1)
+    metrics = {**flatten_metrics(evaluation, None, healing), "wall_s": seconds,
+               "cpu_s": round(time.process_time() - cpu_start, 1)}
     details = {"evaluation": evaluation, "cost": None, "healing": healing, "seconds": seconds}
     details.update({"repair": repair} if repair is not None else {})
     details.update({"predictions": choices} if choices else {})
