@@ -3,7 +3,8 @@
 The fast tests export conftest's tiny Llama (matrices rounded to float16, so the file holds exactly the
 model's weights) and check what the cut writes and computes in llama.cpp: exactly the source file with the
 removed sub-layers' output projections zeroed, and, within float16 noise, the transformers model with those
-sub-layers' outputs switched off by forward hooks. The slow test does the same on the embedded SmolLM2.
+sub-layers' outputs switched off by forward hooks; ``prune --granularity attention --format gguf`` writes the same
+file and refuses what it cannot write. The slow test does the same on the embedded SmolLM2.
 """
 
 from __future__ import annotations
@@ -305,3 +306,38 @@ def test_embedded_smollm2_attention_cut_matches_the_hooked_transformers_model(tm
     full_kv = kv_cache_allocated(source, n_ctx=1024, flash_attn=True)
     cut_kv = kv_cache_allocated(out, n_ctx=1024, flash_attn=True)
     assert cut_kv["mib"] == pytest.approx(full_kv["mib"] * 18 / 30, abs=0.01)
+
+
+# ------------------------------------------------------------------- through `depthprune prune --format gguf`
+
+
+@pytest.mark.parametrize("how, attention", [(["--layers", "1,3"], [1, 3]),
+                                            (["--n", "2", "--criterion", "deepest"], None)])
+def test_prune_writes_the_attention_cut_the_writer_makes(tiny, tmp_path, capsys, how, attention):
+    from badinput import run
+
+    from depthprune.select import SelectionContext, choose
+
+    if attention is None:  # the deepest attention sub-layers before the last layer, as the criterion says
+        attention = list(choose("deepest", 2, SelectionContext(TINY_LAYERS, granularity="attention")).layers)
+    code, out, err = run(capsys, "prune", tiny["source"], "--granularity", "attention", *how,
+                         "--out", tmp_path / "cut.gguf")
+    assert code == 0, err
+    cut_sublayers_gguf(tiny["source"], tmp_path / "direct.gguf", attention)
+    assert _tensors(tmp_path / "cut.gguf") == _tensors(tmp_path / "direct.gguf")
+    assert "removed the attention of layers" in out and "file size" in out
+
+
+@pytest.mark.parametrize("how, message", [
+    (["--granularity", "attention", "--layers", "0,2"], "--layers names layer 0, whose attention a GGUF file must keep"),
+    (["--granularity", "mlp", "--n", "1", "--criterion", "deepest"], "cannot remove the MLP of any layer alone"),
+    (["--granularity", "attention", "--n", "1", "--criterion", "deepest", "--repair", "linear"],
+     "does not apply to --granularity attention"),
+    (["--granularity", "attention", "--n", "1", "--criterion", "perplexity-oneshot"],
+     "cannot choose attention sub-layers"),
+])
+def test_prune_refuses_a_gguf_sublayer_cut_it_cannot_write(tiny, tmp_path, capsys, how, message):
+    from badinput import assert_clean_failure
+
+    assert_clean_failure(capsys, ["prune", tiny["source"], *how, "--out", tmp_path / "cut.gguf"], message,
+                         watch=[tmp_path, tiny["dir"]])

@@ -185,7 +185,7 @@ BAD = [
     (["--granularity", "attention", "--n", "2", "--criterion", "deepest", "--repair", "linear"],
      "does not apply to --granularity attention"),
     (["--granularity", "mlp", "--n", "2", "--criterion", "deepest", "--format", "gguf"],
-     "prune does not hand sub-layer cuts to the GGUF writer yet"),
+     "a GGUF output needs a .gguf file or an embedded alias"),
 ]
 
 

@@ -19,15 +19,14 @@ from .model.record import pruning_record
 from .model.sublayers import check_sublayer_cut, remove_sublayers, sites_of, sublayers_removed
 from .model.surgery import layers_removed, remove_layers, save_pruned
 from .outputs import atomic_output_dir, check_output_dir
+from .repair.request import check_repair_request, split_options
 from .select import (
-    CRITERIA,
     Selection,
     SelectionContext,
     block_size,
     check_cut_request,
     check_distances_serve,
     choose,
-    criterion_options,
     explicit_selection,
     parse_layers,
 )
@@ -134,36 +133,6 @@ def _check_cut(config, n: int | None, fraction: float | None, layers: str | None
         check_length(config, data.seq_len, "--seq-len")
 
 
-def _split_options(options: dict, repair: str | None):
-    """The criteria's options and the repairs' options among ``options`` (each checked, one-line errors)."""
-    from .repair import repair_options, repair_options_class
-
-    repair_names = {f.name for f in dataclasses.fields(repair_options_class())}
-    criterion_values = {k: v for k, v in options.items() if k not in repair_names}
-    repair_values = {k: v for k, v in options.items() if k in repair_names}
-    if repair_values and repair is None:
-        raise DepthpruneError(f"{', '.join(sorted(repair_values))}: a repair option without --repair")
-    return criterion_options(**criterion_values), repair_options(**repair_values)
-
-
-def _check_repair_request(repair: str | None, layers: str | None, criterion: str, data: DataOptions | None,
-                          granularity: str = "layer") -> None:
-    """What a repair needs that is known before anything loads: its name, calibration text, one block of layers."""
-    if repair is None:
-        return
-    from .repair import REPAIRS
-
-    REPAIRS.get(repair)
-    if granularity != "layer":
-        raise DepthpruneError(f"--repair fits a map across a removed block of whole layers and does not apply to "
-                              f"--granularity {granularity}: drop --repair, or cut whole layers")
-    if data is None:
-        raise DepthpruneError(f"--repair {repair} fits its map on calibration text: pass --data SRC")
-    if layers is None and not CRITERIA.get(criterion).contiguous:
-        raise DepthpruneError(f"--repair needs one contiguous block of layers, and criterion '{criterion}' may remove "
-                              "layers apart: choose one that removes a block (similarity, deepest, block-influence)")
-
-
 def _repaired(model, tokenizer, selection: Selection, repair: _RepairRequest, inplace: bool, progress: bool):
     """(the cut, repaired model, its ``repair`` record): the map fitted on the uncut model, then folded. A model
     the caller passed in is copied first unless ``inplace``: the repair changes a kept layer's weights."""
@@ -227,8 +196,8 @@ def prune(
     """
     needs = check_cut_request(n, fraction, layers, criterion, granularity)
     repair = None if repair in (None, "none") else repair
-    chosen_options, repair_settings = _split_options(options, repair)
-    _check_repair_request(repair, layers, criterion, data, granularity)
+    chosen_options, repair_settings = split_options(options, repair)
+    check_repair_request(repair, layers, criterion, data, granularity)
     analysis = check_measuring(batch_size, token_mode) if data is not None else None
     config = check_model(model, trust_remote_code)
     check_output_dir(out, force, _input_paths(model, distances, data.source if data else None))

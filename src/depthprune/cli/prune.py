@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import DepthpruneError
 from ..model.granularity import GRANULARITIES
 from ..options import add_options, given_options
 from ..repair import REPAIRS, repair_choices, repair_options_class
@@ -56,13 +55,10 @@ def run(args) -> None:
                   distances=args.distances, data=data_options(args), force=args.force, **analysis_kwargs(args),
                   **given_options(args, criterion_options_class()))
     if (args.format or ("gguf" if args.out.lower().endswith(".gguf") else "checkpoint")) == "gguf":
-        if args.granularity != "layer":
-            raise DepthpruneError(f"--format gguf --granularity {args.granularity}: prune does not hand sub-layer cuts "
-                                  "to the GGUF writer yet; write a checkpoint (--format checkpoint)")
         from ..gguf.prune import prune_gguf
 
-        record = prune_gguf(args.model, args.out, swa_pattern=args.swa_pattern, repair=args.repair, **common,
-                            **given_options(args, repair_options_class()))
+        record = prune_gguf(args.model, args.out, swa_pattern=args.swa_pattern, repair=args.repair,
+                            granularity=args.granularity, **common, **given_options(args, repair_options_class()))
     else:
         record = prune(args.model, args.out, repair=args.repair, granularity=args.granularity, **common,
                        **given_options(args, repair_options_class()), **memory_kwargs(args), **model_kwargs(args))

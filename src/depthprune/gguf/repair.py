@@ -21,7 +21,6 @@ that transforms it some other way is refused, not written wrongly.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any
 
@@ -29,7 +28,6 @@ import numpy as np
 
 from ..config import DataOptions
 from ..errors import DepthpruneError
-from ..select import CRITERIA
 from .surgery import ReplacedTensor
 
 # gguf-py writes this instead of a type it can only de-quantize (see the module text for why Q8_0).
@@ -37,31 +35,6 @@ FALLBACK_TYPE = "Q8_0"
 FALLBACK_UNBLOCKED = "F16"
 # Largest |W_gguf − W_transformers| accepted as "the same tensor": both de-quantize with gguf-py to float32.
 LAYOUT_TOLERANCE = 1e-6
-
-
-def split_options(options: dict, repair: str | None) -> tuple[Any, Any]:
-    """(the criteria's options, the repairs' options) among ``options``, each checked: one-line errors."""
-    from ..repair import repair_options, repair_options_class
-    from ..select import criterion_options
-
-    repair_names = {f.name for f in dataclasses.fields(repair_options_class())}
-    repair_values = {k: v for k, v in options.items() if k in repair_names}
-    if repair_values and repair is None:
-        raise DepthpruneError(f"{', '.join(sorted(repair_values))}: a repair option without --repair")
-    return criterion_options(**{k: v for k, v in options.items() if k not in repair_names}), \
-        repair_options(**repair_values)
-
-
-def check_repair_request(repair: str, layers: str | None, criterion: str, data: DataOptions | None) -> None:
-    """What a repair needs that is known before anything loads: a known method, calibration text, one block."""
-    from ..repair import REPAIRS
-
-    REPAIRS.get(repair)
-    if data is None:
-        raise DepthpruneError(f"--repair {repair} fits its map on calibration text: pass --data SRC")
-    if layers is None and not CRITERIA.get(criterion).contiguous:
-        raise DepthpruneError(f"--repair needs one contiguous block of layers, and criterion '{criterion}' may remove "
-                              "layers apart: choose one that removes a block (similarity, deepest, block-influence)")
 
 
 @functools.cache
