@@ -34,5 +34,6 @@ def check_repair_request(repair: str | None, layers: str | None, criterion: str,
     if data is None:
         raise DepthpruneError(f"--repair {repair} fits its map on calibration text: pass --data SRC")
     if layers is None and not CRITERIA.get(criterion).contiguous:
+        blocks = ", ".join(name for name in CRITERIA.names() if CRITERIA.get(name).contiguous)
         raise DepthpruneError(f"--repair needs one contiguous block of layers, and criterion '{criterion}' may remove "
-                              "layers apart: choose one that removes a block (similarity, deepest, block-influence)")
+                              f"layers apart: choose one that removes a block ({blocks}) or list one with --layers")
