@@ -1,12 +1,14 @@
-"""What a model costs to run, measured: parameters, weight memory, peak memory, prefill and decode speed.
+"""What a model costs to run, measured: parameters, weight memory, peak memory, KV cache, prefill and decode speed.
 
 Measured the same way for the full and every pruned model, so savings are shown, not assumed. The
 per-layer time comes from hooks around each decoder layer during the same prefill pass, which is what
 the ideal "fixed part + per-layer part" line is checked against.
 
-A model's cost depends only on its number of layers (which layers were removed, and whether it was
-healed, changes no shape), so a sweep times each distinct layer count of one loaded model, cut in memory,
-in :func:`interleaved_costs`: round after round over every count, so machine noise hits all alike, and
+A whole-layer cut's cost depends only on its number of layers, and a sub-layer cut's only on how many attention or
+MLP sub-layers it removes (which ones, and whether it was healed, changes no shape; the layers keep one
+hidden size), so a sweep times each distinct cut size of one loaded model, cut in memory as a loaded checkpoint
+of it is (removed layers gone; removed sub-layers replaced by stand-ins that compute nothing and hold no KV
+cache), in :func:`interleaved_costs`: round after round over every size, so machine noise hits all alike, and
 keeps the median and the spread of the rounds.
 """
 
@@ -15,7 +17,7 @@ from __future__ import annotations
 import resource
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from contextlib import contextmanager
 
 import numpy as np
@@ -23,12 +25,13 @@ import torch
 
 from ..model.capture import cache_argument
 from ..model.load import count_parameters, decoder_layout
+from ..model.sublayers import sublayers_removed
 from ..model.surgery import layers_removed
 
 # The numbers of a cost record that the results table, the report and a point's metrics carry.
 COST_METRICS = ("parameters", "weight_bytes", "peak_memory_bytes", "prefill_tokens_per_s", "decode_tokens_per_s",
                 "prefill_ms_per_token", "decode_ms_per_token", "layer_prefill_ms_per_token",
-                "layer_decode_ms_per_token", "layer_weight_bytes")
+                "layer_decode_ms_per_token", "layer_weight_bytes", "kv_bytes_per_token")
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -81,8 +84,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _prefill_and_decode(model, ids: torch.Tensor, decode_tokens: int, cache_name: str, clock) -> None:
-    """Prefill ``ids``, then decode greedily token by token with the KV cache; ``clock(phase)`` marks phases."""
+def cache_bytes(cache) -> int:
+    """Bytes of the keys and values a KV cache holds (a transformers ``Cache`` with ``layers``, or the legacy
+    tuple of (key, value) per layer); layers never filled count 0."""
+    tensors = []
+    if hasattr(cache, "layers"):
+        for layer in cache.layers:
+            tensors += [getattr(layer, name, None) for name in ("keys", "values")]
+    else:
+        tensors = [t for pair in cache for t in pair]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def _prefill_and_decode(model, ids: torch.Tensor, decode_tokens: int, cache_name: str, clock) -> int:
+    """Prefill ``ids``, then decode greedily token by token with the KV cache; ``clock(phase)`` marks phases.
+    Returns the bytes the cache holds at the end (measured after the clock stopped)."""
     clock("prefill")
     out = model(input_ids=ids, use_cache=True)
     cache, token = out[cache_name], out.logits[:, -1:].argmax(-1)
@@ -91,6 +107,7 @@ def _prefill_and_decode(model, ids: torch.Tensor, decode_tokens: int, cache_name
         out = model(input_ids=token, use_cache=True, **{cache_name: cache})
         cache, token = out[cache_name], out.logits[:, -1:].argmax(-1)
     clock("end")
+    return cache_bytes(cache)
 
 
 @torch.no_grad()
@@ -102,14 +119,15 @@ def measure_cost(model, prefill_len: int = 256, decode_tokens: int = 32, batch_s
     ``decode_tokens`` tokens one at a time with the KV cache. A second series of the same passes times
     every decoder layer with hooks (kept apart so the hooks do not slow the totals): one layer's cost is
     the mean over layers. Peak memory is the weights plus the rise in memory during the passes (CUDA
-    allocator on GPU, resident set on CPU).
+    allocator on GPU, resident set on CPU). ``kv_bytes_per_token``: the KV cache's bytes after the decode,
+    per token it holds (one sequence): what removed layers or removed attention save in it.
     """
     device = model.get_input_embeddings().weight.device
     layers = decoder_layout(model).layers
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (batch_size, prefill_len), generator=generator).to(device)
     cache_name = cache_argument(model)
-    state = {"phase": None, "start": 0.0, "layer_start": 0.0}
+    state = {"phase": None, "start": 0.0, "layer_start": 0.0, "cache_bytes": 0}
     totals: dict[str, float] = {}  # seconds per phase, of the whole model or of its layers
 
     def clock(phase: str) -> None:
@@ -131,7 +149,7 @@ def measure_cost(model, prefill_len: int = 256, decode_tokens: int = 32, batch_s
     def run_once() -> dict[str, float]:
         totals.clear()
         state["phase"] = None
-        _prefill_and_decode(model, ids, decode_tokens, cache_name, clock)
+        state["cache_bytes"] = _prefill_and_decode(model, ids, decode_tokens, cache_name, clock)
         return dict(totals)
 
     with _peak_memory(device) as memory:
@@ -158,6 +176,7 @@ def measure_cost(model, prefill_len: int = 256, decode_tokens: int = 32, batch_s
         "layer_prefill_ms_per_token": 1e3 * min(t["layers_prefill"] for t in hooked) / len(layers) / prefill_tokens,
         "layer_decode_ms_per_token": 1e3 * min(t["layers_decode"] for t in hooked) / len(layers) / decoded,
         "layer_weight_bytes": weight_bytes(layers) / len(layers),
+        "kv_bytes_per_token": state["cache_bytes"] / (batch_size * (prefill_len + decode_tokens)),
         "settings": {"prefill_len": prefill_len, "decode_tokens": decode_tokens, "batch_size": batch_size,
                      "repeats": repeats, "device": str(device), "dtype": str(model.dtype).removeprefix("torch.")},
     }
@@ -181,12 +200,12 @@ def round_order(sizes: Iterable[int], rounds: int) -> list[tuple[int, int]]:
 
 
 def summarize_rounds(samples: list[dict]) -> dict:
-    """One record from the rounds' records of one layer count: the median of every number in
+    """One record from the rounds' records of one cut size: the median of every number in
     :data:`COST_METRICS`, its spread over the rounds (``spread[key] = [min, max]``) and the values themselves."""
     first = samples[0]
     record = {key: value for key, value in first.items() if key not in COST_METRICS}
     values = {key: [s[key] for s in samples] for key in COST_METRICS}
-    record.update({key: float(np.median(v)) if key not in ("parameters", "weight_bytes") else v[0]
+    record.update({key: float(np.median(v)) if key not in ("parameters", "weight_bytes", "kv_bytes_per_token") else v[0]
                    for key, v in values.items()})
     record["spread"] = {key: [min(v), max(v)] for key, v in values.items()}
     record["rounds"] = len(samples)
@@ -195,19 +214,31 @@ def summarize_rounds(samples: list[dict]) -> dict:
     return record
 
 
+Removal = Iterable[int] | Mapping[str, Iterable[int]]  # the layers to remove, or {kind: layers} of sub-layers
+
+
+def removed(model, removal: Removal):
+    """``model`` cut in memory for a ``with`` block: the layers of ``removal`` gone, or, for a mapping
+    {'attention' / 'mlp': layers}, those sub-layers replaced by stand-ins that compute nothing."""
+    if isinstance(removal, Mapping):
+        return sublayers_removed(model, removal)
+    return layers_removed(model, removal)
+
+
 @torch.no_grad()
-def interleaved_costs(model, removals: dict[int, Iterable[int]], rounds: int = 3,
-                      on_measure: Callable[[int, int, int], None] | None = None, **options) -> dict[int, dict]:
-    """Time ``model`` with each block of ``removals`` (n -> the layers to remove) cut out in memory,
-    ``rounds`` times in :func:`round_order`; returns n -> :func:`summarize_rounds` of its rounds.
+def interleaved_costs(model, removals: dict[Hashable, Removal], rounds: int = 3,
+                      on_measure: Callable[[int, int, Hashable], None] | None = None, **options) -> dict[Hashable, dict]:
+    """Time ``model`` with each cut of ``removals`` (a sortable key, e.g. n, -> the layers to remove or
+    {kind: layers} of sub-layers) made in memory, ``rounds`` times in :func:`round_order`; returns key ->
+    :func:`summarize_rounds` of its rounds.
 
     ``options`` go to :func:`measure_cost` (each round's number is itself the best of its ``repeats``);
-    ``on_measure(index, round, n)`` is called before each timing, ``index`` counting from 0.
+    ``on_measure(index, round, key)`` is called before each timing, ``index`` counting from 0.
     """
     samples: dict[int, list[dict]] = {n: [] for n in removals}
     for index, (r, n) in enumerate(round_order(removals, rounds)):
         if on_measure is not None:
             on_measure(index, r, n)
-        with layers_removed(model, removals[n]) as cut:
+        with removed(model, removals[n]) as cut:
             samples[n].append(measure_cost(cut, **options))
     return {n: summarize_rounds(s) for n, s in sorted(samples.items())}

@@ -22,18 +22,23 @@ def timed_together(points: list[dict]) -> bool:
     return any("spread" in (p["details"].get("cost") or {}) for p in points)
 
 
-def cost_points(points: list[dict]) -> list[dict]:
+def cost_points(points: list[dict], sublayers: bool = False) -> list[dict]:
     """The points the cost figure and fits use: one per layer count timed in the cost phase (its cost is
-    the same for every point with that count, healed or not); in older sweeps, every unhealed point."""
-    measured = [p for p in points if p["metrics"].get("prefill_ms_per_token") is not None]
+    the same for every point with that count, healed or not); in older sweeps, every unhealed point. Cuts of
+    whole layers only (the line is per layer kept), unless ``sublayers``: then one per cut size (n, granularity)
+    of every granularity, as the cost table lists them."""
+    measured = [p for p in points if p["metrics"].get("prefill_ms_per_token") is not None
+                and (sublayers or (p.get("granularity") or "layer") == "layer" or p["n"] == 0)]
     if not timed_together(measured):
         # Unhealed models only, so a fit describes one condition: healed models are extra timings of the
         # same architectures, taken at other moments of the sweep.
         return [p for p in measured if p["heal"] == "none"]
-    by_count: dict[int, dict] = {}
-    for p in sorted(measured, key=lambda p: (p["n"], p["heal"] != "none", p["criterion"])):
-        by_count.setdefault(p["details"]["cost"]["num_layers"], p)
-    return list(by_count.values())
+    by_size: dict[tuple, dict] = {}
+    for p in sorted(measured, key=lambda p: (p.get("granularity") != "layer", p["n"], p["heal"] != "none",
+                                             p["criterion"])):
+        granularity = "layer" if p["n"] == 0 else p.get("granularity") or "layer"
+        by_size.setdefault((p["details"]["cost"]["num_layers"], granularity, p["n"] if granularity != "layer" else 0), p)
+    return list(by_size.values())
 
 
 def cost_timing(measured: list[dict]) -> dict:

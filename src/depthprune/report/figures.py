@@ -3,7 +3,11 @@ the % of the full model's accuracy retained, the heatmap with every criterion's 
 measured cost.
 
 Criteria get colours and markers in registry order, so any number of them can be told apart; a repaired
-cut keeps its criterion's colour, with its repair's own marker and a dash-dotted line when not healed.
+cut keeps its criterion's colour, with its repair's own marker and a dash-dotted line when not healed; a
+sub-layer cut keeps it too, with the letter of its kind as marker (A: attention, M: MLP) and a dotted line when
+not healed. The accuracy and loss figures come twice where the points know their parameters: against the
+fraction of layers removed and against the fraction of parameters removed (cuts of different granularity
+compare at equal parameters there).
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from .stats import (
     collapse_points,
     curve_label,
     curves,
+    cut_granularity,
     metric_name,
+    parameters_removed,
     reference,
     sample_size,
     selections,
@@ -42,6 +48,8 @@ COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:b
           "tab:cyan")
 MARKERS = ("o", "s", "D", "v", "^", "P", "X", "<", ">")
 REPAIR_MARKERS = ("X", "P", "h", "d")  # by the repair's place in its registry
+SUBLAYER_MARKERS = {"attention": "$A$", "mlp": "$M$"}  # a sub-layer cut's marker: the letter of its kind
+X_AXES = {"fraction": "fraction of layers removed", "parameters": "fraction of parameters removed"}
 
 
 def criterion_style(criterion: str) -> tuple[str, str]:
@@ -58,15 +66,20 @@ def criterion_style(criterion: str) -> tuple[str, str]:
 
 
 def curve_style(cut: str, heal: str) -> dict:
-    """How a curve is drawn: its criterion's colour (a shade of it when repaired); its criterion's marker, or
-    its repair's; dashed when not healed (dash-dotted when repaired), solid when healed; hollow markers when not
-    healed."""
+    """How a curve is drawn: its criterion's colour (a shade of it when repaired); its criterion's marker, its
+    repair's, or its sub-layer kind's letter; dashed when not healed (dash-dotted when repaired, dotted at a
+    sub-layer granularity), solid when healed; hollow markers when not healed."""
     from matplotlib.colors import to_rgb
 
     from ..repair import REPAIRS
 
     criterion, repair = split_cut(cut)
+    granularity = cut_granularity(cut)[1]
     color, marker = criterion_style(criterion)
+    if granularity != "layer":
+        line = "-" if heal != "none" else ":"
+        return {"color": color, "marker": SUBLAYER_MARKERS.get(granularity, "$S$"), "linestyle": line,
+                "markersize": 7}
     if repair != "none":
         names = REPAIRS.names()
         i = names.index(repair) if repair in names else len(names)
@@ -87,20 +100,25 @@ def plot_heatmap(distances: AngularDistances, path: str | Path, title: str | Non
 
     ``selections`` (criterion -> n -> removed layers): each criterion's removed layers are drawn on row n
     as its own markers, one per removed layer, so a non-contiguous cut shows every layer it removes (a
-    contiguous block ℓ..ℓ+n-1 is a run of markers starting at its ℓ)."""
+    contiguous block ℓ..ℓ+n-1 is a run of markers starting at its ℓ); a sub-layer cut ('similarity@attention')
+    marks each layer whose attention (A) or MLP (M) it removes, on the row of its count."""
     shown = {c: by_n for c, by_n in (selections or {}).items() if by_n}
     marked = []
-    for i, (criterion, by_n) in enumerate(shown.items()):
+    for i, (name, by_n) in enumerate(shown.items()):
+        criterion, granularity = cut_granularity(name)
         color, marker = criterion_style(criterion)
+        what = "removed layers" if granularity == "layer" else f"removed {granularity} of layers"
+        marker = marker if granularity == "layer" else SUBLAYER_MARKERS.get(granularity, "$S$")
         offset = (i - (len(shown) - 1) / 2) * min(0.12, 0.8 / max(1, len(shown)))  # side by side on one row
-        marked.append(Markers(f"{criterion}: removed layers", color, marker,
+        marked.append(Markers(f"{criterion}: {what}", color, marker,
                               layers=[layer for n in sorted(by_n) for layer in by_n[n]],
                               rows=[n + offset for n in sorted(by_n) for _ in by_n[n]]))
     return heatmap.plot_heatmap(distances, path, title, marked)
 
 
 def plot_selections(points: list[dict], path: str | Path, total_layers: int | None = None) -> Path | None:
-    """One panel per criterion: the layers it removes (columns) at each n of the sweep (rows)."""
+    """One panel per criterion (and per criterion at each sub-layer granularity): the layers it removes, or whose
+    attention / MLP it removes, lettered A / M (columns), at each n of the sweep (rows)."""
     chosen = selections(points)
     if not chosen:
         return None
@@ -110,7 +128,8 @@ def plot_selections(points: list[dict], path: str | Path, total_layers: int | No
     rows = (len(chosen) + cols - 1) // cols
     fig = new_figure(4.0 * cols, 0.45 * len(sizes) * rows + 1.3 * rows + 0.4)
     axes = list(fig.subplots(rows, cols, squeeze=False).flat)
-    for ax, (criterion, by_n) in zip(axes, chosen.items(), strict=False):
+    for ax, (name, by_n) in zip(axes, chosen.items(), strict=False):
+        criterion, granularity = cut_granularity(name)
         color, _ = criterion_style(criterion)
         grid = np.zeros((len(sizes), total))
         for r, n in enumerate(sizes):
@@ -124,12 +143,19 @@ def plot_selections(points: list[dict], path: str | Path, total_layers: int | No
         ax.set_xticks(np.arange(-0.5, total, 1), minor=True)
         ax.grid(which="minor", axis="x", color="white", linewidth=0.5)
         ax.tick_params(which="minor", length=0)
-        ax.set_title(criterion, fontsize=9, color=color)
+        if granularity != "layer":
+            letter = SUBLAYER_MARKERS.get(granularity, "$S$").strip("$")
+            for r, n in enumerate(sizes):
+                for layer in by_n.get(n, []):
+                    ax.text(layer, r, letter, ha="center", va="center", fontsize=6, color="white")
+        ax.set_title(criterion if granularity == "layer" else f"{criterion}, {granularity} sub-layers", fontsize=9,
+                     color=color)
         ax.set_xlabel("layer (0-based)", fontsize=8)
         ax.set_ylabel("n removed", fontsize=8)
     for ax in axes[len(chosen):]:
         ax.set_visible(False)
-    fig.suptitle("Layers each criterion removes (filled), per number of layers removed", fontsize=10)
+    fig.suptitle("Layers each criterion removes (filled; A / M: only their attention / MLP), per number removed",
+                 fontsize=10)
     fig.tight_layout()
     return save_png(fig, path)
 
@@ -156,23 +182,29 @@ def plot_best_block(distances: AngularDistances, path: str | Path) -> Path:
 
 
 def _draw_curves(ax, points: list[dict], metric: str, scale: float = 1.0, task: str | None = None,
-                 size=sample_size) -> None:
+                 size=sample_size, x: str = "fraction") -> None:
     """One line per (cut, healing), Wilson 95 % bars when ``task`` gives the sample sizes (``size(point,
     task)``), and the full model as a black star. Curves with bars are nudged sideways a little so the bars do
-    not hide each other."""
-    drawn = curves(points, metric)
+    not hide each other. ``x``: 'fraction' (of layers removed) or 'parameters' (fraction of parameters removed;
+    points that do not know it are left out)."""
+    full = reference(points)
+
+    def where(p: dict) -> float | None:
+        return p["fraction"] if x == "fraction" else parameters_removed(p, full)
+
+    drawn = {c: kept for c, curve in curves(points, metric).items() if (kept := [p for p in curve if where(p) is not None])}
     for i, ((cut, heal), curve) in enumerate(drawn.items()):
         nudge = (i - (len(drawn) - 1) / 2) * 0.008 if task is not None else 0.0
-        xs = [p["fraction"] + (nudge if p["n"] else 0) for p in curve]
+        xs = [where(p) + (nudge if p["n"] else 0) for p in curve]
         ys = np.array([p["metrics"][metric] for p in curve])
         bars = None
         if task is not None:  # no bar on the full model's point: its star carries it
             sizes = [size(p, task) if p["n"] else None for p in curve]
             intervals = [wilson_interval(y, n) if n else (y, y) for y, n in zip(ys, sizes, strict=True)]
             bars = np.abs(np.array(intervals).T - ys) * scale
-        ax.errorbar(xs, ys * scale, yerr=bars, markersize=4, capsize=2, elinewidth=0.8, linewidth=1.3,
-                    label=curve_label(cut, heal), **curve_style(cut, heal))
-    full = reference(points)
+        style = {"markersize": 4, **curve_style(cut, heal)}
+        ax.errorbar(xs, ys * scale, yerr=bars, capsize=2, elinewidth=0.8, linewidth=1.3, label=curve_label(cut, heal),
+                    **style)
     if full is not None and full["metrics"].get(metric) is not None:
         y = full["metrics"][metric]
         n = sample_size(full, task) if task else None
@@ -180,7 +212,13 @@ def _draw_curves(ax, points: list[dict], metric: str, scale: float = 1.0, task: 
         ax.errorbar([0], [y * scale], yerr=bar, color="black", marker="*", markersize=10, capsize=2, linestyle="none",
                     label="full model (reference)", zorder=5)
     ax.grid(alpha=0.3)
-    ax.set_xlabel("fraction of layers removed")
+    ax.set_xlabel(X_AXES[x])
+
+
+def knows_parameters(points: list[dict]) -> bool:
+    """Whether some cut of ``points`` knows the fraction of parameters it removes (the second x-axis)."""
+    full = reference(points)
+    return any(p["n"] > 0 and parameters_removed(p, full) is not None for p in points)
 
 
 def _panels(count: int, legend_entries: int):
@@ -197,9 +235,9 @@ def _panels(count: int, legend_entries: int):
     return fig, axes[:count], ncol, legend / (3.6 * rows + legend)
 
 
-def plot_accuracy(points: list[dict], path: str | Path, sigmas: float = 2.0) -> Path | None:
-    """Accuracy (%) against the fraction removed, one panel per task, with Wilson 95 % bars, the chance or
-    majority level and its noise band; uninformative tasks are labelled as such."""
+def plot_accuracy(points: list[dict], path: str | Path, sigmas: float = 2.0, x: str = "fraction") -> Path | None:
+    """Accuracy (%) against the fraction removed (``x``: of layers, or 'parameters'), one panel per task, with
+    Wilson 95 % bars, the chance or majority level and its noise band; uninformative tasks are labelled as such."""
     from matplotlib.patches import Patch
 
     tasks = accuracy_tasks(points)
@@ -217,7 +255,7 @@ def plot_accuracy(points: list[dict], path: str | Path, sigmas: float = 2.0) -> 
             if n:
                 noise = 100 * sigmas * standard_error(level, n)
                 ax.axhspan(100 * level - noise, 100 * level + noise, color="0.88", zorder=0, linewidth=0)
-        _draw_curves(ax, points, metric, scale=100, task=task)
+        _draw_curves(ax, points, metric, scale=100, task=task, x=x)
         ax.set_ylabel(f"{metric_name(points, task, metric)} (%)")
         title = f"{task_title(task)}: {n or '?'} questions"
         title += f", dotted: {kind} {100 * level:.1f} %" if level is not None else ""
@@ -230,19 +268,19 @@ def plot_accuracy(points: list[dict], path: str | Path, sigmas: float = 2.0) -> 
     handles.append(Patch(color="0.88"))
     labels.append(f"within {sigmas:g} SE of chance / majority (noise)")
     fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
-    fig.suptitle("Accuracy vs layers removed; bars: Wilson 95 % intervals", fontsize=10)
+    fig.suptitle(f"Accuracy vs {X_AXES[x].removeprefix('fraction of ')}; bars: Wilson 95 % intervals", fontsize=10)
     fig.tight_layout(rect=(0, legend, 1, 1))
     return save_png(fig, path)
 
 
-def plot_c4_loss(points: list[dict], path: str | Path) -> Path | None:
-    """C4 validation loss / ln(vocabulary size) against the fraction removed (the paper's normalisation),
-    with nats on the right axis."""
+def plot_c4_loss(points: list[dict], path: str | Path, x: str = "fraction") -> Path | None:
+    """C4 validation loss / ln(vocabulary size) against the fraction removed (``x``: of layers, or 'parameters';
+    the paper's normalisation), with nats on the right axis."""
     if not any("c4_loss_norm" in p["metrics"] for p in points):
         return None
     fig = new_figure(6.4, 4.4)
     ax = fig.subplots()
-    _draw_curves(ax, points, "c4_loss_norm")
+    _draw_curves(ax, points, "c4_loss_norm", x=x)
     ax.set_ylabel("C4 validation loss / ln(vocabulary size)")
     values = [p["metrics"]["c4_loss_norm"] for p in points if (p["metrics"].get("c4_loss_norm") or 0) > 0]
     # One collapsed cut (a loss many times the others) would flatten every other curve on a linear axis.

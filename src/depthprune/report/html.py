@@ -16,6 +16,7 @@ from ..outputs import atomic_write_text
 from ..sweep.store import UNPRUNED, load_points, to_csv
 from .cost import COST_PANELS, MIN_R2, cost_fits, cost_points, cost_timing, timed_together
 from .figures import (
+    knows_parameters,
     plot_accuracy,
     plot_agreement,
     plot_best_block,
@@ -26,6 +27,7 @@ from .figures import (
     plot_selections,
 )
 from .stats import (
+    PARAMETERS_DEFINITION,
     RETAINED_DEFINITION,
     accuracy_tasks,
     collapse_definition,
@@ -177,13 +179,20 @@ def write_report(directory: str | Path, sigmas: float = 2.0) -> Path:
 
 def _draw_figures(points: list[dict], distances: AngularDistances | None, folder: Path,
                   sigmas: float) -> list[tuple[Path | None, str]]:
-    """Every figure of the report as (its PNG, or None where the sweep has nothing to draw, caption)."""
+    """Every figure of the report as (its PNG, or None where the sweep has nothing to draw, caption); the accuracy
+    and C4 loss also against the fraction of parameters removed, where the points know it."""
+    by_parameters = knows_parameters(points)
     return [
         (plot_accuracy(points, folder / "accuracy.png", sigmas),
          "Accuracy vs fraction of layers removed. Bars: Wilson 95 % intervals from the number of questions; dotted: "
          "chance (the majority class for BoolQ); grey band: within noise of it. Healed curves join only the healed "
          "fractions; the star is the full model."),
         (plot_c4_loss(points, folder / "c4_loss.png"), "C4 validation loss, normalised by ln(vocabulary size)"),
+        (plot_accuracy(points, folder / "accuracy_parameters.png", sigmas, x="parameters") if by_parameters else None,
+         f"Accuracy vs {PARAMETERS_DEFINITION}: cuts of whole layers and of sub-layers compared at equal parameters. "
+         "Bars, dotted line and grey band as above."),
+        (plot_c4_loss(points, folder / "c4_loss_parameters.png", x="parameters") if by_parameters else None,
+         f"C4 validation loss vs {PARAMETERS_DEFINITION}"),
         (plot_agreement(points, folder / "agreement.png"),
          "Agreement with the full model vs fraction of layers removed: the share of each multiple-choice task's "
          "questions where the cut model picks the answer the full model (n = 0) picks, right or wrong. Bars: Wilson "
@@ -191,9 +200,10 @@ def _draw_figures(points: list[dict], distances: AngularDistances | None, folder
         (plot_retained(points, folder / "retained.png"), RETAINED_DEFINITION),
         (plot_heatmap(distances, folder / "heatmap.png", selections=selections(points)) if distances else None,
          "Angular distance d(x^(l), x^(l+n)) for every block; white dots: the optimal first layer l*(n); coloured "
-         "markers on row n: every layer each criterion removes at that n (non-contiguous cuts included)"),
+         "markers on row n: every layer each criterion removes at that n (non-contiguous cuts included; A / M: the "
+         "layers whose attention / MLP a sub-layer cut of n removes)"),
         (plot_selections(points, folder / "selections.png", distances.num_layers if distances else None),
-         "The layers each criterion removes at each n of the sweep"),
+         "The layers each criterion removes at each n of the sweep (lettered A / M: only their attention / MLP)"),
         (plot_best_block(distances, folder / "best_block.png") if distances else None,
          "Optimal first layer l*(n) and its distance vs block size n"),
         (plot_cost(points, folder / "cost.png"),

@@ -134,16 +134,41 @@ def agreement_size(point: dict, task: str) -> int | None:
 
 
 def cut_name(point: dict) -> str:
-    """What cut a point is: its criterion, or 'similarity+linear' when the cut was repaired ('repair' of a point
-    or a verdict; points of older stores have none)."""
+    """What cut a point is: its criterion, 'similarity+linear' when the cut was repaired ('repair' of a point
+    or a verdict; points of older stores have none), 'similarity@attention' when it removed attention
+    sub-layers ('granularity'; older points cut whole layers): each its own series."""
     repair = point.get("repair") or "none"
-    return point["criterion"] if repair == "none" else f"{point['criterion']}+{repair}"
+    granularity = point.get("granularity") or "layer"
+    cut = point["criterion"] if repair == "none" else f"{point['criterion']}+{repair}"
+    return cut if granularity == "layer" or point.get("n") == 0 else f"{cut}@{granularity}"
 
 
 def split_cut(cut: str) -> tuple[str, str]:
     """(criterion, repair) of a :func:`cut_name` (repair 'none' when the cut was not repaired)."""
-    criterion, _, repair = cut.partition("+")
+    criterion, _, repair = cut_granularity(cut)[0].partition("+")
     return criterion, repair or "none"
+
+
+def cut_granularity(cut: str) -> tuple[str, str]:
+    """(the cut without its granularity, the granularity: 'layer', 'attention' or 'mlp') of a :func:`cut_name`."""
+    cut, _, granularity = cut.partition("@")
+    return cut, granularity or "layer"
+
+
+PARAMETERS_DEFINITION = ("fraction of parameters removed: 1 − the cut's parameters / the full model's (embeddings and "
+                         "LM head included; a removed sub-layer's zeroed weights do not count)")
+
+
+def parameters_removed(point: dict, full: dict | None) -> float | None:
+    """The fraction of the full model's parameters ``point``'s cut removes: its ``params_removed`` (sweeps since
+    issue 20), else from the cost's ``parameters`` of it and the full model; None when neither is known."""
+    m = point["metrics"]
+    if m.get("params_removed") is not None:
+        return float(m["params_removed"])
+    if point["n"] == 0:
+        return 0.0
+    base = full["metrics"].get("parameters") if full else None
+    return 1.0 - m["parameters"] / base if base and m.get("parameters") else None
 
 
 def reference(points: list[dict]) -> dict | None:
@@ -203,9 +228,12 @@ def metric_name(points: list[dict], task: str, metric: str) -> str:
 
 
 def curve_label(cut: str, heal: str) -> str:
-    """'similarity, not healed', 'similarity, lora-healed' or, repaired, 'similarity + linear, lora-healed': a
-    curve's name in legends and tables (``cut``: a :func:`cut_name`)."""
-    return f"{cut.replace('+', ' + ')}, {'not healed' if heal == 'none' else heal + '-healed'}"
+    """'similarity, not healed', 'similarity, lora-healed', repaired 'similarity + linear, lora-healed', or at a
+    sub-layer granularity 'similarity, attention, not healed': a curve's name in legends and tables (``cut``: a
+    :func:`cut_name`)."""
+    cut, granularity = cut_granularity(cut)
+    kind = "" if granularity == "layer" else f", {granularity}"
+    return f"{cut.replace('+', ' + ')}{kind}, {'not healed' if heal == 'none' else heal + '-healed'}"
 
 
 def collapse_points(points: list[dict], sigmas: float = 2.0) -> list[dict]:
@@ -224,6 +252,7 @@ def collapse_points(points: list[dict], sigmas: float = 2.0) -> list[dict]:
             sizes = [sample_size(p, task) for p in judged]
             criterion, repair = split_cut(cut)
             verdict = {"task": task, "metric": metric, "criterion": criterion, "repair": repair, "heal": heal,
+                       "granularity": cut_granularity(cut)[1],
                        "full_accuracy": accuracy,
                        "num_questions": n_full, "baseline": level, "baseline_kind": kind,
                        "fractions": [p["fraction"] for p in judged], "collapse_fraction": None}
@@ -243,15 +272,23 @@ def collapse_points(points: list[dict], sigmas: float = 2.0) -> list[dict]:
 
 
 def selections(points: list[dict]) -> dict[str, dict[int, list[int]]]:
-    """criterion -> n -> the layers it removes (the unhealed points; healing does not change the cut)."""
+    """criterion -> n -> the layers it removes (the unhealed points; healing does not change the cut); a
+    sub-layer cut is 'criterion@attention' -> n -> the layers whose attention it removes (:func:`cut_granularity`)."""
     from ..select import CRITERIA
 
     found: dict[str, dict[int, list[int]]] = {}
     for p in sorted(points, key=lambda p: p["n"]):
         if p["n"] > 0:  # the unpruned point removes nothing
-            found.setdefault(p["criterion"], {}).setdefault(p["n"], sorted(p["removed_layers"]))
-    names = CRITERIA.names()  # the registry's order, as the curves' colours
-    return dict(sorted(found.items(), key=lambda item: names.index(item[0]) if item[0] in names else len(names)))
+            granularity = p.get("granularity") or "layer"
+            name = p["criterion"] if granularity == "layer" else f"{p['criterion']}@{granularity}"
+            found.setdefault(name, {}).setdefault(p["n"], sorted(p["removed_layers"]))
+    names = CRITERIA.names()  # the registry's order, as the curves' colours; whole layers before sub-layers
+
+    def order(item):
+        criterion, granularity = cut_granularity(item[0])
+        return granularity != "layer", granularity, names.index(criterion) if criterion in names else len(names)
+
+    return dict(sorted(found.items(), key=order))
 
 
 def jaccard(a, b) -> float:
@@ -261,12 +298,15 @@ def jaccard(a, b) -> float:
 
 
 def overlap(points: list[dict]) -> list[dict]:
-    """The Jaccard overlap of every pair of criteria at every n both measured."""
+    """The Jaccard overlap of every pair of criteria at every n both measured (pairs of one granularity: the layers
+    of an attention cut and of a layer cut are not the same thing removed)."""
     chosen = selections(points)
     names = list(chosen)
     rows = []
     for i, a in enumerate(names):
         for b in names[i + 1:]:
+            if cut_granularity(a)[1] != cut_granularity(b)[1]:
+                continue
             shared = sorted(set(chosen[a]) & set(chosen[b]))
             rows.append({"criteria": [a, b], "by_n": {n: round(jaccard(chosen[a][n], chosen[b][n]), 4) for n in shared}})
     return rows

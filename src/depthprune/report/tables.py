@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..sweep.store import NO_REPAIR, is_repaired, table
+from ..sweep.store import LAYER, NO_REPAIR, is_repaired, is_sublayer, table
 from .cost import cost_points, timed_together
 from .stats import (
     accuracy_tasks,
@@ -15,6 +15,7 @@ from .stats import (
     agreement_tasks,
     metric_name,
     overlap,
+    parameters_removed,
     reference,
     retained,
     sample_size,
@@ -41,23 +42,27 @@ def main_table(points: list[dict]) -> tuple[list[str], list[list[str]]]:
     each task's headline accuracy ± SE (%), each multiple-choice task's agreement with the full model ± SE (%,
     where measured), the % of the full model retained (:data:`~depthprune.report.stats.RETAINED_DEFINITION`),
     C4 loss (nats), speed-ups against the full model, weight memory (MiB), and the point's wall and CPU seconds
-    (where the store has them)."""
+    (where the store has them). A sweep with sub-layer cuts also has the granularity (what the layers listed
+    lose) after the fraction; every point the % of parameters removed where known."""
     tasks = accuracy_tasks(points)
     agreed = agreement_tasks(points)
-    repaired = is_repaired(points)
+    repaired, finer = is_repaired(points), is_sublayer(points)
     full = reference(points)
     timed = [key for key in ("wall_s", "cpu_s") if any(p["metrics"].get(key) is not None for p in points)]
-    header = ["removed", "layers (0-based)", "criterion", *["repair"] * repaired, "healing"]
+    shares = [parameters_removed(p, full) for p in points]
+    header = ["removed", *["granularity"] * finer, "layers (0-based)", "criterion", *["repair"] * repaired, "healing"]
+    header += ["parameters removed (%)"] * any(share is not None for share in shares)
     header += [f"{task_title(t)} {metric_name(points, t, m)} (%)" for t, m in tasks.items()]
     header += [f"{task_title(t)} agreement (%)" for t in agreed]
     header += ["retained (%)"] * bool(full and tasks)
     header += ["C4 loss (nats)", "prefill speed-up", "decode speed-up", "weights (MiB)"]
     header += [{"wall_s": "wall (s)", "cpu_s": "CPU (s)"}[key] for key in timed]
     rows = []
-    for p in points:
+    for p, share in zip(points, shares, strict=True):
         m = p["metrics"]
-        row = [f"{p['fraction']:.2f}", _layers(p["removed_layers"]), p["criterion"],
-               *[p.get("repair", NO_REPAIR)] * repaired, p["heal"]]
+        row = [f"{p['fraction']:.2f}", *[p.get("granularity", LAYER)] * finer, _layers(p["removed_layers"]),
+               p["criterion"], *[p.get("repair", NO_REPAIR)] * repaired, p["heal"]]
+        row += [("" if share is None else f"{100 * share:.1f}")] * ("parameters removed (%)" in header)
         row += ["" if m.get(k) is None else accuracy_cell(m[k], sample_size(p, t)) for t, k in tasks.items()]
         row += ["" if m.get(f"{t}_agreement") is None else accuracy_cell(m[f"{t}_agreement"], agreement_size(p, t))
                 for t in agreed]
@@ -128,18 +133,29 @@ def overlap_table(points: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 
 def cost_table(points: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """One row per layer count timed in the cost phase: medians and [fastest–slowest round] ([] for older sweeps)."""
-    measured = cost_points(points)
+    """One row per cut size timed in the cost phase (layer count, or count of sub-layers of a kind: '8 attention'):
+    medians and [fastest–slowest round], and the KV cache per token where measured ([] for older sweeps)."""
+    measured = cost_points(points, sublayers=True)
     if not timed_together(measured):
         return [], []
+    kv = any(p["metrics"].get("kv_bytes_per_token") is not None for p in measured)
     header = ["removed (n)", "layers kept", "prefill (ms/token)", "decode (ms/token)", "weights (MiB)",
-              "peak memory (MiB)", "one layer, prefill (ms/token)"]
+              "peak memory (MiB)", "one layer, prefill (ms/token)", *["KV cache (KiB/token)"] * kv]
 
     def cell(p: dict, metric: str, scale: float = 1.0, digits: int = 4) -> str:
         value, (low, high) = p["metrics"][metric], p["details"]["cost"]["spread"][metric]
         return f"{value * scale:,.{digits}g} [{low * scale:,.{digits}g}–{high * scale:,.{digits}g}]"
 
-    rows = [[str(p["n"]), str(p["details"]["cost"]["num_layers"]), cell(p, "prefill_ms_per_token"),
+    def removed(p: dict) -> str:
+        granularity = p.get("granularity") or LAYER
+        return str(p["n"]) if granularity == LAYER or p["n"] == 0 else f"{p['n']} {granularity}"
+
+    def kv_cell(p: dict) -> str:
+        value = p["metrics"].get("kv_bytes_per_token")
+        return "" if value is None else f"{value / 2**10:,.2f}"
+
+    rows = [[removed(p), str(p["details"]["cost"]["num_layers"]), cell(p, "prefill_ms_per_token"),
              cell(p, "decode_ms_per_token"), f"{p['metrics']['weight_bytes'] / 2**20:,.1f}",
-             cell(p, "peak_memory_bytes", 1 / 2**20), cell(p, "layer_prefill_ms_per_token")] for p in measured]
+             cell(p, "peak_memory_bytes", 1 / 2**20), cell(p, "layer_prefill_ms_per_token"), *[kv_cell(p)] * kv]
+            for p in measured]
     return header, rows

@@ -83,7 +83,9 @@ def _columns(points: list[dict]) -> list[Column]:
     tasks = [m for m in accuracy_tasks(points).values() if m in measured]
     agreed = [f"{t}_agreement" for t in agreement_tasks(points)]
     repair = [Column("repair", lambda p: p.get("repair", NO_REPAIR), text=True)] if is_repaired(points) else []
+    finer = [Column("granularity", lambda p: p.get("granularity", LAYER), text=True)] if is_sublayer(points) else []
     columns = [Column("n", lambda p: str(p["n"])),
+               *finer,
                Column("fraction", lambda p: f"{p['fraction']:.2f}"),
                Column("criterion", lambda p: p["criterion"], text=True),
                *repair,
@@ -101,6 +103,7 @@ def _columns(points: list[dict]) -> list[Column]:
                 ("decode_ms_per_token", "decode_ms_per_token", 2, 1.0, len(tasks) + 3),
                 ("weight_MiB", "weight_bytes", 1, 1 / 2**20, len(tasks) + 4),
                 ("heal_val_loss", "heal_val_loss", 3, 1.0, len(tasks) + 5),
+                ("params_removed", "params_removed", 3, 1.0, len(tasks) + 1.1),
                 # after the distance, before the cost: what each repair and healing costs differs, the cost not
                 ("wall_s", "wall_s", 0, 1.0, len(tasks) + 1.2),
                 ("cpu_s", "cpu_s", 0, 1.0, len(tasks) + 1.3)]

@@ -2,7 +2,7 @@
 
 :func:`sweep_config_class` composes them into one flat dataclass, ``SweepConfig``, when asked, so that
 criteria and tasks registered after import count: the model and calibration data, the analysis, the
-sweep's points (fractions, criteria, repairs, healings, tasks), the options of every criterion
+sweep's points (fractions, criteria, granularities, repairs, healings, tasks), the options of every criterion
 (``SelectionContext`` gets them) and every repair (``repair_cut`` gets them), the evaluation's (shared and each task's), the healing inputs and the cost. A YAML file with
 these keys, and the flags (one per key), fill it. Healing options are one dict, ``heal_options``, checked
 against :class:`depthprune.heal.HealOptions`.
@@ -25,6 +25,7 @@ from ..config import AnalysisOptions, CostOptions, DataOptions, ModelOptions, Sh
 from ..errors import DepthpruneError
 from ..evaluate.registry import EVAL_TASKS, eval_options_class
 from ..heal.methods import HEAL_METHODS
+from ..model.granularity import GRANULARITIES
 from ..options import copied_field, option
 from ..repair import repair_choices, repair_options_class
 from ..select import CRITERIA, criterion_options_class
@@ -63,6 +64,9 @@ class _SweepOwn:
                                  point=True)
     criteria: list[str] = option(help="selection criteria, comma-separated: {choices}", choices=CRITERIA.names,
                                  point=True, default_factory=lambda: ["similarity", "deepest"])
+    granularity: list[str] = option(help="what each cut removes, comma-separated: {choices} (attention / mlp: that "
+                                         "sub-layer of n layers; fractions stay fractions of the layers)",
+                                    choices=lambda: GRANULARITIES, point=True, default_factory=lambda: ["layer"])
     repair: list[str] = option(help="training-free repair of each cut, comma-separated: {choices} (a repair needs "
                                     "criteria that remove one block; fitted on --data)", choices=repair_choices,
                                point=True, default_factory=lambda: ["none"])
@@ -125,7 +129,7 @@ def _compose(criterion_options: type, eval_options: type, repair_options: type) 
         *_fields(DataOptions, rename={"source": "data", "config": "data_config", "split": "data_split"},
                  defaults={"data": None}),
         *_fields(AnalysisOptions),
-        *[own[name] for name in ("fractions", "n", "criteria", "repair", "heal", "heal_fractions", "tasks")],
+        *[own[name] for name in ("fractions", "n", "criteria", "granularity", "repair", "heal", "heal_fractions", "tasks")],
     ]
     shared_eval = _fields(SharedEvalOptions)
     last = [

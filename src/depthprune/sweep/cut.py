@@ -1,6 +1,8 @@
 """A point's cut of the sweep's one loaded model, repaired or not, in memory and undone after.
 
-A plain cut removes the layers for the duration (``model.surgery.layers_removed``: nothing copied). A repaired
+A plain cut removes the layers for the duration (``model.surgery.layers_removed``: nothing copied); a sub-layer
+cut replaces the attention or MLP of the chosen layers by stand-ins that compute nothing
+(``model.sublayers.sublayers_removed``), as a loaded sub-layer checkpoint has them. A repaired
 cut fits its map on the uncut model with the sweep's calibration text, removes the layers and folds the map
 into the kept layer's MLP output projection (``repair.apply.repair_cut``, the path of ``prune --repair``),
 and afterwards puts back the layers and that one projection's weights, so the next point meets the model
@@ -13,7 +15,8 @@ import contextlib
 from collections.abc import Iterator, Sequence
 
 from ..errors import DepthpruneError
-from ..model.load import decoder_layout, num_layers
+from ..model.load import count_parameters, decoder_layout, num_layers
+from ..model.sublayers import sublayers_removed
 from ..model.surgery import layers_removed
 from .config import SweepConfig
 from .plan import Point
@@ -30,6 +33,22 @@ def calibration_sequences(c: SweepConfig, tokenizer, texts: list[str] | None = N
     return tokenize(texts if texts is not None else load_calibration(data), tokenizer, data.seq_len)
 
 
+def plain_cut(model, point: Point, layers: Sequence[int]):
+    """The cut of ``point`` without its repair, as a context manager: the layers removed, or at a sub-layer
+    granularity their attention or MLP."""
+    if point.granularity == "layer":
+        return layers_removed(model, layers)
+    return sublayers_removed(model, {point.granularity: layers})
+
+
+def parameters_removed(model, point: Point, layers: Sequence[int]) -> float:
+    """The fraction of ``model``'s parameters that ``point``'s cut removes (a repair or a healing changes no
+    count; a removed sub-layer's stand-in holds none, as in ``depthprune.json``'s ``parameters_after``)."""
+    full = count_parameters(model)
+    with plain_cut(model, point, layers) as cut:
+        return 1.0 - count_parameters(cut) / full
+
+
 @contextlib.contextmanager
 def point_cut(model, tokenizer, c: SweepConfig, point: Point, layers: Sequence[int],
               sequences: list[list[int]] | None, progress: bool = False,
@@ -40,7 +59,7 @@ def point_cut(model, tokenizer, c: SweepConfig, point: Point, layers: Sequence[i
     ``fit_on``: the device the map is fitted on when it is not where the model is (a healed point's base waits
     on the CPU: its repair runs on the GPU all the same, and the model goes back, cut, before it heals)."""
     if not point.repaired:
-        with layers_removed(model, layers) as cut:
+        with plain_cut(model, point, layers) as cut:
             yield cut, None
         return
     if not sequences:

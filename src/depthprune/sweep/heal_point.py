@@ -110,7 +110,8 @@ def heal_point(model, tokenizer, c: SweepConfig, work: Path, point: Point, selec
     from ..heal import heal_loaded
 
     healed = point_dir(work, point) / "healed"
-    model_id = f"{c.model} without layers {list(selection.layers)}" + \
+    removed = "layers" if point.granularity == "layer" else f"the {point.granularity} of layers"
+    model_id = f"{c.model} without {removed} {list(selection.layers)}" + \
         (f", repaired by {point.repair}" if point.repaired else "")
     if _started_elsewhere(healed, model_id):
         shutil.rmtree(healed)

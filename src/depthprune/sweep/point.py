@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..select import SelectionContext, choose
 from .config import SweepConfig
-from .cut import point_cut
+from .cut import parameters_removed, point_cut
 from .heal_point import free_accelerator_cache, heal_point, heal_status, heal_steps, healed_line, offloaded
 from .metrics import flatten_metrics
 from .plan import Point, point_dir
@@ -32,9 +32,15 @@ Predictions = dict[str, list[int]]  # task -> the full model's choice per questi
 
 
 def select_point(point: Point, context: SelectionContext):
-    """The layers a point removes (its criterion's :class:`~depthprune.select.Selection`; None for the full model).
-    Cheap once the analysis is done: the Ray driver computes it for every point and sends it by value."""
-    return choose(point.criterion, point.n, context) if point.n > 0 else None
+    """The layers a point removes, or whose attention or MLP it removes (its criterion's
+    :class:`~depthprune.select.Selection` at the point's granularity; None for the full model). Cheap once the
+    analysis is done: the Ray driver computes it for every point and sends it by value. ``context`` is shared by
+    every granularity (what a criterion caches is kept per kind)."""
+    if point.n == 0:
+        return None
+    if context.granularity != point.granularity:
+        context = dataclasses.replace(context, granularity=point.granularity)
+    return choose(point.criterion, point.n, context)
 
 
 def run_point(model, tokenizer, c: SweepConfig, work: Path, point: Point, selection, total: int,
@@ -50,10 +56,13 @@ def run_point(model, tokenizer, c: SweepConfig, work: Path, point: Point, select
     phase. Runs in the sweep's process (serial) or in a Ray worker (:mod:`.executors.ray`), which returns
     the row to the driver. ``sequences``: the calibration token ids a repaired point fits its map on;
     ``reference``: the full model's choices (:func:`stored_predictions`), which add agreement to the metrics.
+    ``params_removed``: the fraction of the model's parameters the cut removes (what the report compares
+    granularities at).
     """
     start, cpu_start = time.perf_counter(), time.process_time()
     layers = selection.layers if selection else ()
-    progress.say(f"cut: removing layers {list(layers) if layers else 'none'}"
+    what = "layers" if point.granularity == "layer" else f"the {point.granularity} of layers"
+    progress.say(f"cut: removing {what} {list(layers) if layers else 'none'}"
                  + (f", repaired by {point.repair}" if point.repaired else ""))
     healing, repair = None, None
     unpruned = point.criterion == UNPRUNED
@@ -72,12 +81,12 @@ def run_point(model, tokenizer, c: SweepConfig, work: Path, point: Point, select
     choices = _predictions_kept(evaluation) if unpruned else None
     seconds = round(time.perf_counter() - start, 1)
     metrics = {**flatten_metrics(evaluation, None, healing), "wall_s": seconds,
-               "cpu_s": round(time.process_time() - cpu_start, 1)}
+               "cpu_s": round(time.process_time() - cpu_start, 1), "params_removed": parameters_removed(model, point, layers)}
     details = {"evaluation": evaluation, "cost": None, "healing": healing, "seconds": seconds}
     details.update({"repair": repair} if repair is not None else {})
     details.update({"predictions": choices} if choices else {})
     return dict(n=point.n, fraction=point.n / total, criterion=point.criterion, heal=point.heal, repair=point.repair,
-                removed_layers=tuple(layers), distance=selection.distance if selection else None, metrics=metrics,
+                granularity=point.granularity, removed_layers=tuple(layers), distance=selection.distance if selection else None, metrics=metrics,
                 details=details)
 
 
@@ -115,7 +124,7 @@ def record_point(c: SweepConfig, work: Path, db, row: dict, progress: SweepProgr
     metrics = row["metrics"]
     progress.say(f"done in {duration(row['details']['seconds'])}: " + ", ".join(
         f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and not k.endswith("_chance")))
-    point = Point(row["n"], row["criterion"], row["heal"], row["repair"])
+    point = Point(row["n"], row["criterion"], row["heal"], row["repair"], row["granularity"])
     if point.healed and not c.keep_models:
         shutil.rmtree(point_dir(work, point), ignore_errors=True)
 

@@ -87,6 +87,7 @@ def run_sweep(c: SweepConfig, log=print, force: bool = False, quiet: bool = Fals
             db = _setup(c, run.work, run.state)
             try:
                 context = _selection_context(model, tokenizer, run, total, log, quiet)
+                _check_sublayer_cuts(c, model, context)
                 todo = [p for p in points if p.key not in run.state.done]
                 sequences = _repair_sequences(model, tokenizer, run, todo, context)
                 progress = SweepProgress(log, [(p.key, kind(p.heal)) for p in points], point_seconds(db),
@@ -154,6 +155,18 @@ def _selection_context(model, tokenizer, run: _Checked, total: int, log, quiet: 
     return SelectionContext(total, distances, model, tokenizer,
                             tokenize(run.texts, tokenizer, run.c.seq_len) if run.calibrating else None,
                             options=criterion_options(run.c))
+
+
+def _check_sublayer_cuts(c: SweepConfig, model, context: SelectionContext) -> None:
+    """Refuse, before any point runs, a sub-layer granularity the architecture cannot cut exactly, or whose
+    distances the analysis lacks (one read back from before sub-layer distances were measured)."""
+    from ..model.sublayers import sites_of
+    from ..select import check_distances_serve
+
+    for granularity in [g for g in c.granularity if g != "layer"]:
+        sites_of(model.config, granularity)
+        for criterion in c.criteria:
+            check_distances_serve(criterion, context.distances, granularity)
 
 
 def _repair_sequences(model, tokenizer, run: _Checked, todo: list[Point], context: SelectionContext):

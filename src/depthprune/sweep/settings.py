@@ -127,6 +127,30 @@ def _check_points(c: SweepConfig) -> None:
     if not (c.n if c.n is not None else c.fractions):
         raise DepthpruneError("the sweep has no points: give fractions (e.g. 0:0.5:0.1) or n (e.g. 0,2,4)")
     _check_repairs(c)
+    _check_granularities(c)
+
+
+def _check_granularities(c: SweepConfig) -> None:
+    """Known granularities, each one every criterion can choose at, and repairs only of whole-layer cuts."""
+    from ..model.granularity import GRANULARITIES, unit_name
+
+    wrong = [g for g in c.granularity if g not in GRANULARITIES]
+    if wrong:
+        raise DepthpruneError(f"unknown granularity '{wrong[0]}': choose from {', '.join(GRANULARITIES)}")
+    if not c.granularity:
+        raise DepthpruneError(f"the sweep needs at least one granularity: choose from {', '.join(GRANULARITIES)}")
+    for granularity in c.granularity:
+        unable = [name for name in c.criteria if granularity not in CRITERIA.get(name).granularities]
+        if unable:
+            able = [name for name in CRITERIA.names() if granularity in CRITERIA.get(name).granularities]
+            raise DepthpruneError(f"criterion '{unable[0]}' cannot choose {unit_name(granularity)}: sweep granularity "
+                                  f"{granularity} with {', '.join(able)}, or '{unable[0]}' in a sweep without it")
+    repaired = [r for r in c.repair if r != "none"]
+    finer = [g for g in c.granularity if g != "layer"]
+    if repaired and finer:
+        raise DepthpruneError(f"repair '{repaired[0]}' refits a removed block of whole layers, and granularity "
+                              f"'{finer[0]}' removes sub-layers: sweep repairs at granularity layer only, or the "
+                              "sub-layer cuts in a sweep without repair")
 
 
 def _check_repairs(c: SweepConfig) -> None:

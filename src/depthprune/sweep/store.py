@@ -8,7 +8,7 @@ goes on with the others): the key, the error in one line and how often it failed
 transaction that saves its row. Added in issue 12: an older table gains it when a sweep next opens it to
 write (``CREATE TABLE IF NOT EXISTS``), and older versions ignore it.
 
-The ``cost`` table holds one row per distinct layer count: the cost timed in the sweep's final phase (median
+The ``cost`` table holds one row per distinct cut size (layer count, or sub-layer count of a kind): the cost timed in the sweep's final phase (median
 and spread over interleaved rounds). It is rewritten whole, in the same transaction that copies each
 record into the points of that layer count, every time a sweep finishes.
 
@@ -18,7 +18,12 @@ was 'full' (key 'n=0/full/none'), the name of a healing method too, and is now '
 the points had no 'repair' column (every point was cut without one): it is added, 'none' for the rows there.
 A point cut without a repair keeps the key it always had ('n=2/similarity/lora'); a repaired one names its
 repair after the criterion ('n=2/similarity+linear/lora'). The ``failed`` table has no repair column: its
-keys name the repair.
+keys name the repair. Before issue 20 every point cut whole layers and there was no 'granularity' column: it is
+added, 'layer' for the rows there. A layer point keeps its key; a sub-layer point names its granularity after n
+('n=8@attention/similarity/none': 8 attention sub-layers removed), in ``failed`` too.
+
+The ``cost`` table holds one row per distinct cut size (n, granularity); a table of before issue 20 (one row per
+n) is replaced whole by the next cost phase, like any other.
 """
 
 from __future__ import annotations
@@ -46,24 +51,29 @@ CREATE TABLE IF NOT EXISTS points (
     metrics TEXT NOT NULL,     -- JSON: flat name -> number
     details TEXT NOT NULL,     -- JSON: full evaluation, cost and healing records
     finished TEXT NOT NULL,
-    repair TEXT NOT NULL DEFAULT 'none'  -- 'none', or the repair of the cut: 'linear', 'linear-cosine', ...
+    repair TEXT NOT NULL DEFAULT 'none',  -- 'none', or the repair of the cut: 'linear', 'linear-cosine', ...
+    granularity TEXT NOT NULL DEFAULT 'layer'  -- what n counts: 'layer', or 'attention' / 'mlp' sub-layers
 )
 """
 
-# Last, so that a table from before issue 19 gains it by ALTER TABLE ... ADD COLUMN and has today's columns.
+# Last, so that a table from before issue 19 / 20 gains them by ALTER TABLE ... ADD COLUMN and has today's columns.
 COLUMNS = ("key", "n", "fraction", "criterion", "heal", "removed_layers", "distance", "metrics", "details", "finished",
-           "repair")
-UNREPAIRED_COLUMNS = COLUMNS[:-1]  # before issue 19
+           "repair", "granularity")
+LAYER_ONLY_COLUMNS = COLUMNS[:-1]  # before issue 20
+UNREPAIRED_COLUMNS = COLUMNS[:-2]  # before issue 19
 LEGACY_COLUMNS = tuple("strategy" if c == "criterion" else c for c in UNREPAIRED_COLUMNS)  # before issue 9
 NO_REPAIR = "none"
+LAYER = "layer"  # the granularity of a whole-layer cut (every point before issue 20)
 UNPRUNED = "unpruned"  # the criterion of the n = 0 point: nothing removed
 LEGACY_UNPRUNED = "full"  # its name before issue 18
 _COST_SCHEMA = """
 CREATE TABLE IF NOT EXISTS cost (
-    n INTEGER PRIMARY KEY,     -- layers removed
+    n INTEGER NOT NULL,        -- layers (or sub-layers of the granularity) removed
+    granularity TEXT NOT NULL DEFAULT 'layer',
     num_layers INTEGER NOT NULL,  -- layers kept
     record TEXT NOT NULL,      -- JSON: medians, spread [min, max] and values of the rounds, settings, phase
-    measured TEXT NOT NULL
+    measured TEXT NOT NULL,
+    PRIMARY KEY (n, granularity)
 )
 """
 
@@ -80,10 +90,12 @@ CREATE TABLE IF NOT EXISTS failed (
 """
 
 
-def point_key(n: int, criterion: str, heal: str, repair: str = NO_REPAIR) -> str:
-    """'n=2/similarity/lora', or with a repair 'n=2/similarity+linear/lora' (unrepaired keys as before issue 19)."""
+def point_key(n: int, criterion: str, heal: str, repair: str = NO_REPAIR, granularity: str = LAYER) -> str:
+    """'n=2/similarity/lora', with a repair 'n=2/similarity+linear/lora' (unrepaired keys as before issue 19), at a
+    sub-layer granularity 'n=8@attention/similarity/none' (layer keys as before issue 20)."""
     cut = criterion if repair == NO_REPAIR else f"{criterion}+{repair}"
-    return f"n={n}/{cut}/{heal}"
+    size = n if granularity == LAYER else f"{n}@{granularity}"
+    return f"n={size}/{cut}/{heal}"
 
 
 def current_key(key: str) -> str:
@@ -116,7 +128,7 @@ def _open_existing(path: Path) -> sqlite3.Connection:
     if check != "ok":
         db.close()
         raise _damaged(path, check)
-    if columns and columns not in (COLUMNS, UNREPAIRED_COLUMNS, LEGACY_COLUMNS):
+    if columns and columns not in (COLUMNS, LAYER_ONLY_COLUMNS, UNREPAIRED_COLUMNS, LEGACY_COLUMNS):
         db.close()
         raise _damaged(path, f"its points table has the columns {', '.join(columns)}")
     return db
@@ -139,8 +151,9 @@ def _holds_legacy_unpruned(db: sqlite3.Connection) -> bool:
 def _migrate(db: sqlite3.Connection) -> None:
     """Bring an older table up to date in one transaction (it is either old or new): rename the 'strategy'
     column 'criterion', the n = 0 point's criterion 'full' 'unpruned' (in its key too, and in ``failed``), and
-    add the 'repair' column ('none': rows from before issue 19 were cut without a repair)."""
-    if not _has_table(db) or not (_is_legacy(db) or _holds_legacy_unpruned(db) or "repair" not in _columns(db)):
+    add the 'repair' column ('none': rows from before issue 19 were cut without a repair) and the 'granularity'
+    column ('layer': rows from before issue 20 cut whole layers)."""
+    if not _has_table(db) or not (_is_legacy(db) or _holds_legacy_unpruned(db) or "granularity" not in _columns(db)):
         return
     db.execute("BEGIN IMMEDIATE")
     try:
@@ -148,6 +161,8 @@ def _migrate(db: sqlite3.Connection) -> None:
             db.execute("ALTER TABLE points RENAME COLUMN strategy TO criterion")
         if "repair" not in _columns(db):
             db.execute(f"ALTER TABLE points ADD COLUMN repair TEXT NOT NULL DEFAULT '{NO_REPAIR}'")
+        if "granularity" not in _columns(db):
+            db.execute(f"ALTER TABLE points ADD COLUMN granularity TEXT NOT NULL DEFAULT '{LAYER}'")
         legacy, prefix = point_key(0, LEGACY_UNPRUNED, ""), point_key(0, UNPRUNED, "")
         for t in [t for t in ("points", "failed") if _has_table(db, t)]:
             # OR IGNORE, then DELETE: where an older version wrote 'full' again beside 'unpruned', today's row stays
@@ -193,23 +208,24 @@ def finished_keys(db: sqlite3.Connection) -> set[str]:
 
 
 def save_point(db: sqlite3.Connection, *, n: int, fraction: float, criterion: str, heal: str, removed_layers,
-               distance: float | None, metrics: dict, details: dict, repair: str = NO_REPAIR) -> None:
+               distance: float | None, metrics: dict, details: dict, repair: str = NO_REPAIR,
+               granularity: str = LAYER) -> None:
     """Insert one finished point atomically (a crash leaves either the whole row or none); a failure recorded
     for it before is dropped in the same transaction."""
-    key = point_key(n, criterion, heal, repair)
+    key = point_key(n, criterion, heal, repair, granularity)
     with db:
         db.execute("DELETE FROM failed WHERE key = ?", (key,))
         db.execute(
             f"INSERT OR REPLACE INTO points ({', '.join(COLUMNS)}) VALUES ({','.join('?' * len(COLUMNS))})",
             (key, n, fraction, criterion, heal, json.dumps(list(removed_layers)), distance, json.dumps(metrics),
-             json.dumps(details), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), repair),
+             json.dumps(details), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), repair, granularity),
         )
 
 
 def save_failure(db: sqlite3.Connection, *, n: int, criterion: str, heal: str, error: str,
-                 repair: str = NO_REPAIR) -> None:
+                 repair: str = NO_REPAIR, granularity: str = LAYER) -> None:
     """Record that a point failed (one transaction), counting the attempts; its finished row, if any, stays."""
-    key = point_key(n, criterion, heal, repair)
+    key = point_key(n, criterion, heal, repair, granularity)
     line = " ".join(str(error).split()) or "failed"
     with db:
         row = db.execute("SELECT attempts FROM failed WHERE key = ?", (key,)).fetchone()
@@ -259,9 +275,11 @@ def _points_of(db: sqlite3.Connection, path: Path) -> list[dict]:
         present = _columns(db) if _has_table(db) else ()
         # An older table, only read: its columns under today's names
         spelled = {"criterion": "strategy AS criterion" if "strategy" in present else "criterion",
-                   "repair": "repair" if "repair" in present else f"'{NO_REPAIR}' AS repair"}
+                   "repair": "repair" if "repair" in present else f"'{NO_REPAIR}' AS repair",
+                   "granularity": "granularity" if "granularity" in present else f"'{LAYER}' AS granularity"}
         query = f"SELECT {', '.join(spelled.get(c, c) for c in COLUMNS)} FROM points"
-        rows = db.execute(query + " ORDER BY n, criterion, repair, heal").fetchall() if present else []
+        rows = db.execute(query + " ORDER BY granularity != 'layer', granularity, n, criterion, repair, heal"
+                          ).fetchall() if present else []
     finally:
         db.row_factory = None
     try:
@@ -280,8 +298,8 @@ def read_points(db: sqlite3.Connection) -> list[dict]:
 
 
 def load_points(directory: str | Path) -> list[dict]:
-    """All finished points of a sweep directory, sorted by n, criterion, repair, healing (an old table is only
-    read)."""
+    """All finished points of a sweep directory, layer cuts first then each sub-layer granularity, each sorted by
+    n, criterion, repair, healing (an old table is only read)."""
     path = Path(directory) / DB_NAME
     if not path.is_file():
         raise DepthpruneError(f"no {DB_NAME} in '{directory}': is it the --out of a `depthprune sweep`?")
@@ -292,33 +310,41 @@ def load_points(directory: str | Path) -> list[dict]:
         db.close()
 
 
-def save_cost(db: sqlite3.Connection, costs: dict[int, dict], points: dict[str, tuple[dict, dict]]) -> None:
-    """Replace the cost table by ``costs`` (n -> record) and set the ``metrics`` and ``details`` of the points
-    in ``points`` (key -> (metrics, details)), all in one transaction: a kill leaves the old or the new."""
+CutSize = tuple[int, str]  # (n, granularity): what one cost record times
+
+
+def save_cost(db: sqlite3.Connection, costs: dict[CutSize, dict], points: dict[str, tuple[dict, dict]]) -> None:
+    """Replace the cost table by ``costs`` ((n, granularity) -> record) and set the ``metrics`` and ``details`` of
+    the points in ``points`` (key -> (metrics, details)), all in one transaction: a kill leaves the old or the new.
+    The table is created anew, so one of before issue 20 (keyed by n alone) gets today's columns."""
     measured = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     with db:
+        db.execute("DROP TABLE IF EXISTS cost")
         db.execute(_COST_SCHEMA)
-        db.execute("DELETE FROM cost")
-        db.executemany("INSERT INTO cost VALUES (?,?,?,?)",
-                       [(n, record["num_layers"], json.dumps(record), measured) for n, record in sorted(costs.items())])
+        db.executemany("INSERT INTO cost (n, granularity, num_layers, record, measured) VALUES (?,?,?,?,?)",
+                       [(n, granularity, record["num_layers"], json.dumps(record), measured)
+                        for (n, granularity), record in sorted(costs.items())])
         db.executemany("UPDATE points SET metrics = ?, details = ? WHERE key = ?",
                        [(json.dumps(metrics), json.dumps(details), key) for key, (metrics, details) in points.items()])
 
 
-def read_cost(db: sqlite3.Connection) -> dict[int, dict]:
-    """n -> the cost record of the sweep's last cost phase, from an open results table ({} when none finished)."""
+def read_cost(db: sqlite3.Connection) -> dict[CutSize, dict]:
+    """(n, granularity) -> the cost record of the sweep's last cost phase, from an open results table ({} when
+    none finished; a table of before issue 20 timed whole layers only)."""
     if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'cost'").fetchone() is None:
         return {}
+    columns = {row[1] for row in db.execute("PRAGMA table_info(cost)")}
+    granularity = "granularity" if "granularity" in columns else f"'{LAYER}'"
     try:
-        return {n: {**json.loads(record), "measured": measured}
-                for n, record, measured in db.execute("SELECT n, record, measured FROM cost ORDER BY n")}
+        return {(n, kind): {**json.loads(record), "measured": measured} for n, kind, record, measured in
+                db.execute(f"SELECT n, {granularity}, record, measured FROM cost ORDER BY {granularity}, n")}
     except (TypeError, json.JSONDecodeError) as exc:
         raise DepthpruneError(f"the cost table of a results file does not hold JSON ({exc}): rerun the sweep "
                               "to time the cost again") from None
 
 
-def load_cost(directory: str | Path) -> dict[int, dict]:
-    """n -> the cost record of the sweep's last cost phase in ``directory`` ({} when none has finished)."""
+def load_cost(directory: str | Path) -> dict[CutSize, dict]:
+    """(n, granularity) -> the cost record of the sweep's last cost phase in ``directory`` ({} when none has finished)."""
     path = Path(directory) / DB_NAME
     if not path.is_file():
         return {}
@@ -332,18 +358,28 @@ def load_cost(directory: str | Path) -> dict[int, dict]:
 FIXED_COLUMNS = ["n", "fraction", "criterion", "heal", "removed_layers", "distance"]
 
 
+def is_sublayer(points: list[dict]) -> bool:
+    """Whether any point cut sub-layers (points of older stores have no 'granularity': whole layers)."""
+    return any(p.get("granularity", LAYER) != LAYER for p in points)
+
+
 def is_repaired(points: list[dict]) -> bool:
     """Whether any point was repaired (points of older stores or made by hand may have no 'repair')."""
     return any(p.get("repair", NO_REPAIR) != NO_REPAIR for p in points)
 
 
 def fixed_columns(points: list[dict]) -> list[str]:
-    """The fixed columns of a table of ``points``: 'repair' after the criterion only where a point was repaired,
-    so the tables of sweeps without a repair stay as they were."""
-    if not is_repaired(points):
-        return list(FIXED_COLUMNS)
-    at = FIXED_COLUMNS.index("criterion") + 1
-    return [*FIXED_COLUMNS[:at], "repair", *FIXED_COLUMNS[at:]]
+    """The fixed columns of a table of ``points``: 'granularity' after n only where a point cut sub-layers,
+    'repair' after the criterion only where a point was repaired, so the tables of other sweeps stay as they were."""
+    columns = list(FIXED_COLUMNS)
+    if is_repaired(points):
+        columns.insert(columns.index("criterion") + 1, "repair")
+    if is_sublayer(points):
+        columns.insert(columns.index("n") + 1, "granularity")
+    return columns
+
+
+_DEFAULTS = {"repair": NO_REPAIR, "granularity": LAYER}  # of the columns a point of an older store may lack
 
 
 def table(points: list[dict]) -> tuple[list[str], list[list]]:
@@ -352,7 +388,7 @@ def table(points: list[dict]) -> tuple[list[str], list[list]]:
     for p in points:
         metric_names += [k for k in p["metrics"] if k not in metric_names]
     fixed = fixed_columns(points)
-    rows = [[",".join(map(str, p[c])) if c == "removed_layers" else p.get(c, NO_REPAIR) if c == "repair" else p[c]
+    rows = [[",".join(map(str, p[c])) if c == "removed_layers" else p.get(c, _DEFAULTS[c]) if c in _DEFAULTS else p[c]
              for c in fixed] + [p["metrics"].get(k) for k in metric_names] for p in points]
     return fixed + metric_names, rows
 

@@ -194,7 +194,7 @@ def _run_wave(cluster: Cluster, c, work: Path, db, todo: list[Point], total: int
             except Exception as exc:  # noqa: BLE001 - what a task raised, or its worker's death: the point failed
                 error = failure_line(exc)
                 save_failure(db, n=point.n, criterion=point.criterion, heal=point.heal, error=error,
-                             repair=point.repair)
+                             repair=point.repair, granularity=point.granularity)
                 failures.append((key, error))
                 progress.say(f"{key}: FAILED ({error}); recorded, the other points go on")
                 continue
