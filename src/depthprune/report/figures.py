@@ -42,6 +42,9 @@ COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:b
           "tab:cyan")
 MARKERS = ("o", "s", "D", "v", "^", "P", "X", "<", ">")
 REPAIR_MARKERS = ("X", "P", "h", "d")  # by the repair's place in its registry
+# Healed curves, by the healing method's place in its registry (qlora and lora, full, dora, last-layers):
+# solid, dash-dot, long dashes, dotted, so that two healings of one cut can be told apart.
+HEAL_LINES = ("-", (0, (6, 1, 1, 1)), (0, (8, 2)), (0, (1, 1)))
 
 
 def criterion_style(criterion: str) -> tuple[str, str]:
@@ -59,10 +62,12 @@ def criterion_style(criterion: str) -> tuple[str, str]:
 
 def curve_style(cut: str, heal: str) -> dict:
     """How a curve is drawn: its criterion's colour (a shade of it when repaired); its criterion's marker, or
-    its repair's; dashed when not healed (dash-dotted when repaired), solid when healed; hollow markers when not
-    healed."""
+    its repair's; dashed when not healed (dash-dotted when repaired); when healed, solid for the registry's
+    first two methods (qlora, lora) and a line of the method's own for the others (:data:`HEAL_LINES`); hollow
+    markers when not healed."""
     from matplotlib.colors import to_rgb
 
+    from ..heal.methods import HEAL_METHODS
     from ..repair import REPAIRS
 
     criterion, repair = split_cut(cut)
@@ -74,7 +79,12 @@ def curve_style(cut: str, heal: str) -> dict:
         # the criterion's colour, darker for the first repair, lighter for the second, and so on
         rgb = np.array(to_rgb(color))
         color = tuple(rgb * 0.6) if i % 2 == 0 else tuple(rgb + (1 - rgb) * 0.45)
-    line = "-" if heal != "none" else "--" if repair == "none" else "-."
+    if heal == "none":
+        line = "--" if repair == "none" else "-."
+    else:
+        healings = HEAL_METHODS.names()
+        place = max(0, healings.index(heal) - 1) if heal in healings else len(healings)  # qlora and lora: solid
+        line = HEAL_LINES[place % len(HEAL_LINES)]
     return {"color": color, "marker": marker, "linestyle": line, "markerfacecolor": "white" if heal == "none" else color}
 
 
