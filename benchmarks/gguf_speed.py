@@ -16,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,24 +34,13 @@ def peak_rss_bytes() -> int:
 
 def worker(args) -> None:
     """One measurement in this process: prefill ``--prefill`` tokens, then decode ``--decode`` one at a time."""
-    from depthprune.gguf.runtime import c4_token_stream, load_llama
+    from depthprune.gguf.runtime import c4_token_stream, load_llama, timed_prefill_decode
 
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
     llm = load_llama(args.worker, n_ctx=args.prefill + args.decode + 16, threads=args.threads, logits_all=False)
     tokens = c4_token_stream(llm, DATA / "c4" / "validation.jsonl", args.prefill + args.decode)
-    llm.eval(tokens[:8])  # touch the weights once: page faults are not the model's speed
-    llm.reset()
-    wall, cpu = time.perf_counter(), time.process_time()
-    llm.eval(tokens[: args.prefill])
-    prefill = (time.perf_counter() - wall, time.process_time() - cpu)
-    wall, cpu = time.perf_counter(), time.process_time()
-    for token in tokens[args.prefill :]:
-        llm.eval([token])
-    decode = (time.perf_counter() - wall, time.process_time() - cpu)
-    print(json.dumps({"prefill_wall_s": prefill[0], "prefill_cpu_s": prefill[1],
-                      "decode_wall_s": decode[0], "decode_cpu_s": decode[1], "peak_rss_bytes": peak_rss_bytes()}))
-
+    print(json.dumps({**timed_prefill_decode(llm, tokens, args.prefill), "peak_rss_bytes": peak_rss_bytes()}))
 
 def measure(path: Path, args) -> dict:
     """Run one worker process on ``path``."""

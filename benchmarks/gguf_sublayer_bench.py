@@ -24,7 +24,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,23 +42,16 @@ CUTS = {
 
 def worker(args) -> None:
     """One timing in this process: prefill ``--prefill`` C4 tokens, then decode ``--decode`` one at a time."""
-    from depthprune.gguf.runtime import c4_token_stream, load_llama
+    from depthprune.gguf.runtime import c4_token_stream, load_llama, timed_prefill_decode
 
     os.sched_setaffinity(0, {args.cpu})
     llm = load_llama(args.worker, n_ctx=args.prefill + args.decode + 16, threads=1, logits_all=False,
                      flash_attn=bool(args.flash_attn))
     tokens = c4_token_stream(llm, C4, args.prefill + args.decode)
-    llm.eval(tokens[:8])  # touch the weights once: page faults are not the model's speed
-    llm.reset()
-    wall, cpu = time.perf_counter(), time.process_time()
-    llm.eval(tokens[: args.prefill])
-    prefill = (time.perf_counter() - wall, time.process_time() - cpu)
-    wall, cpu = time.perf_counter(), time.process_time()
-    for token in tokens[args.prefill :]:
-        llm.eval([token])
-    decode = (time.perf_counter() - wall, time.process_time() - cpu)
-    print(json.dumps({"prefill_wall": args.prefill / prefill[0], "prefill_cpu": args.prefill / prefill[1],
-                      "decode_wall": args.decode / decode[0], "decode_cpu": args.decode / decode[1]}))
+    seconds = timed_prefill_decode(llm, tokens, args.prefill)
+    print(json.dumps({f"{phase}_{clock}": count / seconds[f"{phase}_{clock}_s"]
+                      for phase, count in (("prefill", args.prefill), ("decode", args.decode))
+                      for clock in ("wall", "cpu")}))
 
 
 def timed(path: Path, flash_attn: bool, args) -> dict:

@@ -1,5 +1,6 @@
 """Each point's wall and CPU seconds (``wall_s``, ``cpu_s``) as the sweep stores them, and the report's "% of the
-full model retained": its definition computed by hand, its table column, figure and summary entry."""
+full model retained": its definition computed by hand, its table column, figure and summary entry; and two
+healings of one cut drawn apart."""
 
 from __future__ import annotations
 
@@ -96,3 +97,11 @@ def test_without_an_accuracy_task_there_is_no_retained_figure(tmp_path):
     points = [_point(0, c4_loss=3.0), _point(2, c4_loss=4.0)]
     assert plot_retained(points, tmp_path / "retained.png") is None
     assert "retained (%)" not in main_table(points)[0]
+
+
+def test_two_healings_of_one_cut_are_drawn_apart():
+    from depthprune.report.figures import curve_style
+
+    lora, last = curve_style("similarity", "lora"), curve_style("similarity", "last-layers")
+    assert lora["color"] == last["color"] and lora["linestyle"] == "-" and last["linestyle"] != lora["linestyle"]
+    assert curve_style("similarity", "none")["linestyle"] not in (lora["linestyle"], last["linestyle"])

@@ -49,7 +49,7 @@ def _config(checkpoint, corpus, out, **changes):
 
 # What is timing, not a result: measured speeds and memory, durations, clock times.
 TIMED = (set(COST_METRICS) - {"parameters", "weight_bytes", "layer_weight_bytes"}) | {
-    "peak_memory_bytes", "seconds", "train_seconds", "created", "finished"}
+    "peak_memory_bytes", "seconds", "train_seconds", "created", "finished", "wall_s", "cpu_s"}
 
 
 def _untimed(value):

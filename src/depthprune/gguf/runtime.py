@@ -82,3 +82,20 @@ def c4_token_stream(llm, data: str | Path, count: int, seed: int = 0) -> list[in
         if len(stream) >= count:
             return stream[:count]
     raise DepthpruneError(f"'{data}' holds fewer than {count} tokens: ask for fewer")
+
+
+def timed_prefill_decode(llm, tokens: list[int], prefill: int) -> dict:
+    """Wall and CPU seconds of evaluating ``tokens[:prefill]`` at once (prefill), then each later token alone
+    (decode), from an empty context. The weights are touched once before, so page faults are not timed."""
+    import time
+
+    llm.eval(tokens[:8])
+    llm.reset()
+    wall, cpu = time.perf_counter(), time.process_time()
+    llm.eval(tokens[:prefill])
+    prefill_wall, prefill_cpu = time.perf_counter() - wall, time.process_time() - cpu
+    wall, cpu = time.perf_counter(), time.process_time()
+    for token in tokens[prefill:]:
+        llm.eval([token])
+    return {"prefill_wall_s": prefill_wall, "prefill_cpu_s": prefill_cpu,
+            "decode_wall_s": time.perf_counter() - wall, "decode_cpu_s": time.process_time() - cpu}

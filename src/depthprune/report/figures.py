@@ -50,6 +50,9 @@ MARKERS = ("o", "s", "D", "v", "^", "P", "X", "<", ">")
 REPAIR_MARKERS = ("X", "P", "h", "d")  # by the repair's place in its registry
 SUBLAYER_MARKERS = {"attention": "$A$", "mlp": "$M$"}  # a sub-layer cut's marker: the letter of its kind
 X_AXES = {"fraction": "fraction of layers removed", "parameters": "fraction of parameters removed"}
+# Healed curves, by the healing method's place in its registry (qlora and lora, full, dora, last-layers):
+# solid, dash-dot, long dashes, dotted, so that two healings of one cut can be told apart.
+HEAL_LINES = ("-", (0, (6, 1, 1, 1)), (0, (8, 2)), (0, (1, 1)))
 
 
 def criterion_style(criterion: str) -> tuple[str, str]:
@@ -68,7 +71,8 @@ def criterion_style(criterion: str) -> tuple[str, str]:
 def curve_style(cut: str, heal: str) -> dict:
     """How a curve is drawn: its criterion's colour (a shade of it when repaired); its criterion's marker, its
     repair's, or its sub-layer kind's letter; dashed when not healed (dash-dotted when repaired, dotted at a
-    sub-layer granularity), solid when healed; hollow markers when not healed."""
+    sub-layer granularity); when healed, solid for the registry's first two methods (qlora, lora) and a line of
+    the method's own for the others (:data:`HEAL_LINES`); hollow markers when not healed."""
     from matplotlib.colors import to_rgb
 
     from ..repair import REPAIRS
@@ -77,9 +81,8 @@ def curve_style(cut: str, heal: str) -> dict:
     granularity = cut_granularity(cut)[1]
     color, marker = criterion_style(criterion)
     if granularity != "layer":
-        line = "-" if heal != "none" else ":"
-        return {"color": color, "marker": SUBLAYER_MARKERS.get(granularity, "$S$"), "linestyle": line,
-                "markersize": 7}
+        return {"color": color, "marker": SUBLAYER_MARKERS.get(granularity, "$S$"), "markersize": 7,
+                "linestyle": ":" if heal == "none" else _healed_line(heal)}
     if repair != "none":
         names = REPAIRS.names()
         i = names.index(repair) if repair in names else len(names)
@@ -87,8 +90,20 @@ def curve_style(cut: str, heal: str) -> dict:
         # the criterion's colour, darker for the first repair, lighter for the second, and so on
         rgb = np.array(to_rgb(color))
         color = tuple(rgb * 0.6) if i % 2 == 0 else tuple(rgb + (1 - rgb) * 0.45)
-    line = "-" if heal != "none" else "--" if repair == "none" else "-."
+    if heal == "none":
+        line = "--" if repair == "none" else "-."
+    else:
+        line = _healed_line(heal)
     return {"color": color, "marker": marker, "linestyle": line, "markerfacecolor": "white" if heal == "none" else color}
+
+
+def _healed_line(heal: str):
+    """The line of a curve healed by ``heal``: by the method's place in its registry (qlora and lora: solid)."""
+    from ..heal.methods import HEAL_METHODS
+
+    healings = HEAL_METHODS.names()
+    place = max(0, healings.index(heal) - 1) if heal in healings else len(healings)
+    return HEAL_LINES[place % len(HEAL_LINES)]
 
 
 # --- which layers are removed ---------------------------------------------------------------------------
