@@ -191,9 +191,9 @@ def test_report_has_every_figure_tables_csv_and_the_fits(tmp_path):
     html = write_report(tmp_path).read_text()
     folder = tmp_path / "report"
     for name in ("accuracy.png", "c4_loss.png", "heatmap.png", "best_block.png", "cost.png", "selections.png",
-                 "retained.png"):
+                 "retained.png", "accuracy_parameters.png", "c4_loss_parameters.png"):
         assert (folder / name).stat().st_size > 5_000
-    assert html.count("data:image/png;base64,") == 7
+    assert html.count("data:image/png;base64,") == 9
     summary = json.loads((folder / "summary.json").read_text())
     fit = summary["cost_fits"]["prefill_ms_per_token"]
     assert fit["per_unit"] == pytest.approx(0.5) and fit["r2"] == pytest.approx(1.0) and fit["problems"] == []
@@ -204,8 +204,9 @@ def test_report_has_every_figure_tables_csv_and_the_fits(tmp_path):
     assert summary["sample_sizes"] == {"mmlu": 100, "boolq": 100} and "2 standard errors" in summary["collapse_definition"]
     # Main table: the compared columns, accuracies with their SE, fixed formats; the rest in CSV and <details>.
     header, rows = main_table(load_points(tmp_path))
-    assert len(header) == 11 and rows[0][4] == "70.0 ± 4.6" and rows[0][7] == "3.00" and rows[-1][8] == "2.00×"
-    assert header[6] == "retained (%)" and rows[0][6] == "100.0"
+    assert len(header) == 12 and rows[0][5] == "70.0 ± 4.6" and rows[0][8] == "3.00" and rows[-1][9] == "2.00×"
+    assert header[4] == "parameters removed (%)" and rows[0][4] == "0.0"
+    assert header[7] == "retained (%)" and rows[0][7] == "100.0"
     assert (folder / "results.csv").read_text() == to_csv(load_points(tmp_path))
     assert "href='results.csv'" in html and "data:text/csv;base64," in html
     assert "<table id='main-table'>" in html and "<details>" in html and "<table id='full-table'>" in html

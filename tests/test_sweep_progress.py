@@ -54,7 +54,7 @@ def recorded_costs(monkeypatch):
                 "peak_memory_bytes": 5000 * kept, "prefill_tokens_per_s": 1e3 / (1 + 0.5 * kept + noise),
                 "decode_tokens_per_s": 1e3 / (2 + kept), "prefill_ms_per_token": 1 + 0.5 * kept + noise,
                 "decode_ms_per_token": 2 + kept, "layer_prefill_ms_per_token": 0.5, "layer_decode_ms_per_token": 1.0,
-                "layer_weight_bytes": 4000,
+                "layer_weight_bytes": 4000, "kv_bytes_per_token": 64 * kept,
                 "settings": {"prefill_len": prefill_len, "decode_tokens": decode_tokens, "batch_size": batch_size,
                              "repeats": repeats, "device": "cpu", "dtype": "float32"}}
 
@@ -98,7 +98,7 @@ def test_stages_counter_and_eta_across_a_resume(tiny_checkpoint, tiny_corpus, sh
     assert second.matching(r"^\[2/3\] n=2/deepest/none: cut") and second.matching(r"^\[3/3\] n=4/deepest/none: cut")
     assert not second.matching(r"^\[1/3\]")
     assert second.matching(r"^ETA: all 3 points finished")
-    assert second.matching(r"cost: timing 3 layer counts \(n = 0, 2, 4\) in 2 interleaved rounds")
+    assert second.matching(r"cost: timing 3 cut sizes \(n = 0, 2, 4\) in 2 interleaved rounds")
     assert second.matching(r"^cost round 1/2$") and second.matching(r"^cost round 2/2$")
     assert second[-1].startswith("sweep finished: 3 points")
 
@@ -126,16 +126,16 @@ def test_cost_phase_interleaves_stores_median_and_spread_and_fills_points(tiny_c
     run_sweep(config, log=lines, quiet=True)
     assert recorded_costs == [6, 4, 2, 2, 4, 6, 6, 4, 2]  # kept layers of n = 0, 2, 4, then 4, 2, 0, ...
     costs = load_cost(tmp_path / "s")
-    assert sorted(costs) == [0, 2, 4]
-    full = costs[0]
+    assert sorted(costs) == [(0, "layer"), (2, "layer"), (4, "layer")]
+    full = costs[0, "layer"]
     assert full["num_layers"] == 6 and full["rounds"] == 3 and full["settings"]["rounds"] == 3
     assert full["samples"]["prefill_ms_per_token"] == pytest.approx([4.1, 4.0, 4.1])
     assert full["prefill_ms_per_token"] == pytest.approx(4.1)  # the median
     assert full["spread"]["prefill_ms_per_token"] == pytest.approx([4.0, 4.1])
-    assert full["phase"]["order"] == [0, 2, 4, 4, 2, 0, 0, 2, 4]
+    assert full["phase"]["order"] == ["0", "2", "4", "4", "2", "0", "0", "2", "4"]
     # Every point carries its layer count's numbers, where the results table and the report read them.
     for p in load_points(tmp_path / "s"):
-        record = costs[p["n"]]
+        record = costs[p["n"], "layer"]
         for key in COST_KEYS:
             assert p["metrics"][key] == pytest.approx(record[key])
         assert p["details"]["cost"]["spread"] == record["spread"]
@@ -228,9 +228,9 @@ def test_the_cost_table_is_written_in_one_transaction(tmp_path):
     db = connect(tmp_path)
     from depthprune.sweep.store import read_cost, save_cost
 
-    save_cost(db, {0: {"num_layers": 6, "x": 1}, 2: {"num_layers": 4, "x": 2}}, {})
-    save_cost(db, {4: {"num_layers": 2, "x": 3}}, {})  # replaces the whole table
-    assert {n: r["x"] for n, r in read_cost(db).items()} == {4: 3}
+    save_cost(db, {(0, "layer"): {"num_layers": 6, "x": 1}, (2, "layer"): {"num_layers": 4, "x": 2}}, {})
+    save_cost(db, {(4, "layer"): {"num_layers": 2, "x": 3}, (4, "attention"): {"num_layers": 6, "x": 4}}, {})
+    assert {size: r["x"] for size, r in read_cost(db).items()} == {(4, "layer"): 3, (4, "attention"): 4}  # all replaced
     db.close()
 
 
@@ -253,8 +253,9 @@ def _timed_together(tmp_path, prefill=lambda kept: 1 + 0.5 * kept):
         medians = {key: p["metrics"][key] for key in ("prefill_ms_per_token", "decode_ms_per_token", "weight_bytes",
                                                         "peak_memory_bytes", "layer_prefill_ms_per_token",
                                                         "layer_weight_bytes", "parameters")}
-        medians.update(prefill_tokens_per_s=1.0, decode_tokens_per_s=1.0, layer_decode_ms_per_token=1.0)
-        record = costs.setdefault(p["n"], {**medians, "num_layers": kept, "rounds": 3,
+        medians.update(prefill_tokens_per_s=1.0, decode_tokens_per_s=1.0, layer_decode_ms_per_token=1.0,
+                       kv_bytes_per_token=64.0 * kept)
+        record = costs.setdefault((p["n"], "layer"), {**medians, "num_layers": kept, "rounds": 3,
                                            "spread": {k: [0.9 * v, 1.2 * v] for k, v in medians.items()},
                                            "settings": {"repeats": 2, "rounds": 3}})
         if p["heal"] != "none":  # a healed point's own timing, say under load: replaced by its count's

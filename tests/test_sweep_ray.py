@@ -95,7 +95,7 @@ def test_ray_sweep_equals_serial_and_survives_dead_workers_and_a_killed_driver(
     assert any(line.startswith("2 points sent to Ray") for line in lines), lines
     assert not load_failed(tmp_path / "ray")
     assert _table(tmp_path / "ray") == expected
-    assert set(load_cost(tmp_path / "ray")) == {0, 2, 4}
+    assert set(load_cost(tmp_path / "ray")) == {(0, "layer"), (2, "layer"), (4, "layer")}
 
     # The driver killed after its first saved point: the rerun finishes the same table.
     saved = {"count": 0}

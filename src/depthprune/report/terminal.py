@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import DepthpruneError
 from ..select import format_layers
-from ..sweep.store import NO_REPAIR, is_repaired, table
+from ..sweep.store import LAYER, NO_REPAIR, is_repaired, is_sublayer, table
 from .stats import accuracy_tasks, agreement_tasks
 
 WIDTH = 160  # characters of the default table, footer and failure lines
