@@ -13,6 +13,10 @@ over all of them alike; medians. KV-cache sizes are what llama.cpp allocates (it
 attention to the widest layer), and what it stores per token of a sequence (state size growth).
 
     OMP_NUM_THREADS=1 python benchmarks/gguf_sublayer_bench.py --out runs/gguf-sublayer
+
+``--cuts-from SWEEP_DIR`` times the cuts a sweep of the embedded SmolLM2 chose instead of the fixed ones (its
+unhealed points of one criterion, at every granularity the llama.cpp file can express; e.g. the sweep of
+``configs/sublayer-smollm2-135m.yaml``), so the llama.cpp figures sit beside that sweep's quality figures.
 """
 
 from __future__ import annotations
@@ -40,6 +44,25 @@ CUTS = {
 }
 
 
+def sweep_cuts(folder: Path, criterion: str) -> dict[str, tuple[str | None, list[int]]]:
+    """The unhealed, unrepaired cuts a sweep's ``criterion`` chose, in the shape of :data:`CUTS` (attention and
+    whole-layer cuts; MLP cuts have no llama.cpp form)."""
+    from depthprune.sweep.store import load_points
+
+    cuts = {"original": (None, [])}
+    for p in load_points(folder):
+        granularity = p.get("granularity", "layer")
+        if p["n"] == 0 or p["heal"] != "none" or p.get("repair", "none") != "none" or p["criterion"] != criterion \
+                or granularity not in ("layer", "attention"):
+            continue
+        kind = "attention" if granularity == "attention" else "layers"
+        layers = sorted(p["removed_layers"])
+        cuts[f"{kind} {','.join(map(str, layers))} ({p['n']})"] = (kind, layers)
+    if len(cuts) == 1:
+        raise SystemExit(f"no unhealed '{criterion}' cut of layers or attention in {folder}")
+    return cuts
+
+
 def worker(args) -> None:
     """One timing in this process: prefill ``--prefill`` C4 tokens, then decode ``--decode`` one at a time."""
     from depthprune.gguf.runtime import c4_token_stream, load_llama, timed_prefill_decode
@@ -63,8 +86,8 @@ def timed(path: Path, flash_attn: bool, args) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def make_cuts(out: Path) -> dict[str, dict]:
-    """Write every cut (the original is used in place); name -> {"path", "parameters", "bytes"}."""
+def make_cuts(out: Path, chosen: dict[str, tuple[str | None, list[int]]]) -> dict[str, dict]:
+    """Write every cut of ``chosen`` (the original is used in place); name -> {"path", "parameters", "bytes"}."""
     from depthprune.gguf.sublayers import cut_sublayers_gguf
     from depthprune.gguf.surgery import cut_gguf, open_gguf
     from depthprune.model.load import resolve_model_source
@@ -72,8 +95,8 @@ def make_cuts(out: Path) -> dict[str, dict]:
     source = Path(resolve_model_source("smollm2-135m").location)
     reader = open_gguf(source)
     cuts = {}
-    for name, (kind, layers) in CUTS.items():
-        path = out / (name.split(" (")[0].replace(" ", "-") + ".gguf")
+    for name, (kind, layers) in chosen.items():
+        path = out / (name.split(" (")[0].replace(" ", "-").replace(",", "_") + ".gguf")
         if kind == "attention":
             record = cut_sublayers_gguf(source, path, layers, reader=reader)
         elif kind == "layers":
@@ -133,13 +156,15 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=2048, help="KV-cache cells whose allocation is reported")
     parser.add_argument("--loss-tokens", type=int, default=1024)
     parser.add_argument("--cpu", type=int, default=0, help="the CPU every timing process is pinned to")
+    parser.add_argument("--cuts-from", type=Path, help="a sweep folder: time the cuts its criterion chose")
+    parser.add_argument("--criterion", default="similarity", help="with --cuts-from: whose cuts")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--flash-attn", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
         return worker(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    cuts = make_cuts(args.out)
+    cuts = make_cuts(args.out, sweep_cuts(args.cuts_from, args.criterion) if args.cuts_from else CUTS)
     for cut in cuts.values():
         memory_and_loss(cut, args)
     timings = {(name, fa): [] for name in cuts for fa in (0, 1)}

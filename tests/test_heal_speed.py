@@ -119,6 +119,14 @@ BEFORE = {
                 [3.2161121368408203, 4.593264102935791, 0.002757471287623048, 1.0455858707427979],
                 [3.2199831008911133, 4.598372459411621, 0.0037417251151055098, 0.908704936504364]],
 }
+# bitsandbytes' CPU kernels round differently from one CPU to another: BEFORE's qlora run was recorded on the
+# machine of commit 02a0675, this one by that commit's code on an AMD EPYC without AVX512. A 4-bit run matches one.
+BEFORE_ON_OTHER_CPUS = {
+    "qlora": [[[4.593926429748535, 4.593926429748535, None, 0.08133985847234726],
+               [4.635539531707764, 4.635539531707764, None, 0.07516904175281525],
+               [4.605348587036133, 4.605348587036133, None, 0.07164467126131058],
+               [4.602405071258545, 4.602405071258545, None, 0.06757747381925583]]],
+}
 RUNS = {"lora": dict(method="lora", dropout=0.1), "full": dict(method="full", lr=1e-3),
         "qlora": dict(method="qlora", dropout=0.1), "full_kd": dict(method="full", lr=1e-3, kd_weight=0.3)}
 
@@ -134,10 +142,21 @@ def test_the_same_seed_gives_the_losses_of_before(tiny_checkpoint, tmp_path, run
     torch.manual_seed(0)
     heal(str(tiny_checkpoint), documents, tmp_path / "out", progress=logs.append, **options)
     got = [[r["loss"], r["lm_loss"], r.get("kd_loss"), r["grad_norm"]] for r in logs]
-    for step, (now, before) in enumerate(zip(got, BEFORE[run], strict=True)):
-        assert now[2] is None if before[2] is None else now[2] == pytest.approx(before[2], abs=1e-6), step
-        now[2] = before[2] = 0.0
-        assert now == pytest.approx(before, rel=1e-4, abs=1e-6), step
+    recordings = [BEFORE[run], *BEFORE_ON_OTHER_CPUS.get(run, [])]
+    assert any(_same_run(got, recorded) for recorded in recordings), (got, recordings)
+
+
+def _same_run(got: list[list], recorded: list[list]) -> bool:
+    """Whether every step's (loss, LM loss, KD loss, gradient norm) equals the recording's (KD loss None alike)."""
+    if len(got) != len(recorded):
+        return False
+    for now, before in zip(got, recorded, strict=True):
+        if (now[2] is None) != (before[2] is None) or (before[2] is not None and now[2] != pytest.approx(before[2],
+                                                                                                          abs=1e-6)):
+            return False
+        if [now[0], now[1], now[3]] != pytest.approx([before[0], before[1], before[3]], rel=1e-4, abs=1e-6):
+            return False
+    return True
 
 
 def test_plain_loss_fallback_for_other_heads():

@@ -25,6 +25,7 @@ from depthprune.sweep.run import run_sweep
 from depthprune.sweep.settings import resolve_config
 from depthprune.sweep.store import (
     DB_NAME,
+    UNREPAIRED_COLUMNS,
     connect,
     load_failed,
     load_points,
@@ -34,6 +35,9 @@ from depthprune.sweep.store import (
     save_point,
 )
 
+BEFORE_ISSUE_19 = """CREATE TABLE points (key TEXT PRIMARY KEY, n INTEGER NOT NULL, fraction REAL NOT NULL,
+    criterion TEXT NOT NULL, heal TEXT NOT NULL, removed_layers TEXT NOT NULL, distance REAL, metrics TEXT NOT NULL,
+    details TEXT NOT NULL, finished TEXT NOT NULL)"""
 EXAMPLES = sorted(p.parent for p in (Path(__file__).resolve().parents[1] / "examples").glob("*/results.sqlite"))
 
 
@@ -41,7 +45,11 @@ def _make_old(directory: Path, *, strategy_column: bool) -> None:
     """Turn a results table of today into one of before issue 18 (and, with ``strategy_column``, of issue 9)."""
     db = sqlite3.connect(directory / DB_NAME)
     with db:
-        db.execute("ALTER TABLE points DROP COLUMN repair")  # added in issue 19
+        # the points table without the columns of issue 19 (repair) and issue 20 (granularity)
+        db.execute("ALTER TABLE points RENAME TO today")
+        db.execute(BEFORE_ISSUE_19)
+        db.execute(f"INSERT INTO points SELECT {', '.join(UNREPAIRED_COLUMNS)} FROM today")
+        db.execute("DROP TABLE today")
         for table in ("points", "failed"):
             db.execute(f"UPDATE {table} SET criterion = 'full', key = 'n=0/full/' || heal WHERE n = 0")
         if strategy_column:
