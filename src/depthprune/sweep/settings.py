@@ -109,16 +109,20 @@ def _check(c: SweepConfig) -> None:
     _check_healing(c)
 
 
+def _check_choices(values: list[str], choices, what: str, hint: str = "") -> None:
+    """Refuse in one line a value of a sweep axis that is not one of ``choices``, or an empty axis."""
+    wrong = [v for v in values if v not in choices]
+    if wrong:
+        raise DepthpruneError(f"unknown {what} '{wrong[0]}': choose from {', '.join(choices)}")
+    if not values:
+        raise DepthpruneError(f"the sweep needs at least one {what}{hint}: choose from {', '.join(choices)}")
+
+
 def _check_points(c: SweepConfig) -> None:
     CRITERIA.check(c.criteria)
     if not c.criteria:
         raise DepthpruneError(f"the sweep needs at least one criterion: choose from {', '.join(CRITERIA.names())}")
-    methods = heal_choices()
-    wrong = [h for h in c.heal if h not in methods]
-    if wrong:
-        raise DepthpruneError(f"unknown healing method '{wrong[0]}': choose from {', '.join(methods)}")
-    if not c.heal:
-        raise DepthpruneError(f"the sweep needs at least one healing method: choose from {', '.join(methods)}")
+    _check_choices(c.heal, heal_choices(), "healing method")
     bad = [f for f in c.fractions + (c.heal_fractions or []) if not 0 <= f < 1]
     if bad:
         raise DepthpruneError(f"fraction {bad[0]} out of range: fractions must be in [0, 1)")
@@ -134,11 +138,7 @@ def _check_granularities(c: SweepConfig) -> None:
     """Known granularities, each one every criterion can choose at, and repairs only of whole-layer cuts."""
     from ..model.granularity import GRANULARITIES, unit_name
 
-    wrong = [g for g in c.granularity if g not in GRANULARITIES]
-    if wrong:
-        raise DepthpruneError(f"unknown granularity '{wrong[0]}': choose from {', '.join(GRANULARITIES)}")
-    if not c.granularity:
-        raise DepthpruneError(f"the sweep needs at least one granularity: choose from {', '.join(GRANULARITIES)}")
+    _check_choices(c.granularity, GRANULARITIES, "granularity")
     for granularity in c.granularity:
         unable = [name for name in c.criteria if granularity not in CRITERIA.get(name).granularities]
         if unable:
@@ -155,12 +155,7 @@ def _check_granularities(c: SweepConfig) -> None:
 
 def _check_repairs(c: SweepConfig) -> None:
     """Known repairs, and criteria that can have them: a repair folds one map after one removed block."""
-    repairs = repair_choices()
-    wrong = [r for r in c.repair if r not in repairs]
-    if wrong:
-        raise DepthpruneError(f"unknown repair '{wrong[0]}': choose from {', '.join(repairs)}")
-    if not c.repair:
-        raise DepthpruneError(f"the sweep needs at least one repair (none: cut without): choose from {', '.join(repairs)}")
+    _check_choices(c.repair, repair_choices(), "repair", " (none: cut without)")
     repaired = [r for r in c.repair if r != "none"]
     apart = [name for name in c.criteria if not CRITERIA.get(name).contiguous]
     if repaired and apart:
