@@ -10,7 +10,15 @@ import pytest
 from depthprune.cli.app import main
 from depthprune.report.terminal import results_lines
 from depthprune.select import format_layers
-from depthprune.sweep.store import connect, is_repaired, load_points, save_failure, save_point, table
+from depthprune.sweep.store import (
+    connect,
+    is_repaired,
+    is_sublayer,
+    load_points,
+    save_failure,
+    save_point,
+    table,
+)
 
 EXAMPLES = sorted(p.parent for p in (Path(__file__).resolve().parents[1] / "examples").glob("*/results.sqlite"))
 
@@ -32,11 +40,13 @@ def test_every_example_fits_160_columns(example, capsys):
     points = load_points(example)
     assert len(lines) == 1 + len(points) + 1  # header, one row per point, the footer
     repair = ["repair"] if is_repaired(points) else []  # the repair examples' column
-    assert _columns(lines[0])[:5 + len(repair)] == ["n", "fraction", "criterion", *repair, "heal", "removed_layers"]
+    finer = ["granularity"] if is_sublayer(points) else []  # the sub-layer examples' column
+    assert _columns(lines[0])[:5 + len(repair) + len(finer)] == ["n", *finer, "fraction", "criterion", *repair, "heal",
+                                                                  "removed_layers"]
     assert "c4_loss" in _columns(lines[0]) and lines[-1].endswith("--all shows every column")
     for point, line in zip(points, lines[1:-1], strict=True):  # removed layers as inclusive ranges
         if point["removed_layers"]:
-            assert _columns(line)[4 + len(repair)] == format_layers(point["removed_layers"])
+            assert _columns(line)[4 + len(repair) + len(finer)] == format_layers(point["removed_layers"])
 
 
 def test_all_prints_every_column_of_the_store(capsys):

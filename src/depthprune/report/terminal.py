@@ -142,8 +142,10 @@ def _compared_columns(points: list[dict], width: int) -> list[str]:
     lines = [line([c.header for c in shown])]
     lines += [line([cells[c.header][i] for c in shown]) for i in range(len(points))]
     every = len(_shown_headers(points))
-    lines.append(_cut(f"{len(shown)} of {every} columns" + (f" ({'; '.join(notes)})" if notes else "")
-                      + "; --all shows every column", width))
+    # the notes are cut short where they must be, the hint to --all never
+    head, hint = f"{len(shown)} of {every} columns", "; --all shows every column"
+    said = f" ({_cut('; '.join(notes), width - len(head) - len(hint) - 3)})" if notes else ""
+    lines.append(head + said + hint)
     return lines
 
 
