@@ -124,6 +124,9 @@ CASES = [
     Case("heal-option-bad-value", (*HEALING, "--heal-option", "rank=2.5"), message="'heal_options.rank' must be a whole"),
     Case("unknown-task", ("--tasks", "squad"), message="unknown task 'squad'"),
     Case("unknown-heal-method", ("--heal", "magic"), message="unknown healing method 'magic'"),
+    Case("unknown-granularity", ("--granularity", "head"), message="unknown granularity 'head'"),
+    Case("repair-of-sublayer-cut", ("--granularity", "layer,attention", "--repair", "none,linear"),
+         message="repair 'linear' refits a removed block of whole layers"),
     Case("unknown-heal-preset", (*HEALING, "--heal-preset", "turbo"), message="unknown preset 'turbo'"),
     # missing or unreadable inputs
     Case("model-missing", ("{old}-model",), message="not found"),
