@@ -16,7 +16,6 @@ from collections.abc import Iterator, Sequence
 
 from ..errors import DepthpruneError
 from ..model.load import count_parameters, decoder_layout, num_layers
-from ..model.sublayers import sublayers_removed
 from ..model.surgery import layers_removed
 from .config import SweepConfig
 from .plan import Point
@@ -36,9 +35,9 @@ def calibration_sequences(c: SweepConfig, tokenizer, texts: list[str] | None = N
 def plain_cut(model, point: Point, layers: Sequence[int]):
     """The cut of ``point`` without its repair, as a context manager: the layers removed, or at a sub-layer
     granularity their attention or MLP."""
-    if point.granularity == "layer":
-        return layers_removed(model, layers)
-    return sublayers_removed(model, {point.granularity: layers})
+    from ..measure.cost import removed
+
+    return removed(model, layers if point.granularity == "layer" else {point.granularity: layers})
 
 
 def parameters_removed(model, point: Point, layers: Sequence[int]) -> float:
